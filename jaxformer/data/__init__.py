@@ -1,0 +1,1 @@
+"""Corpora, tokenizer, input pipeline and pretraining objectives."""

@@ -1,0 +1,153 @@
+"""The frozen model configuration shared by the three families, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Literal, Optional
+
+Family = Literal["decoder", "encoder", "encoder_decoder"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one Transformer; everything a model file reads comes from here."""
+
+    family: str = "decoder"
+    """'decoder' (GPT-style), 'encoder' (BERT-style) or 'encoder_decoder' (T5-style)."""
+    vocab_size: int = 512
+    d_model: int = 64
+    num_layers: int = 2
+    """Decoder-only and encoder-only depth; the encoder depth of an encoder-decoder."""
+    num_decoder_layers: Optional[int] = None
+    """Decoder depth of an encoder-decoder (defaults to num_layers)."""
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None
+    """Fewer K/V heads than query heads gives GQA (1 gives MQA); None means num_heads."""
+    head_dim: Optional[int] = None
+    """None means d_model // num_heads."""
+    d_ff: int = 256
+    max_len: int = 128
+    """Longest sequence the position table covers (learned/sinusoidal) and generation allows."""
+    position: str = "learned"
+    """'learned', 'sinusoidal', 'rope', 'relative' (T5 bias) or 'none'."""
+    rope_theta: float = 10000.0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    norm: str = "layernorm"
+    """'layernorm' or 'rmsnorm'."""
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    """'pre' (GPT-2, T5, Llama) or 'post' (original BERT)."""
+    embedding_norm: bool = False
+    """Normalise the summed embeddings before the first block (BERT)."""
+    mlp: str = "gelu"
+    """'gelu', 'gelu_exact', 'relu', 'swiglu' or 'geglu' (T5 v1.1 gated GELU)."""
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    scale_tied_logits: bool = False
+    """Multiply the decoder output by d_model**-0.5 before a tied head (T5 v1.0)."""
+    scale_attention: bool = True
+    """Divide attention logits by sqrt(head_dim); T5 folds that scale into its init instead."""
+    type_vocab_size: int = 0
+    """Token-type (segment A/B) embeddings for BERT; 0 disables them."""
+    num_labels: int = 2
+    """Classes of the pooled classification head (encoder-only)."""
+    dropout_rate: float = 0.0
+    sliding_window: Optional[int] = None
+    attention_impl: str = "plain"
+    """'plain', 'chunked' (memory-efficient) or 'cudnn' (NVIDIA GPUs)."""
+    dtype: str = "float32"
+    """Computation dtype ('float32' or 'bfloat16'); parameters keep param_dtype."""
+    param_dtype: str = "float32"
+    remat: str = "none"
+    """Rematerialise each block in the backward pass: 'none', 'full' or 'dots_saveable'."""
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check_choice("family", self.family, ("decoder", "encoder", "encoder_decoder"))
+        _check_choice("position", self.position, ("learned", "sinusoidal", "rope", "relative", "none"))
+        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _check_choice("norm_position", self.norm_position, ("pre", "post"))
+        _check_choice("mlp", self.mlp, ("gelu", "gelu_exact", "relu", "swiglu", "geglu"))
+        _check_choice("attention_impl", self.attention_impl, ("plain", "chunked", "cudnn"))
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_choice("param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        _check_choice("remat", self.remat, ("none", "full", "dots_saveable"))
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "set head_dim explicitly or change one of them")
+        if self.kv_heads < 1 or self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}: "
+                "each K/V head must serve the same number of query heads")
+        if self.position == "rope" and self.dims_per_head % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.dims_per_head}")
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads after defaulting."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dims_per_head(self) -> int:
+        """Size of one attention head after defaulting."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        """Decoder depth of an encoder-decoder."""
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"ModelConfig.{name}={value!r} is not one of {', '.join(choices)}")
+
+
+_GPT2 = dict(family="decoder", vocab_size=50257, max_len=1024, position="learned", norm="layernorm",
+             mlp="gelu", use_bias=True, tie_embeddings=True)
+_BERT = dict(family="encoder", vocab_size=30522, max_len=512, position="learned", norm="layernorm",
+             norm_eps=1e-12, norm_position="post", embedding_norm=True, mlp="gelu_exact",
+             use_bias=True, tie_embeddings=True, type_vocab_size=2)
+_T5 = dict(family="encoder_decoder", vocab_size=32128, max_len=512, position="relative",
+           norm="rmsnorm", norm_eps=1e-6, mlp="relu", use_bias=False, tie_embeddings=True,
+           scale_tied_logits=True, scale_attention=False, head_dim=64)
+_LLAMA = dict(family="decoder", position="rope", norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
+              use_bias=False)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Test-sized models: a few thousand parameters per layer, fast to compile on a CPU.
+    "gpt-tiny": ModelConfig(**{**_GPT2, "vocab_size": 512, "max_len": 128}, d_model=64, num_layers=2,
+                            num_heads=4, d_ff=256),
+    "bert-tiny": ModelConfig(**{**_BERT, "vocab_size": 512, "max_len": 128}, d_model=64, num_layers=2,
+                             num_heads=4, d_ff=256),
+    "t5-tiny": ModelConfig(**{**_T5, "vocab_size": 512, "max_len": 128, "head_dim": 16}, d_model=64,
+                           num_layers=2, num_heads=4, d_ff=256),
+    "llama-tiny": ModelConfig(**_LLAMA, vocab_size=512, max_len=128, d_model=64, num_layers=2,
+                              num_heads=4, num_kv_heads=2, d_ff=192),
+    # Published shapes; the parameter count is in the name.
+    "gpt2-124m": ModelConfig(**_GPT2, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
+    "gpt2-350m": ModelConfig(**_GPT2, d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
+    "bert-base": ModelConfig(**_BERT, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
+    "t5-small": ModelConfig(**_T5, d_model=512, num_layers=6, num_heads=8, d_ff=2048),
+    "t5-base": ModelConfig(**_T5, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
+    # A Llama-3.2-1B-shaped decoder: RoPE, RMSNorm, SwiGLU, GQA (32 query heads, 8 K/V heads).
+    "llama-1b": ModelConfig(**_LLAMA, vocab_size=128256, max_len=8192, d_model=2048, num_layers=16,
+                            num_heads=32, num_kv_heads=8, d_ff=8192, tie_embeddings=True,
+                            rope_theta=500000.0),
+}
+
+# Parameter counts the preset names promise (the published figures).
+PROMISED_PARAMS = {"gpt2-124m": 124e6, "gpt2-350m": 350e6, "bert-base": 110e6, "t5-small": 60e6,
+                   "t5-base": 220e6, "llama-1b": 1.24e9}
+
+
+def preset(name: str) -> ModelConfig:
+    """Returns the named ModelConfig; an unknown name lists the valid ones."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model preset {name!r}.{hint} Valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]

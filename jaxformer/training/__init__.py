@@ -1,0 +1,1 @@
+"""Optimizer, train state, step functions, loop and checkpoints."""
