@@ -1,0 +1,296 @@
+"""Attention as pure functions: dot-product attention (plain, chunked, cuDNN) and mask builders.
+
+Shapes follow `jax.nn.dot_product_attention`: query [B, T, N, H], key/value [B, S, K, H] with
+N a multiple of K (GQA/MQA); masks are boolean (True = may attend) and biases additive, each
+broadcastable to [B, N, T, S]. No Flax and no config here, so any JAX code can call these.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# A large finite negative rather than -inf keeps fully masked rows finite (uniform weights, no NaN)
+# and gives the plain and chunked variants the same answer on them.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+IMPLEMENTATIONS = ("plain", "chunked", "cudnn")
+
+
+# ----------------------------------------------------------------------------- mask builders
+
+
+def causal_mask(q_len: int, kv_len: Optional[int] = None, *, offset: int = 0) -> Array:
+    """[1, 1, T, S] mask letting query i see keys j <= i + offset."""
+    kv_len = q_len if kv_len is None else kv_len
+    q_pos = jnp.arange(q_len)[:, None] + offset
+    return (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
+
+
+def padding_mask(kv_valid_BxS: Array, q_valid_BxT: Optional[Array] = None) -> Array:
+    """[B, 1, T or 1, S] mask from per-token validity (True/1 = real token)."""
+    mask = kv_valid_BxS.astype(bool)[:, None, None, :]
+    if q_valid_BxT is not None:
+        mask = mask & q_valid_BxT.astype(bool)[:, None, :, None]
+    return mask
+
+
+def segment_mask(q_segment_ids_BxT: Array, kv_segment_ids_BxS: Optional[Array] = None) -> Array:
+    """[B, 1, T, S] mask letting a token see only tokens of its own packed document."""
+    kv = q_segment_ids_BxT if kv_segment_ids_BxS is None else kv_segment_ids_BxS
+    return (q_segment_ids_BxT[:, :, None] == kv[:, None, :])[:, None]
+
+
+def sliding_window_mask(q_len: int, kv_len: Optional[int] = None, *, window: int,
+                        causal: bool = True, offset: int = 0) -> Array:
+    """[1, 1, T, S] mask letting query i see keys within `window` positions (looking back only if causal)."""
+    kv_len = q_len if kv_len is None else kv_len
+    dist = jnp.arange(q_len)[:, None] + offset - jnp.arange(kv_len)[None, :]
+    allowed = dist < window
+    allowed &= (dist >= 0) if causal else (dist > -window)
+    return allowed[None, None]
+
+
+def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
+    """Logical AND of the given masks (None entries are skipped)."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    return functools.reduce(jnp.logical_and, present)
+
+
+def relative_position_buckets(relative_position: Array, *, bidirectional: bool,
+                              num_buckets: int = 32, max_distance: int = 128) -> Array:
+    """T5 buckets for relative_position = key_pos - query_pos: exact near zero, log-spaced far away."""
+    bucket = jnp.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        bucket += (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # log-spaced buckets for distances from max_exact up to max_distance
+    n_safe = jnp.maximum(n, 1).astype(jnp.float32)
+    large = max_exact + (jnp.log(n_safe / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(is_small, n, large)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, *, bias: Optional[Array] = None,
+                          mask: Optional[Array] = None, is_causal: bool = False,
+                          segment_ids: Optional[Array] = None,
+                          kv_segment_ids: Optional[Array] = None,
+                          sliding_window: Optional[int] = None, scale: Optional[float] = None,
+                          implementation: str = "plain", q_chunk_size: int = 512,
+                          kv_chunk_size: int = 512) -> Array:
+    """Scaled dot-product attention over [B, T, N, H] queries and [B, S, K, H] keys/values.
+
+    `is_causal`, `segment_ids` (packed documents) and `sliding_window` are structural masks that the
+    chunked variant builds block by block, so its memory stays linear in the sequence length; `mask`
+    and `bias` are combined as given. The softmax runs in float32 whatever the input dtype.
+    """
+    _check_shapes(query, key, value)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"valid: {', '.join(IMPLEMENTATIONS)}")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if implementation == "cudnn":
+        return _cudnn_attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
+                                segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                sliding_window=sliding_window, scale=scale)
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    structure = dict(is_causal=is_causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                     sliding_window=sliding_window)
+    if implementation == "chunked":
+        return _chunked_attention(query, key, value, bias, mask, scale, q_chunk_size, kv_chunk_size,
+                                  **structure)
+    return _plain_attention(query, key, value, bias, mask, scale, **structure)
+
+
+def _check_shapes(query: Array, key: Array, value: Array) -> None:
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise ValueError("attention expects [batch, length, heads, head_dim] arrays; got shapes "
+                         f"query {query.shape}, key {key.shape}, value {value.shape}")
+    if key.shape != value.shape:
+        raise ValueError(f"key {key.shape} and value {value.shape} must have the same shape")
+    if query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query {query.shape} and key {key.shape} differ in batch or head_dim")
+    if query.shape[2] % key.shape[2]:
+        raise ValueError(f"query has {query.shape[2]} heads, not a multiple of the {key.shape[2]} "
+                         "key/value heads (GQA needs each K/V head to serve the same number of "
+                         "query heads)")
+
+
+def _structural_mask(q_idx: Array, kv_idx: Array, *, is_causal, segment_ids, kv_segment_ids,
+                     sliding_window) -> Optional[Array]:
+    """Mask [B or 1, 1, t, s] for query positions q_idx [t] and key positions kv_idx [s]."""
+    mask = None
+    if is_causal:
+        mask = (kv_idx[None, :] <= q_idx[:, None])[None, None]
+    if sliding_window is not None:
+        dist = q_idx[:, None] - kv_idx[None, :]
+        lower = dist >= 0 if is_causal else dist > -sliding_window
+        mask = combine_masks(mask, ((dist < sliding_window) & lower)[None, None])
+    if segment_ids is not None:
+        mask = combine_masks(mask, segment_mask(segment_ids, kv_segment_ids))
+    return mask
+
+
+def _grouped(query: Array, num_kv_heads: int) -> Array:
+    """[B, T, N, H] -> [B, T, K, G, H] so each K/V head serves G query heads without copying K/V."""
+    b, t, n, h = query.shape
+    return query.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
+
+
+def _grouped_bias_or_mask(x: Optional[Array], num_kv_heads: int) -> Optional[Array]:
+    """[B?, N?, T, S] -> [B?, K?, G?, T, S] matching the grouped logits layout."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    while x.ndim < 4:
+        x = x[None]
+    b, n, t, s = x.shape
+    if n == 1:
+        return x[:, :, None]
+    return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
+
+
+def _logits(q_BxTxKxGxH: Array, k_BxSxKxH: Array, scale: float) -> Array:
+    logits = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+                        preferred_element_type=jnp.float32)
+    return logits * scale
+
+
+def _plain_attention(query, key, value, bias, mask, scale, **structure) -> Array:
+    b, t, n, h = query.shape
+    s, k = key.shape[1], key.shape[2]
+    logits = _logits(_grouped(query, k), key, scale)  # [B, K, G, T, S]
+    if bias is not None:
+        logits = logits + _grouped_bias_or_mask(bias, k).astype(jnp.float32)
+    full_mask = combine_masks(
+        _grouped_bias_or_mask(mask, k),
+        _grouped_bias_or_mask(_structural_mask(jnp.arange(t), jnp.arange(s), **structure), k))
+    if full_mask is not None:
+        logits = jnp.where(full_mask, logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(value.dtype), value,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(query.dtype)
+
+
+def _slice_tq(x: Optional[Array], start, size, axis) -> Optional[Array]:
+    """Slice a broadcastable mask/bias along one axis unless that axis is broadcast (size 1)."""
+    if x is None or x.shape[axis] == 1:
+        return x
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _chunked_attention(query, key, value, bias, mask, scale, q_chunk, kv_chunk, *, is_causal,
+                       segment_ids, kv_segment_ids, sliding_window) -> Array:
+    """Online-softmax attention over [q_chunk, kv_chunk] blocks; memory linear in length."""
+    b, t, n, h = query.shape
+    s, k = key.shape[1], key.shape[2]
+    q_chunk, kv_chunk = min(q_chunk, t), min(kv_chunk, s)
+    t_pad, s_pad = -t % q_chunk, -s % kv_chunk
+    # Padded keys are masked out through kv_valid; padded queries are sliced off at the end.
+    kv_valid = jnp.arange(s + s_pad) < s
+    query = jnp.pad(query, ((0, 0), (0, t_pad), (0, 0), (0, 0)))
+    key = jnp.pad(key, ((0, 0), (0, s_pad), (0, 0), (0, 0)))
+    value = jnp.pad(value, ((0, 0), (0, s_pad), (0, 0), (0, 0)))
+
+    def pad_tq(x, axis_t, axis_s):
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        while x.ndim < 4:
+            x = x[None]
+        widths = [(0, 0)] * 4
+        if x.shape[axis_t] != 1:
+            widths[axis_t] = (0, t_pad)
+        if x.shape[axis_s] != 1:
+            widths[axis_s] = (0, s_pad)
+        return jnp.pad(x, widths)
+
+    bias, mask = pad_tq(bias, 2, 3), pad_tq(mask, 2, 3)
+    if segment_ids is not None:
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, t_pad)))
+        kv_segment_ids = jnp.pad(kv_segment_ids, ((0, 0), (0, s_pad)))
+
+    q_grouped = _grouped(query, k)
+    g = n // k
+    num_q, num_kv = (t + t_pad) // q_chunk, (s + s_pad) // kv_chunk
+
+    @jax.checkpoint  # the backward pass recomputes one query block at a time: linear memory
+    def attend_q_block(q_start):
+        q_blk = jax.lax.dynamic_slice_in_dim(q_grouped, q_start, q_chunk, axis=1)
+        q_idx = q_start + jnp.arange(q_chunk)
+        q_seg = None if segment_ids is None else jax.lax.dynamic_slice_in_dim(
+            segment_ids, q_start, q_chunk, axis=1)
+        bias_q = _slice_tq(bias, q_start, q_chunk, 2)
+        mask_q = _slice_tq(mask, q_start, q_chunk, 2)
+
+        def kv_step(carry, kv_start):
+            m_prev, l_prev, acc_prev = carry
+            k_blk = jax.lax.dynamic_slice_in_dim(key, kv_start, kv_chunk, axis=1)
+            v_blk = jax.lax.dynamic_slice_in_dim(value, kv_start, kv_chunk, axis=1)
+            kv_idx = kv_start + jnp.arange(kv_chunk)
+            logits = _logits(q_blk, k_blk, scale)  # [B, K, G, tq, sk]
+            if bias_q is not None:
+                logits = logits + _grouped_bias_or_mask(
+                    _slice_tq(bias_q, kv_start, kv_chunk, 3), k).astype(jnp.float32)
+            kv_seg = None if segment_ids is None else jax.lax.dynamic_slice_in_dim(
+                kv_segment_ids, kv_start, kv_chunk, axis=1)
+            blk_mask = combine_masks(
+                jax.lax.dynamic_slice_in_dim(kv_valid, kv_start, kv_chunk)[None, None, None, :],
+                _slice_tq(mask_q, kv_start, kv_chunk, 3),
+                _structural_mask(q_idx, kv_idx, is_causal=is_causal, segment_ids=q_seg,
+                                 kv_segment_ids=kv_seg, sliding_window=sliding_window))
+            logits = jnp.where(_grouped_bias_or_mask(blk_mask, k), logits, _MASK_VALUE)
+            m_new = jnp.maximum(m_prev, logits.max(axis=-1))
+            correction = jnp.exp(m_prev - m_new)
+            p = jnp.exp(logits - m_new[..., None])
+            l_new = l_prev * correction + p.sum(axis=-1)
+            pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(value.dtype), v_blk,
+                            preferred_element_type=jnp.float32)
+            acc_new = acc_prev * correction[..., None] + pv
+            return (m_new, l_new, acc_new), None
+
+        init = (jnp.full((b, k, g, q_chunk), -jnp.inf, jnp.float32),
+                jnp.zeros((b, k, g, q_chunk), jnp.float32),
+                jnp.zeros((b, k, g, q_chunk, h), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(kv_step, init, jnp.arange(num_kv) * kv_chunk)
+        return acc / l[..., None]  # [B, K, G, tq, H]
+
+    blocks = jax.lax.map(attend_q_block, jnp.arange(num_q) * q_chunk)  # [nq, B, K, G, tq, H]
+    out = jnp.transpose(blocks, (1, 0, 4, 2, 3, 5)).reshape(b, t + t_pad, n, h)
+    return out[:, :t].astype(query.dtype)
+
+
+def _cudnn_attention(query, key, value, *, bias, mask, is_causal, segment_ids, kv_segment_ids,
+                     sliding_window, scale) -> Array:
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU, but JAX runs on "
+                         f"{jax.default_backend()!r}; use 'plain' or 'chunked'")
+    if segment_ids is not None:
+        mask = combine_masks(mask, segment_mask(segment_ids, kv_segment_ids))
+    window = None
+    if sliding_window is not None:
+        window = (sliding_window - 1, 0 if is_causal else sliding_window - 1)
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
+                                        is_causal=is_causal, local_window_size=window,
+                                        implementation="cudnn")

@@ -1,0 +1,28 @@
+"""The three Transformer families, built from a frozen ModelConfig, and their named presets."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jaxformer.models.config import PRESETS, PROMISED_PARAMS, ModelConfig, preset
+from jaxformer.models.decoder import DecoderLM
+from jaxformer.models.encoder import EncoderLM
+from jaxformer.models.encoder_decoder import EncoderDecoderLM
+
+FAMILIES = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}
+
+
+def create(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model of the config's family (create under `jax.set_mesh` to shard it at birth)."""
+    return FAMILIES[cfg.family](cfg, rngs=rngs)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (works on abstract models from nnx.eval_shape too)."""
+    import jax
+    import numpy as np
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+__all__ = ["ModelConfig", "PRESETS", "PROMISED_PARAMS", "preset", "create", "count_params",
+           "DecoderLM", "EncoderLM", "EncoderDecoderLM", "FAMILIES"]

@@ -1,0 +1,139 @@
+"""Pieces every family shares, built from a ModelConfig: embeddings, the residual block, the stack."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer import layers, positional
+from jaxformer.models.config import ModelConfig
+
+Array = jax.Array
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def dtypes(cfg: ModelConfig) -> dict[str, Any]:
+    """The compute and parameter dtypes of a config as jnp dtypes."""
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def make_attention(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.Attention:
+    """An attention layer shaped by the config."""
+    return layers.Attention(
+        cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dims_per_head, use_bias=cfg.use_bias,
+        scale_logits=cfg.scale_attention,
+        rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
+        implementation=cfg.attention_impl, std=cfg.init_std, rngs=rngs, **dtypes(cfg))
+
+
+def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The config's norm over d_model."""
+    return layers.norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs, **dtypes(cfg))
+
+
+class Embeddings(nnx.Module):
+    """Token embedding plus whatever absolute position and token-type embeddings the config asks for."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        kw = dict(std=cfg.init_std, rngs=rngs, **dtypes(cfg))
+        self.max_len, self.position, self.dtype = cfg.max_len, cfg.position, jnp.dtype(cfg.dtype)
+        self.token_embed = layers.embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
+        self.position_embed = (layers.embedding(cfg.max_len, cfg.d_model, ("position", "embed"), **kw)
+                               if cfg.position == "learned" else None)
+        self.type_embed = (layers.embedding(cfg.type_vocab_size, cfg.d_model, ("types", "embed"), **kw)
+                           if cfg.type_vocab_size else None)
+        self.norm = make_norm(cfg, rngs) if cfg.embedding_norm else None
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def __call__(self, tokens_BxL: Array, positions_BxL: Optional[Array] = None,
+                 token_types_BxL: Optional[Array] = None) -> Array:
+        """[B, L, D] input representations."""
+        length = tokens_BxL.shape[1]
+        if self.position in ("learned", "sinusoidal") and length > self.max_len:
+            raise ValueError(f"sequence of {length} tokens is longer than the model's "
+                             f"max_len={self.max_len}")
+        x_BxLxD = self.token_embed(tokens_BxL)
+        if positions_BxL is None:
+            positions_BxL = jnp.arange(length)[None, :]
+        if self.position_embed is not None:
+            x_BxLxD = x_BxLxD + self.position_embed(positions_BxL)
+        elif self.position == "sinusoidal":
+            table = jnp.asarray(positional.sinusoidal_table(self.max_len, x_BxLxD.shape[-1]))
+            x_BxLxD = x_BxLxD + table[positions_BxL].astype(x_BxLxD.dtype)
+        if self.type_embed is not None:
+            types = jnp.zeros_like(tokens_BxL) if token_types_BxL is None else token_types_BxL
+            x_BxLxD = x_BxLxD + self.type_embed(types)
+        if self.norm is not None:
+            x_BxLxD = self.norm(x_BxLxD)
+        return self.dropout(x_BxLxD.astype(self.dtype))
+
+
+class Block(nnx.Module):
+    """One residual block: self-attention, optional cross-attention, MLP; pre- or post-norm."""
+
+    def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, rngs: nnx.Rngs):
+        self.pre_norm = cfg.norm_position == "pre"
+        self.self_attn = make_attention(cfg, rngs)
+        self.self_attn_norm = make_norm(cfg, rngs)
+        self.cross_attn = make_attention(cfg, rngs) if cross_attention else None
+        self.cross_attn_norm = make_norm(cfg, rngs) if cross_attention else None
+        self.mlp = layers.Mlp(cfg.d_model, cfg.d_ff, activation=cfg.mlp, use_bias=cfg.use_bias,
+                              dropout_rate=cfg.dropout_rate, std=cfg.init_std, rngs=rngs,
+                              **dtypes(cfg))
+        self.mlp_norm = make_norm(cfg, rngs)
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def _residual(self, x: Array, norm: nnx.Module, fn) -> Array:
+        if self.pre_norm:
+            return x + self.dropout(fn(norm(x)))
+        return norm(x + self.dropout(fn(x)))
+
+    def __call__(self, x_BxLxD: Array, *, self_kwargs: dict, context_BxSxD: Optional[Array] = None,
+                 cross_kwargs: Optional[dict] = None) -> Array:
+        x = self._residual(x_BxLxD, self.self_attn_norm, lambda h: self.self_attn(h, **self_kwargs))
+        if self.cross_attn is not None:
+            x = self._residual(x, self.cross_attn_norm,
+                               lambda h: self.cross_attn(h, context_BxSxD, **(cross_kwargs or {})))
+        return self._residual(x, self.mlp_norm, self.mlp)
+
+
+def make_blocks(cfg: ModelConfig, depth: int, *, cross_attention: bool = False,
+                rngs: nnx.Rngs) -> nnx.List:
+    """`depth` blocks shaped by the config."""
+    return nnx.List([Block(cfg, cross_attention=cross_attention, rngs=rngs) for _ in range(depth)])
+
+
+def run_blocks(blocks: nnx.List, x_BxLxD: Array, remat: str, **kwargs) -> Array:
+    """Applies the blocks in order, rematerialising each one if the config asks."""
+    for block in blocks:
+        if remat == "none":
+            x_BxLxD = block(x_BxLxD, **kwargs)
+        else:
+            step = nnx.remat(lambda blk, h: blk(h, **kwargs), policy=_REMAT_POLICIES[remat])
+            x_BxLxD = step(block, x_BxLxD)
+    return x_BxLxD
+
+
+class LmHead(nnx.Module):
+    """Output projection to the vocabulary: the transposed token embedding or its own matrix."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.proj = None if cfg.tie_embeddings else layers.dense(
+            cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False, std=cfg.init_std,
+            rngs=rngs, **dtypes(cfg))
+        self.scale = cfg.d_model ** -0.5 if (cfg.tie_embeddings and cfg.scale_tied_logits) else None
+
+    def __call__(self, x_BxLxD: Array, embeddings: Embeddings) -> Array:
+        """[B, L, V] float32 logits."""
+        if self.proj is not None:
+            return self.proj(x_BxLxD).astype(jnp.float32)
+        if self.scale is not None:
+            x_BxLxD = x_BxLxD * self.scale
+        return embeddings.token_embed.attend(x_BxLxD).astype(jnp.float32)

@@ -1,0 +1,77 @@
+"""Encoder-only (BERT-style) model: bidirectional, padding mask, masked-LM and pooled classifier heads."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer import attention as attn_lib
+from jaxformer import layers
+from jaxformer.models.block import (Embeddings, dtypes, make_blocks, make_norm, run_blocks)
+from jaxformer.models.config import ModelConfig
+
+Array = jax.Array
+
+
+class EncoderLM(nnx.Module):
+    """Bidirectional encoder with a masked-LM head (the call) and a pooled classifier (`classify`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        kw = dict(use_bias=True, std=cfg.init_std, rngs=rngs, **dtypes(cfg))
+        self.embed = Embeddings(cfg, rngs=rngs)
+        self.blocks = make_blocks(cfg, cfg.num_layers, rngs=rngs)
+        self.final_norm = make_norm(cfg, rngs) if cfg.norm_position == "pre" else None
+        # Masked-LM head: transform, norm, then the tied (or own) vocabulary projection plus a bias.
+        self.mlm_dense = layers.dense(cfg.d_model, cfg.d_model, ("embed", "mlp"), **kw)
+        self.mlm_norm = make_norm(cfg, rngs)
+        self.mlm_out = None if cfg.tie_embeddings else layers.dense(
+            cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False, std=cfg.init_std,
+            rngs=rngs, **dtypes(cfg))
+        self.mlm_bias = nnx.Param(layers.zeros_init(("vocab",))(
+            rngs.params(), (cfg.vocab_size,), jnp.dtype(cfg.param_dtype)))
+        # Classification head: tanh pooler over the first token, then a linear classifier.
+        self.pooler = layers.dense(cfg.d_model, cfg.d_model, ("embed", "mlp"), **kw)
+        self.classifier = layers.dense(cfg.d_model, cfg.num_labels, ("embed", None), **kw)
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def encode(self, tokens_BxL: Array, *, attention_mask: Optional[Array] = None,
+               segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
+               token_types: Optional[Array] = None) -> Array:
+        """Hidden states [B, L, D]; padded positions (attention_mask == 0) are never attended to."""
+        x_BxLxD = self.embed(tokens_BxL, positions, token_types)
+        mask = None if attention_mask is None else attn_lib.padding_mask(attention_mask)
+        self_kwargs = dict(mask=mask, segment_ids=segment_ids, positions=positions,
+                           sliding_window=self.config.sliding_window)
+        x_BxLxD = run_blocks(self.blocks, x_BxLxD, self.config.remat, self_kwargs=self_kwargs)
+        if self.final_norm is not None:
+            x_BxLxD = self.final_norm(x_BxLxD)
+        return x_BxLxD
+
+    def mlm_logits(self, hidden_BxLxD: Array) -> Array:
+        """Masked-LM logits [B, L, V] (float32) from hidden states."""
+        act = layers.ACTIVATIONS[self.config.mlp if self.config.mlp in layers.ACTIVATIONS else "gelu"]
+        h = self.mlm_norm(act(self.mlm_dense(hidden_BxLxD)))
+        if self.mlm_out is not None:
+            logits = self.mlm_out(h)
+        else:
+            logits = self.embed.token_embed.attend(h)
+        return logits.astype(jnp.float32) + self.mlm_bias[...].astype(jnp.float32)
+
+    def __call__(self, tokens_BxL: Array, *, attention_mask: Optional[Array] = None,
+                 segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
+                 token_types: Optional[Array] = None) -> Array:
+        """Masked-LM logits [B, L, V]."""
+        hidden = self.encode(tokens_BxL, attention_mask=attention_mask, segment_ids=segment_ids,
+                             positions=positions, token_types=token_types)
+        return self.mlm_logits(hidden)
+
+    def classify(self, tokens_BxL: Array, *, attention_mask: Optional[Array] = None,
+                 token_types: Optional[Array] = None) -> Array:
+        """Class logits [B, num_labels] from the pooled first token."""
+        hidden = self.encode(tokens_BxL, attention_mask=attention_mask, token_types=token_types)
+        pooled_BxD = jnp.tanh(self.pooler(hidden[:, 0]))
+        return self.classifier(self.dropout(pooled_BxD)).astype(jnp.float32)

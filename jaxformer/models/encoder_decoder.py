@@ -1,0 +1,78 @@
+"""Encoder-decoder (T5-style) model: relative-position bias, causal decoder with cross-attention."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer import attention as attn_lib
+from jaxformer import layers
+from jaxformer.models.block import Embeddings, LmHead, make_blocks, make_norm, run_blocks
+from jaxformer.models.config import ModelConfig
+
+Array = jax.Array
+
+
+def _relative_bias(cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+    if cfg.position != "relative":
+        return None
+    return layers.RelativePositionBias(
+        cfg.num_heads, bidirectional=bidirectional, num_buckets=cfg.relative_buckets,
+        max_distance=cfg.relative_max_distance, std=cfg.init_std,
+        param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+
+
+class EncoderDecoderLM(nnx.Module):
+    """Shared embedding, bidirectional encoder, causal decoder attending to the whole encoder."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = Embeddings(cfg, rngs=rngs)
+        self.encoder_blocks = make_blocks(cfg, cfg.num_layers, rngs=rngs)
+        self.encoder_norm = make_norm(cfg, rngs)
+        self.encoder_bias = _relative_bias(cfg, bidirectional=True, rngs=rngs)
+        self.decoder_blocks = make_blocks(cfg, cfg.decoder_layers, cross_attention=True, rngs=rngs)
+        self.decoder_norm = make_norm(cfg, rngs)
+        self.decoder_bias = _relative_bias(cfg, bidirectional=False, rngs=rngs)
+        self.head = LmHead(cfg, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def _position_bias(self, bias_module, q_len: int, kv_len: int, offset: int = 0):
+        if bias_module is None:
+            return None
+        return bias_module(jnp.arange(q_len) + offset, jnp.arange(kv_len))
+
+    def encode(self, encoder_tokens_BxS: Array, *, encoder_mask: Optional[Array] = None) -> Array:
+        """Encoder hidden states [B, S, D]."""
+        s = encoder_tokens_BxS.shape[1]
+        x = self.embed(encoder_tokens_BxS)
+        mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
+        self_kwargs = dict(mask=mask, bias=self._position_bias(self.encoder_bias, s, s))
+        x = run_blocks(self.encoder_blocks, x, self.config.remat, self_kwargs=self_kwargs)
+        return self.dropout(self.encoder_norm(x))
+
+    def decode(self, decoder_tokens_BxT: Array, encoded_BxSxD: Array, *,
+               encoder_mask: Optional[Array] = None,
+               decoder_mask: Optional[Array] = None) -> Array:
+        """Decoder logits [B, T, V] given the encoder's hidden states."""
+        t = decoder_tokens_BxT.shape[1]
+        x = self.embed(decoder_tokens_BxT)
+        self_mask = None if decoder_mask is None else attn_lib.padding_mask(decoder_mask)
+        self_kwargs = dict(mask=self_mask, is_causal=True,
+                           bias=self._position_bias(self.decoder_bias, t, t))
+        cross_mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
+        x = run_blocks(self.decoder_blocks, x, self.config.remat, self_kwargs=self_kwargs,
+                       context_BxSxD=encoded_BxSxD, cross_kwargs=dict(mask=cross_mask))
+        x = self.dropout(self.decoder_norm(x))
+        return self.head(x, self.embed)
+
+    def __call__(self, encoder_tokens_BxS: Array, decoder_tokens_BxT: Array, *,
+                 encoder_mask: Optional[Array] = None,
+                 decoder_mask: Optional[Array] = None) -> Array:
+        """Logits [B, T, V] of the decoder tokens' successors."""
+        encoded = self.encode(encoder_tokens_BxS, encoder_mask=encoder_mask)
+        return self.decode(decoder_tokens_BxT, encoded, encoder_mask=encoder_mask,
+                           decoder_mask=decoder_mask)
