@@ -21,9 +21,12 @@ class ConfigError(ValueError):
     """A configuration the user wrote is invalid; the message says where and why."""
 
 
-def load_config(schema: type[T], yaml_path: str | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of schema, then the YAML file, then dotted key=value overrides; validated and frozen."""
+def load_config(schema: type[T], yaml_path: str | None = None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None) -> T:
+    """Defaults of schema, then `base`, the YAML file, dotted key=value overrides; validated, frozen."""
     cfg = _structured(schema)
+    if base:
+        cfg = _merge(cfg, schema, base, "defaults")
     if yaml_path is not None:
         cfg = _merge(cfg, schema, _read_yaml(yaml_path), yaml_path)
     for item in overrides:
@@ -76,6 +79,11 @@ def _make_writable(cfg: DictConfig, schema: type) -> None:
     for name, hint in _field_hints(schema).items():
         if _is_dataclass_type(hint) and isinstance(child := cfg[name], DictConfig):
             _make_writable(child, hint)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """The YAML file as a dict, with the same clear errors as load_config."""
+    return _read_yaml(path)
 
 
 def _read_yaml(path: str) -> dict[str, Any]:

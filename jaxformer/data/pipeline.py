@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -68,12 +69,28 @@ class PackedStream:
         self._epochs.move_to_end(epoch)
         return self._epochs[epoch]
 
+    def _row_slot(self, epoch: int, r: int) -> int:
+        """Where row r of an epoch is cut from: an affine bijection (a*r + b) mod n when shuffling.
+
+        Consecutive rows (one batch) then come from all over the corpus instead of one or two
+        documents, without storing a permutation of every row.
+        """
+        n = self.rows_per_epoch
+        if not self.shuffle or n == 1:
+            return r
+        rng = np.random.default_rng([self.seed, epoch, _PERMUTATION_SALT, 1])
+        a = int(rng.integers(1, n))
+        while math.gcd(a, n) != 1:
+            a = a % (n - 1) + 1
+        return (a * r + int(rng.integers(0, n))) % n
+
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens [L], segment_ids [L] (1, 2, ... per document piece), positions [L]) of global row `index`."""
         if index < 0:
             raise ValueError(f"row index must be non-negative, got {index}")
         epoch, r = divmod(int(index), self.rows_per_epoch)
         perm, cum = self.epoch_order(epoch)
+        r = self._row_slot(epoch, r)
         start, end = r * self.row_len, (r + 1) * self.row_len
         first = int(np.searchsorted(cum, start, side="right")) - 1
         last = int(np.searchsorted(cum, end, side="left"))  # first k with cum[k] >= end

@@ -13,6 +13,8 @@ Family = Literal["decoder", "encoder", "encoder_decoder"]
 class ModelConfig:
     """Architecture of one Transformer; everything a model file reads comes from here."""
 
+    preset: str = ""
+    """The named preset this config started from (informational; see `preset()`)."""
     family: str = "decoder"
     """'decoder' (GPT-style), 'encoder' (BERT-style) or 'encoder_decoder' (T5-style)."""
     vocab_size: int = 512
@@ -150,4 +152,4 @@ def preset(name: str) -> ModelConfig:
         close = difflib.get_close_matches(name, PRESETS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model preset {name!r}.{hint} Valid presets: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return dataclasses.replace(PRESETS[name], preset=name)

@@ -1,0 +1,243 @@
+"""The pretraining loop: data, sharded state, jitted steps, metrics, validation, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxformer import models
+from jaxformer import sharding as shard_lib
+from jaxformer.config import dump_config, save_config
+from jaxformer.data.pipeline import Batcher, make_batcher
+from jaxformer.data.prepare import PreparedData, prepare_data
+from jaxformer.training import metrics as metrics_lib
+from jaxformer.training.checkpoint import Checkpointer, CheckpointError
+from jaxformer.training.config import ExperimentConfig, experiment_from_dict
+from jaxformer.training.optimizer import make_optimizer, make_schedule
+from jaxformer.training.step import make_eval_step, make_train_step
+
+
+EVAL_SEED = 0
+
+
+def build_state(model_cfg: models.ModelConfig, tx, mesh, rules, seed: int):
+    """(graphdef, state) of (model, optimizer), every array born sharded on the mesh."""
+    def factory():
+        model = models.create(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return nnx.split(shard_lib.create_sharded(factory, mesh, rules))
+
+
+def _model_mismatch(stored: dict, wanted: models.ModelConfig) -> list[str]:
+    mine = dataclasses.asdict(wanted)
+    return [f"{k}: checkpoint {stored.get(k)!r} vs config {v!r}" for k, v in mine.items()
+            if k not in ("preset", "dtype", "remat", "attention_impl", "dropout_rate")
+            and stored.get(k) != v]
+
+
+class Trainer:
+    """Holds one run's pieces; `run()` trains from the latest checkpoint (or scratch) to the end."""
+
+    def __init__(self, cfg: ExperimentConfig, *, show_progress: bool = True,
+                 log: Callable[[str], None] = print):
+        self.log, self.show_progress = log, show_progress
+        shard_lib.maybe_initialize_distributed(cfg.mesh)
+        self.mesh = shard_lib.make_mesh(cfg.mesh)
+        batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if cfg.data.batch_size % batch_shards:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
+                             f"data×fsdp mesh size {batch_shards}")
+        if cfg.data.batch_size % (cfg.optimizer.grad_accum_steps * batch_shards):
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} must split into "
+                             f"optimizer.grad_accum_steps={cfg.optimizer.grad_accum_steps} "
+                             f"micro-batches of a multiple of {batch_shards} rows")
+        self.run_dir = os.path.abspath(cfg.run.dir)
+        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep,
+                                         async_save=cfg.checkpoint.async_save)
+        meta = self.checkpointer.read_meta() if self.checkpointer.latest_step is not None else None
+
+        self.log(f"[data] preparing {cfg.data.dataset} (tokenizer, token caches)")
+        self.data = prepare_data(cfg.data, self.run_dir,
+                                 tokenizer_model=None if meta is None else meta["tokenizer"])
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=self.data.tokenizer.vocab_size)
+        if model_cfg.position in ("learned", "sinusoidal") and model_cfg.max_len < cfg.data.seq_len:
+            raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len="
+                             f"{model_cfg.max_len}")
+        self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
+        if meta is not None:
+            mismatch = _model_mismatch(meta["config"]["model"], model_cfg)
+            if mismatch:
+                raise CheckpointError(
+                    f"{self.run_dir} holds a checkpoint of a different model ("
+                    + "; ".join(mismatch[:4]) + "); use another run.dir or move that one away")
+        save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+
+        self.batcher = make_batcher(cfg.data, self.data.train_tokens, self.data.train_offsets,
+                                    self.data.special_ids, cfg.train.seed, cfg.objective)
+        # Validation rows are spread over the whole split with a fixed seed, so every run (and
+        # every training seed) is measured on the same tokens.
+        self.eval_batcher = make_batcher(cfg.data, self.data.eval_tokens, self.data.eval_offsets,
+                                         self.data.special_ids, EVAL_SEED, cfg.objective)
+        self.schedule = make_schedule(cfg.optimizer, cfg.train.steps)
+        tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+        self.log(f"[model] {model_cfg.family} {model_cfg.preset or ''} on mesh "
+                 f"{dict(self.mesh.shape)}")
+        self.graphdef, self.state = build_state(model_cfg, tx, self.mesh, cfg.mesh.rules,
+                                                cfg.train.seed)
+        self.num_params = models.count_params(nnx.merge(self.graphdef, self.state)[0])
+        self.start_step = 0
+        if meta is not None:
+            self.state = self.checkpointer.restore_state(self.state, self.mesh, cfg.mesh.rules)
+            self.start_step = int(meta["step"])
+            self.log(f"[resume] from step {self.start_step} of {self.run_dir}")
+        self.train_step = make_train_step(self.graphdef, cfg.optimizer.grad_accum_steps)
+        self.eval_step = make_eval_step(self.graphdef)
+        self.token_bytes = metrics_lib.token_byte_lengths(self.data.tokenizer)
+        self.is_lead = jax.process_index() == 0
+        self.writer = metrics_lib.MetricsWriter(self.run_dir, enabled=self.is_lead)
+
+    # ------------------------------------------------------------------ pieces
+
+    def global_batch(self, batcher: Batcher, step: int) -> tuple[dict, dict]:
+        """(host numpy rows of this process, the sharded global batch) for a step."""
+        local = batcher.batch(step, jax.process_index(), jax.process_count())
+        return local, shard_lib.shard_batch(local, self.mesh)
+
+    def evaluate(self, num_batches: Optional[int] = None) -> dict[str, float]:
+        """Validation loss, accuracy, perplexity and bits per byte over the first batches."""
+        num_batches = num_batches or self.cfg.train.eval_batches
+        # Stay within one pass over the validation split.
+        num_batches = max(1, min(num_batches, self.eval_batcher.stream.rows_per_epoch
+                                 // self.cfg.data.batch_size))
+        totals = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0, byte_sum=0.0)
+        targets_seen = []
+        for i in range(num_batches):
+            local, batch = self.global_batch(self.eval_batcher, i)
+            sums = jax.device_get(self.eval_step(self.state, batch))
+            for k, v in sums.items():
+                totals[k] += float(v)
+            weights = local["loss_weights"] > 0
+            totals["byte_sum"] += float(self.token_bytes[local["targets"][weights]].sum())
+            targets_seen.append(local["targets"][weights])
+        summary = metrics_lib.summarize_eval(totals)
+        if targets_seen:
+            summary["unigram_loss"] = metrics_lib.unigram_loss(
+                self.data.train_tokens, np.concatenate(targets_seen), self.cfg.model.vocab_size)
+        return summary
+
+    def save(self, step: int) -> None:
+        """Starts an (asynchronous) checkpoint of the state after `step` updates."""
+        self.checkpointer.save(step, self.state, config=_plain_config(self.cfg),
+                               tokenizer_model=self.data.tokenizer.serialized_model(),
+                               data_state=dict(seed=self.cfg.train.seed, step=step))
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        """Trains to cfg.train.steps; returns the last train and validation metrics."""
+        cfg, total = self.cfg, self.cfg.train.steps
+        tokens_per_step = cfg.data.batch_size * (
+            cfg.data.target_len if cfg.objective == "span_corruption" else cfg.data.seq_len)
+        peak = cfg.train.peak_flops or metrics_lib.detect_peak_flops()
+        flops_per_step = metrics_lib.flops_per_token(cfg.model, self.num_params,
+                                                     cfg.data.seq_len) * tokens_per_step
+        last_train: dict[str, float] = {}
+        last_eval: dict[str, float] = {}
+        pending = None  # (step, device metrics): fetched one step late so the device never waits
+        bar = tqdm(total=total, initial=self.start_step, desc="train", unit="step",
+                   disable=not (self.show_progress and self.is_lead), dynamic_ncols=True)
+        clock, clock_step = time.perf_counter(), self.start_step
+
+        def flush(item):
+            nonlocal clock, clock_step, last_train
+            step, device_metrics = item
+            values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            now = time.perf_counter()
+            steps_done = max(step - clock_step, 1)
+            seconds = max(now - clock, 1e-9) / steps_done
+            clock, clock_step = now, step
+            values.update(learning_rate=float(self.schedule(step - 1)),
+                          tokens_per_second=tokens_per_step / seconds,
+                          step_seconds=seconds)
+            if peak:
+                values["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
+            self.writer.write(step, values)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['learning_rate']:.2e}")
+            last_train = values
+
+        for step in range(self.start_step, total):
+            _, batch = self.global_batch(self.batcher, step)
+            self.state, device_metrics = self.train_step(self.state, batch)
+            done = step + 1
+            if pending is not None:
+                flush(pending)
+                pending = None
+            if done % cfg.train.log_every == 0 or done == total:
+                pending = (done, device_metrics)
+            bar.update(1)
+            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total:
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                last_eval = self.evaluate()
+                self.writer.write(done, last_eval, prefix="validation")
+                bar.write(f"[eval] step {done}: loss {last_eval['loss']:.4f}, "
+                          f"bits/byte {last_eval.get('bits_per_byte', float('nan')):.3f}")
+            if done % cfg.checkpoint.every == 0 or done == total:
+                self.save(done)
+        if pending is not None:
+            flush(pending)
+        bar.close()
+        self.checkpointer.wait()
+        return dict(train=last_train, validation=last_eval, steps=total)
+
+    def close(self) -> None:
+        """Finishes checkpoint writes and closes metric files."""
+        self.checkpointer.close()
+        self.writer.close()
+
+
+def _plain_config(cfg: ExperimentConfig) -> dict:
+    import yaml
+    return yaml.safe_load(dump_config(cfg))
+
+
+def load_run_config(run_dir: str, step: Optional[int] = None) -> tuple[ExperimentConfig, dict]:
+    """The resolved config and checkpoint metadata stored in a run's checkpoint."""
+    meta = Checkpointer(run_dir, create=False).read_meta(step)
+    return experiment_from_dict(meta["config"]), meta
+
+
+def greedy_continue(model: nnx.Module, prompt_ids: list[int], num_tokens: int,
+                    eos_id: int) -> list[int]:
+    """Greedy continuation by full recomputation in a fixed-size buffer (one compilation)."""
+    max_len = model.config.max_len
+    if len(prompt_ids) >= max_len:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_len={max_len}")
+    buffer = np.zeros((1, max_len), np.int32)
+    buffer[0, :len(prompt_ids)] = prompt_ids
+
+    @nnx.jit
+    def next_token(model, tokens, position):
+        logits = model(tokens)
+        return jnp.argmax(logits[0, position - 1])
+
+    model.eval()
+    out, length = [], len(prompt_ids)
+    while len(out) < num_tokens and length < max_len:
+        token = int(next_token(model, jnp.asarray(buffer), length))
+        if token == eos_id:
+            break
+        buffer[0, length] = token
+        out.append(token)
+        length += 1
+    return out

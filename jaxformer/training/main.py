@@ -1,0 +1,62 @@
+"""What `train.py` does, as a library function: config in, trained run directory out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+from jaxformer.config import ConfigError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError)
+
+
+def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
+    """Loads the config, trains, prints validation vs unigram loss and a sample; 0 on success."""
+    from jaxformer.training.checkpoint import CheckpointError
+    from jaxformer.training.config import load_experiment
+
+    errors = USER_ERRORS + (CheckpointError,)
+    if config_path is not None and not os.path.exists(config_path):
+        print(f"error: config file {config_path!r} does not exist", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_experiment(config_path, overrides)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    try:
+        from jaxformer.training.loop import Trainer
+        trainer = Trainer(cfg)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.run()
+        _report(trainer, result, time.perf_counter() - start)
+    finally:
+        trainer.close()
+    return 0
+
+
+def _report(trainer, result: dict, seconds: float) -> None:
+    val = result.get("validation") or {}
+    print(f"\n[done] {result['steps']} steps in {seconds / 60:.1f} min; run directory "
+          f"{trainer.run_dir}")
+    if val:
+        print(f"[done] validation loss {val['loss']:.4f} nats/token (perplexity "
+              f"{val['perplexity']:.1f}, {val.get('bits_per_byte', float('nan')):.3f} bits/byte) "
+              f"vs unigram model {val.get('unigram_loss', float('nan')):.4f} nats/token")
+    prompt = trainer.cfg.train.sample_prompt
+    if prompt and trainer.cfg.model.family == "decoder":
+        from flax import nnx
+        from jaxformer.training.loop import greedy_continue
+        model, _ = nnx.merge(trainer.graphdef, trainer.state)
+        tok = trainer.data.tokenizer
+        ids = greedy_continue(model, tok.encode(prompt), trainer.cfg.train.sample_tokens,
+                              tok.eos_id)
+        print(f"[sample] greedy continuation of {prompt!r}:\n{prompt}{tok.decode(ids)}")

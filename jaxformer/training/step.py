@@ -1,0 +1,84 @@
+"""Loss, train step and eval step as pure functions of (state, batch), jitted with donated state."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+def forward(model: nnx.Module, batch: Batch) -> tuple[Array, Array, Array]:
+    """(logits [B, L, V], targets [B, L], weights [B, L]) for whichever family `model` is."""
+    family = model.config.family
+    if family == "decoder":
+        logits = model(batch["inputs"], segment_ids=batch["segment_ids"],
+                       positions=batch["positions"])
+    elif family == "encoder":
+        logits = model(batch["inputs"], attention_mask=batch["segment_ids"] > 0,
+                       segment_ids=batch["segment_ids"], positions=batch["positions"])
+    else:
+        logits = model(batch["encoder_inputs"], batch["decoder_inputs"],
+                       encoder_mask=batch["encoder_segment_ids"] > 0,
+                       decoder_mask=batch["decoder_segment_ids"] > 0)
+    return logits, batch["targets"], batch["loss_weights"]
+
+
+def loss_sums(model: nnx.Module, batch: Batch) -> dict[str, Array]:
+    """Summed (not averaged) loss, weight and correct-prediction totals over a batch, in float32."""
+    logits, targets, weights = forward(model, batch)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    return dict(loss_sum=jnp.sum(nll * weights), weight_sum=jnp.sum(weights),
+                correct_sum=jnp.sum(correct * weights))
+
+
+def _micro_batches(batch: Batch, num: int) -> Batch:
+    """[B, ...] -> [num, B/num, ...], keeping each micro-batch a slice of every shard's rows."""
+    return jax.tree.map(lambda x: x.reshape(num, x.shape[0] // num, *x.shape[1:]), batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1) -> Callable:
+    """A jitted `(state, batch) -> (state, metrics)`; gradients are averaged per target token."""
+
+    def sum_loss(model, batch):
+        sums = loss_sums(model, batch)
+        return sums["loss_sum"], sums
+
+    def train_step(state: Any, batch: Batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        grad_fn = nnx.grad(sum_loss, has_aux=True)
+        if grad_accum_steps == 1:
+            grads, sums = grad_fn(model, batch)
+        else:
+            def accumulate(carry, micro):
+                grads, sums = grad_fn(model, micro)
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+            zeros = jax.tree.map(jnp.zeros_like, nnx.eval_shape(lambda: grad_fn(model, batch)))
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros,
+                                            _micro_batches(batch, grad_accum_steps))
+        denom = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        optimizer.update(model, grads)
+        metrics = dict(loss=sums["loss_sum"] / denom, accuracy=sums["correct_sum"] / denom,
+                       grad_norm=optax.global_norm(grads), tokens=sums["weight_sum"])
+        return nnx.state((model, optimizer)), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+    """A jitted `(state, batch) -> sums` with the model in evaluation mode (no dropout)."""
+
+    def eval_step(state: Any, batch: Batch):
+        model, _ = nnx.merge(graphdef, state)
+        model.eval()
+        return loss_sums(model, batch)
+
+    return jax.jit(eval_step)
