@@ -99,7 +99,9 @@ class Trainer:
             self.state = self.checkpointer.restore_state(self.state, self.mesh, cfg.mesh.rules)
             self.start_step = int(meta["step"])
             self.log(f"[resume] from step {self.start_step} of {self.run_dir}")
-        self.train_step = make_train_step(self.graphdef, cfg.optimizer.grad_accum_steps)
+        self.train_step = make_train_step(
+            self.graphdef, cfg.optimizer.grad_accum_steps,
+            shard_lib.state_shardings(self.state, self.mesh, cfg.mesh.rules))
         self.eval_step = make_eval_step(self.graphdef)
         self.token_bytes = metrics_lib.token_byte_lengths(self.data.tokenizer)
         self.is_lead = jax.process_index() == 0
@@ -142,9 +144,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> dict[str, Any]:
-        """Trains to cfg.train.steps; returns the last train and validation metrics."""
+    def run(self, until: Optional[int] = None) -> dict[str, Any]:
+        """Trains to cfg.train.steps (or stops early after step `until`, checkpointing there).
+
+        Returns the last train and validation metrics.
+        """
         cfg, total = self.cfg, self.cfg.train.steps
+        stop = total if until is None else min(until, total)
         tokens_per_step = cfg.data.batch_size * (
             cfg.data.target_len if cfg.objective == "span_corruption" else cfg.data.seq_len)
         peak = cfg.train.peak_flops or metrics_lib.detect_peak_flops()
@@ -174,14 +180,14 @@ class Trainer:
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['learning_rate']:.2e}")
             last_train = values
 
-        for step in range(self.start_step, total):
+        for step in range(self.start_step, stop):
             _, batch = self.global_batch(self.batcher, step)
             self.state, device_metrics = self.train_step(self.state, batch)
             done = step + 1
             if pending is not None:
                 flush(pending)
                 pending = None
-            if done % cfg.train.log_every == 0 or done == total:
+            if done % cfg.train.log_every == 0 or done == stop:
                 pending = (done, device_metrics)
             bar.update(1)
             if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total:
@@ -192,13 +198,13 @@ class Trainer:
                 self.writer.write(done, last_eval, prefix="validation")
                 bar.write(f"[eval] step {done}: loss {last_eval['loss']:.4f}, "
                           f"bits/byte {last_eval.get('bits_per_byte', float('nan')):.3f}")
-            if done % cfg.checkpoint.every == 0 or done == total:
+            if done % cfg.checkpoint.every == 0 or done == stop:
                 self.save(done)
         if pending is not None:
             flush(pending)
         bar.close()
         self.checkpointer.wait()
-        return dict(train=last_train, validation=last_eval, steps=total)
+        return dict(train=last_train, validation=last_eval, steps=stop)
 
     def close(self) -> None:
         """Finishes checkpoint writes and closes metric files."""

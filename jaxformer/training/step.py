@@ -44,8 +44,13 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape(num, x.shape[0] // num, *x.shape[1:]), batch)
 
 
-def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1) -> Callable:
-    """A jitted `(state, batch) -> (state, metrics)`; gradients are averaged per target token."""
+def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
+                    state_sharding: Any = None) -> Callable:
+    """A jitted `(state, batch) -> (state, metrics)`; gradients are averaged per target token.
+
+    `state_sharding` (e.g. `sharding.state_shardings(state, mesh, rules)`) pins the new state to
+    the layout of the old one instead of whatever the compiler would propagate.
+    """
 
     def sum_loss(model, batch):
         sums = loss_sums(model, batch)
@@ -67,10 +72,11 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1) -> Callab
         grads = jax.tree.map(lambda g: g / denom, grads)
         optimizer.update(model, grads)
         metrics = dict(loss=sums["loss_sum"] / denom, accuracy=sums["correct_sum"] / denom,
-                       grad_norm=optax.global_norm(grads), tokens=sums["weight_sum"])
+                       grad_norm=optax.tree.norm(grads), tokens=sums["weight_sum"])
         return nnx.state((model, optimizer)), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    out_shardings = None if state_sharding is None else (state_sharding, None)
+    return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
