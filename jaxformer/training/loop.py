@@ -52,47 +52,24 @@ class Trainer:
         self.log, self.show_progress = log, show_progress
         shard_lib.maybe_initialize_distributed(cfg.mesh)
         self.mesh = shard_lib.make_mesh(cfg.mesh)
-        batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if cfg.data.batch_size % batch_shards:
-            raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
-                             f"data×fsdp mesh size {batch_shards}")
-        if cfg.data.batch_size % (cfg.optimizer.grad_accum_steps * batch_shards):
-            raise ValueError(f"data.batch_size={cfg.data.batch_size} must split into "
-                             f"optimizer.grad_accum_steps={cfg.optimizer.grad_accum_steps} "
-                             f"micro-batches of a multiple of {batch_shards} rows")
+        self._check_batch_size(self.batch_size_of(cfg), cfg.optimizer.grad_accum_steps)
         self.run_dir = os.path.abspath(cfg.run.dir)
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save)
         meta = self.checkpointer.read_meta() if self.checkpointer.latest_step is not None else None
-
-        self.log(f"[data] preparing {cfg.data.dataset} (tokenizer, token caches)")
-        self.data = prepare_data(cfg.data, self.run_dir,
-                                 tokenizer_model=None if meta is None else meta["tokenizer"])
-        model_cfg = dataclasses.replace(cfg.model, vocab_size=self.data.tokenizer.vocab_size)
-        if model_cfg.position in ("learned", "sinusoidal") and model_cfg.max_len < cfg.data.seq_len:
-            raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len="
-                             f"{model_cfg.max_len}")
-        self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
+        self.cfg = cfg = self.prepare(cfg, meta)
         if meta is not None:
-            mismatch = _model_mismatch(meta["config"]["model"], model_cfg)
+            mismatch = _model_mismatch(meta["config"]["model"], cfg.model)
             if mismatch:
                 raise CheckpointError(
                     f"{self.run_dir} holds a checkpoint of a different model ("
                     + "; ".join(mismatch[:4]) + "); use another run.dir or move that one away")
         save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
-        self.batcher = make_batcher(cfg.data, self.data.train_tokens, self.data.train_offsets,
-                                    self.data.special_ids, cfg.train.seed, cfg.objective)
-        # Validation rows are spread over the whole split with a fixed seed, so every run (and
-        # every training seed) is measured on the same tokens.
-        self.eval_batcher = make_batcher(cfg.data, self.data.eval_tokens, self.data.eval_offsets,
-                                         self.data.special_ids, EVAL_SEED, cfg.objective)
         self.schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-        tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-        self.log(f"[model] {model_cfg.family} {model_cfg.preset or ''} on mesh "
+        self.log(f"[model] {cfg.model.family} {cfg.model.preset or ''} on mesh "
                  f"{dict(self.mesh.shape)}")
-        self.graphdef, self.state = build_state(model_cfg, tx, self.mesh, cfg.mesh.rules,
-                                                cfg.train.seed)
+        self.graphdef, self.state = self.initial_state(cfg, self.make_tx(cfg))
         self.num_params = models.count_params(nnx.merge(self.graphdef, self.state)[0])
         self.start_step = 0
         if meta is not None:
@@ -103,9 +80,58 @@ class Trainer:
             self.graphdef, cfg.optimizer.grad_accum_steps,
             shard_lib.state_shardings(self.state, self.mesh, cfg.mesh.rules))
         self.eval_step = make_eval_step(self.graphdef)
-        self.token_bytes = metrics_lib.token_byte_lengths(self.data.tokenizer)
         self.is_lead = jax.process_index() == 0
         self.writer = metrics_lib.MetricsWriter(self.run_dir, enabled=self.is_lead)
+
+    def _check_batch_size(self, batch_size: int, grad_accum_steps: int) -> None:
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if batch_size % shards:
+            raise ValueError(f"batch_size={batch_size} is not divisible by the data×fsdp mesh "
+                             f"size {shards}")
+        if batch_size % (grad_accum_steps * shards):
+            raise ValueError(f"batch_size={batch_size} must split into optimizer.grad_accum_steps="
+                             f"{grad_accum_steps} micro-batches of a multiple of {shards} rows")
+
+    # ------------------------------------------------------------------ hooks (pretraining)
+
+    @staticmethod
+    def batch_size_of(cfg) -> int:
+        """Global batch size in rows."""
+        return cfg.data.batch_size
+
+    def tokens_per_step(self) -> int:
+        """Target tokens a step trains on (for tokens/s and MFU)."""
+        cfg = self.cfg
+        length = cfg.data.target_len if cfg.objective == "span_corruption" else cfg.data.seq_len
+        return cfg.data.batch_size * length
+
+    def prepare(self, cfg: ExperimentConfig, meta: Optional[dict]) -> ExperimentConfig:
+        """Data, tokenizer and batchers; returns the config with the vocabulary resolved."""
+        self.log(f"[data] preparing {cfg.data.dataset} (tokenizer, token caches)")
+        self.data = prepare_data(cfg.data, self.run_dir,
+                                 tokenizer_model=None if meta is None else meta["tokenizer"])
+        self.tokenizer = self.data.tokenizer
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
+        if model_cfg.position in ("learned", "sinusoidal") and model_cfg.max_len < cfg.data.seq_len:
+            raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len="
+                             f"{model_cfg.max_len}")
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        self.batcher = make_batcher(cfg.data, self.data.train_tokens, self.data.train_offsets,
+                                    self.data.special_ids, cfg.train.seed, cfg.objective)
+        # Validation rows are spread over the whole split with a fixed seed, so every run (and
+        # every training seed) is measured on the same tokens.
+        self.eval_batcher = make_batcher(cfg.data, self.data.eval_tokens, self.data.eval_offsets,
+                                         self.data.special_ids, EVAL_SEED, cfg.objective)
+        self.token_bytes = metrics_lib.token_byte_lengths(self.tokenizer)
+        return cfg
+
+    def make_tx(self, cfg):
+        """The optax transformation."""
+        return make_optimizer(cfg.optimizer, cfg.train.steps)
+
+    def initial_state(self, cfg, tx):
+        """(graphdef, state) before any resume: fresh, sharded on the mesh."""
+        return build_state(cfg.model, tx, self.mesh, cfg.mesh.rules, cfg.train.seed)
 
     # ------------------------------------------------------------------ pieces
 
@@ -119,7 +145,7 @@ class Trainer:
         num_batches = num_batches or self.cfg.train.eval_batches
         # Stay within one pass over the validation split.
         num_batches = max(1, min(num_batches, self.eval_batcher.stream.rows_per_epoch
-                                 // self.cfg.data.batch_size))
+                                 // self.batch_size_of(self.cfg)))
         totals = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0, byte_sum=0.0)
         targets_seen = []
         for i in range(num_batches):
@@ -139,7 +165,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """Starts an (asynchronous) checkpoint of the state after `step` updates."""
         self.checkpointer.save(step, self.state, config=_plain_config(self.cfg),
-                               tokenizer_model=self.data.tokenizer.serialized_model(),
+                               tokenizer_model=self.tokenizer.serialized_model(),
                                data_state=dict(seed=self.cfg.train.seed, step=step))
 
     # ------------------------------------------------------------------ the loop
@@ -151,11 +177,11 @@ class Trainer:
         """
         cfg, total = self.cfg, self.cfg.train.steps
         stop = total if until is None else min(until, total)
-        tokens_per_step = cfg.data.batch_size * (
-            cfg.data.target_len if cfg.objective == "span_corruption" else cfg.data.seq_len)
+        tokens_per_step = self.tokens_per_step()
         peak = cfg.train.peak_flops or metrics_lib.detect_peak_flops()
-        flops_per_step = metrics_lib.flops_per_token(cfg.model, self.num_params,
-                                                     cfg.data.seq_len) * tokens_per_step
+        flops_per_step = metrics_lib.flops_per_token(
+            cfg.model, self.num_params, tokens_per_step // self.batch_size_of(cfg)
+        ) * tokens_per_step
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         pending = None  # (step, device metrics): fetched one step late so the device never waits
@@ -196,8 +222,8 @@ class Trainer:
                     pending = None
                 last_eval = self.evaluate()
                 self.writer.write(done, last_eval, prefix="validation")
-                bar.write(f"[eval] step {done}: loss {last_eval['loss']:.4f}, "
-                          f"bits/byte {last_eval.get('bits_per_byte', float('nan')):.3f}")
+                bar.write(f"[eval] step {done}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in last_eval.items() if k != "unigram_loss"))
             if done % cfg.checkpoint.every == 0 or done == stop:
                 self.save(done)
         if pending is not None:

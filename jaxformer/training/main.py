@@ -56,7 +56,7 @@ def _report(trainer, result: dict, seconds: float) -> None:
         from flax import nnx
         from jaxformer.training.loop import greedy_continue
         model, _ = nnx.merge(trainer.graphdef, trainer.state)
-        tok = trainer.data.tokenizer
+        tok = trainer.tokenizer
         ids = greedy_continue(model, tok.encode(prompt), trainer.cfg.train.sample_tokens,
                               tok.eos_id)
         print(f"[sample] greedy continuation of {prompt!r}:\n{prompt}{tok.decode(ids)}")
