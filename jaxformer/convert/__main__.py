@@ -1,0 +1,56 @@
+"""python -m jaxformer.convert {from-hf,to-hf} SRC DST
+
+from-hf: a save_pretrained directory (GPT-2, BERT, T5) -> a jaxformer run directory (step 0).
+to-hf:   a jaxformer run directory's latest (or --step) checkpoint -> a save_pretrained directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxformer.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from-hf", help="Hugging Face directory -> jaxformer run directory")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--tokenizer", help="sentencepiece .model to store in the checkpoint "
+                   "(default: the directory's spiece.model/tokenizer.model, else none)")
+    b = sub.add_parser("to-hf", help="jaxformer run directory -> Hugging Face directory")
+    b.add_argument("src")
+    b.add_argument("dst")
+    b.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    b.add_argument("--head", default=None,
+                   help="architecture to record for an encoder: masked_lm or classification")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    args = parser.parse_args(argv)
+
+    from jaxformer import convert
+    from jaxformer.convert import runs
+    try:
+        if args.command == "from-hf":
+            model, cfg = convert.from_hf(args.src)
+            if args.tokenizer:
+                with open(args.tokenizer, "rb") as f:
+                    spm = f.read()
+            else:
+                spm = runs.find_spm(args.src)
+            out = runs.save_run(model, cfg, args.dst, tokenizer_model=spm)
+            note = "" if spm else " (no tokenizer stored: give one in the data config to train)"
+            print(f"wrote {cfg.family} model to run directory {out}{note}")
+        else:
+            model, cfg = runs.load_run(args.src, args.step)
+            out = convert.to_hf(model, cfg, args.dst, head=args.head, overwrite=args.overwrite)
+            print(f"wrote Hugging Face directory {out}")
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

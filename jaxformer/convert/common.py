@@ -1,0 +1,202 @@
+"""Shared pieces of the Hugging Face converters: reading sources, our flat parameters, writing.
+
+torch and transformers are imported inside the functions that need them, so importing this module
+costs nothing and core jaxformer never depends on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterable, NamedTuple, Optional
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxformer.models.config import ModelConfig
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+class Rule(NamedTuple):
+    """One weight: its Hugging Face name, our flat parameter name, whether it is transposed."""
+
+    hf: str
+    ours: str
+    transpose: bool = False
+
+
+# ----------------------------------------------------------------------------- reading HF sources
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    import torch
+    return tensor.detach().to(torch.float32).cpu().numpy()
+
+
+def read_hf(src: Any) -> tuple[Any, dict[str, np.ndarray]]:
+    """(transformers config, {name: float32 array}) of a model or a save_pretrained directory."""
+    if isinstance(src, (str, os.PathLike)):
+        return _read_dir(os.fspath(src))
+    if hasattr(src, "state_dict") and hasattr(src, "config"):
+        return src.config, {k: _to_numpy(v) for k, v in src.state_dict().items()}
+    raise TypeError("from_hf expects a transformers model or a directory, got "
+                    f"{type(src).__name__}")
+
+
+def model_type_of(src: Any) -> tuple[str, str]:
+    """(model_type, architecture name) without importing transformers' model code."""
+    if isinstance(src, (str, os.PathLike)):
+        path = os.path.join(os.fspath(src), "config.json")
+        if not os.path.isdir(os.fspath(src)):
+            raise ValueError(f"{os.fspath(src)} is not a directory (expected one written by "
+                             "save_pretrained)")
+        if not os.path.isfile(path):
+            raise ValueError(f"{os.fspath(src)} has no config.json (expected a directory written "
+                             "by save_pretrained)")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return str(data.get("model_type", "")), ",".join(data.get("architectures") or []) or "?"
+    config = getattr(src, "config", None)
+    return str(getattr(config, "model_type", "")), type(src).__name__
+
+
+def _read_dir(directory: str) -> tuple[Any, dict[str, np.ndarray]]:
+    import transformers
+    present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
+    if not present:
+        raise ValueError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)} "
+                         "(a directory written by save_pretrained)")
+    config = transformers.AutoConfig.from_pretrained(directory)
+    name = present[0]
+    if name.endswith(".index.json"):
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = [name]
+    weights: dict[str, np.ndarray] = {}
+    for file in files:
+        weights.update(_read_file(os.path.join(directory, file)))
+    return config, weights
+
+
+def _read_file(path: str) -> dict[str, np.ndarray]:
+    import torch
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
+    return {k: _to_numpy(v) for k, v in torch.load(path, map_location="cpu",
+                                                     weights_only=True).items()}
+
+
+def strip_prefix(weights: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """Drops a base-model prefix ('transformer.', 'bert.') so headless and headed models agree."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in weights.items()}
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def check_representable(cfg: ModelConfig, target: str, **expected: Any) -> None:
+    """ValueError naming every ModelConfig field that the target format cannot express."""
+    bad = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in expected.items()
+           if getattr(cfg, k) != v]
+    if bad:
+        raise ValueError(f"this model cannot be written as a {target} checkpoint: "
+                         + ", ".join(f"ModelConfig.{b}" for b in bad))
+
+
+def unsupported(model: str, option: str, value: Any, why: str = "") -> ValueError:
+    """The error for a Hugging Face config option jaxformer cannot represent."""
+    return ValueError(f"{model} config option {option}={value!r} is not supported by jaxformer"
+                      + (f" ({why})" if why else "") + "; refusing to build a model that would "
+                      "compute something else")
+
+
+def pick(table: dict[str, str], model: str, option: str, value: Any) -> str:
+    """table[value], or the unsupported-option error listing the valid values."""
+    if value not in table:
+        raise unsupported(model, option, value, f"supported: {', '.join(table)}")
+    return table[value]
+
+
+def same(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
+    """Whether two optional weights are present and identical (a tied copy)."""
+    return a is not None and b is not None and a.shape == b.shape and np.array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- our parameters
+
+
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """{'blocks.0.self_attn.query.kernel': array, ...} of a model's parameters."""
+    return {".".join(map(str, path)): np.asarray(var.get_value())
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def apply_rules(rules: Iterable[Rule], weights: dict[str, np.ndarray], *, model: str,
+                optional: tuple[str, ...] = (), ignored: tuple[str, ...] = ()
+                ) -> dict[str, np.ndarray]:
+    """Our flat parameters from HF weights; any HF weight left over (not ignored) is an error."""
+    params, used = {}, set()
+    for rule in rules:
+        if rule.hf not in weights:
+            if rule.ours.startswith(optional):
+                continue
+            raise ValueError(f"{model} weights lack {rule.hf!r} (needed for {rule.ours})")
+        value = weights[rule.hf]
+        params[rule.ours] = value.T if rule.transpose else value
+        used.add(rule.hf)
+    left = sorted(k for k in weights if k not in used
+                  and not any(re.fullmatch(p, k) for p in ignored))
+    if left:
+        raise ValueError(f"{model} weights that jaxformer's model has no place for (an option we "
+                         f"cannot represent?): {', '.join(left[:6])}"
+                         + (f" and {len(left) - 6} more" if len(left) > 6 else ""))
+    return params
+
+
+def load_params(model: nnx.Module, params: dict[str, np.ndarray]) -> None:
+    """Writes flat parameters into the model, checking names and shapes."""
+    state = nnx.state(model, nnx.Param)
+    variables = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+    unknown = sorted(set(params) - set(variables))
+    if unknown:
+        raise ValueError(f"converter produced parameters the model lacks: {unknown[:6]}")
+    for name, value in params.items():
+        var = variables[name]
+        old = var.get_value()
+        if tuple(old.shape) != tuple(value.shape):
+            raise ValueError(f"weight for {name} has shape {tuple(value.shape)}, the model "
+                             f"expects {tuple(old.shape)}")
+        var.set_value(jnp.asarray(value, dtype=old.dtype))
+    nnx.update(model, state)
+
+
+def export_rules(rules: Iterable[Rule], params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF weights from our flat parameters (rules whose parameter the model lacks are skipped)."""
+    return {r.hf: np.ascontiguousarray(params[r.ours].T if r.transpose else params[r.ours],
+                                       dtype=np.float32)
+            for r in rules if r.ours in params}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_hf(out_dir: str, hf_config: Any, weights: dict[str, np.ndarray], *,
+             overwrite: bool = False) -> str:
+    """config.json + model.safetensors that transformers' from_pretrained reads."""
+    from safetensors.numpy import save_file
+    out_dir = os.fspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(f"{out_dir} exists and is not empty; choose a new directory (nothing "
+                         "was written)")
+    os.makedirs(out_dir, exist_ok=True)
+    hf_config.save_pretrained(out_dir)
+    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()},
+              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
