@@ -48,15 +48,19 @@ class Trainer:
     """Holds one run's pieces; `run()` trains from the latest checkpoint (or scratch) to the end."""
 
     def __init__(self, cfg: ExperimentConfig, *, show_progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, read_only: bool = False,
+                 step: Optional[int] = None):
+        """Builds everything; `read_only` (evaluation) writes nothing and needs a checkpoint."""
         self.log, self.show_progress = log, show_progress
         shard_lib.maybe_initialize_distributed(cfg.mesh)
         self.mesh = shard_lib.make_mesh(cfg.mesh)
         self._check_batch_size(self.batch_size_of(cfg), cfg.optimizer.grad_accum_steps)
         self.run_dir = os.path.abspath(cfg.run.dir)
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save)
-        meta = self.checkpointer.read_meta() if self.checkpointer.latest_step is not None else None
+                                         async_save=cfg.checkpoint.async_save,
+                                         create=not read_only)
+        has_checkpoint = self.checkpointer.latest_step is not None
+        meta = self.checkpointer.read_meta(step) if (has_checkpoint or read_only) else None
         self.cfg = cfg = self.prepare(cfg, meta)
         if meta is not None:
             mismatch = _model_mismatch(meta["config"]["model"], cfg.model)
@@ -64,7 +68,8 @@ class Trainer:
                 raise CheckpointError(
                     f"{self.run_dir} holds a checkpoint of a different model ("
                     + "; ".join(mismatch[:4]) + "); use another run.dir or move that one away")
-        save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        if not read_only:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
         self.schedule = make_schedule(cfg.optimizer, cfg.train.steps)
         self.log(f"[model] {cfg.model.family} {cfg.model.preset or ''} on mesh "
@@ -73,7 +78,8 @@ class Trainer:
         self.num_params = models.count_params(nnx.merge(self.graphdef, self.state)[0])
         self.start_step = 0
         if meta is not None:
-            self.state = self.checkpointer.restore_state(self.state, self.mesh, cfg.mesh.rules)
+            self.state = self.checkpointer.restore_state(self.state, self.mesh, cfg.mesh.rules,
+                                                         int(meta["step"]))
             self.start_step = int(meta["step"])
             self.log(f"[resume] from step {self.start_step} of {self.run_dir}")
         self.train_step = make_train_step(
@@ -81,7 +87,8 @@ class Trainer:
             shard_lib.state_shardings(self.state, self.mesh, cfg.mesh.rules))
         self.eval_step = make_eval_step(self.graphdef)
         self.is_lead = jax.process_index() == 0
-        self.writer = metrics_lib.MetricsWriter(self.run_dir, enabled=self.is_lead)
+        self.writer = metrics_lib.MetricsWriter(self.run_dir,
+                                                enabled=self.is_lead and not read_only)
 
     def _check_batch_size(self, batch_size: int, grad_accum_steps: int) -> None:
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -150,7 +157,7 @@ class Trainer:
         targets_seen = []
         for i in range(num_batches):
             local, batch = self.global_batch(self.eval_batcher, i)
-            sums = jax.device_get(self.eval_step(self.state, batch))
+            sums, _ = jax.device_get(self.eval_step(self.state, batch))
             for k, v in sums.items():
                 totals[k] += float(v)
             weights = local["loss_weights"] > 0

@@ -14,8 +14,15 @@ Batch = dict[str, Array]
 
 
 def forward(model: nnx.Module, batch: Batch) -> tuple[Array, Array, Array]:
-    """(logits [B, L, V], targets [B, L], weights [B, L]) for whichever family `model` is."""
+    """(logits, targets, weights) for whichever family `model` is and whatever the batch holds.
+
+    Language-model batches give [B, L, V] logits; classification batches (with `labels`) give
+    [B, num_labels] logits from the pooled classifier.
+    """
     family = model.config.family
+    if "labels" in batch:
+        logits = model.classify(batch["inputs"], attention_mask=batch["segment_ids"] > 0)
+        return logits, batch["labels"], batch["example_weight"]
     if family == "decoder":
         logits = model(batch["inputs"], segment_ids=batch["segment_ids"],
                        positions=batch["positions"])
@@ -80,11 +87,20 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-    """A jitted `(state, batch) -> sums` with the model in evaluation mode (no dropout)."""
+    """A jitted `(state, batch) -> (sums, predictions)` in evaluation mode (no dropout).
+
+    Predictions are the argmax classes (classification) or next tokens (language models).
+    """
 
     def eval_step(state: Any, batch: Batch):
         model, _ = nnx.merge(graphdef, state)
         model.eval()
-        return loss_sums(model, batch)
+        logits, targets, weights = forward(model, batch)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        predictions = jnp.argmax(logits, axis=-1)
+        weights = weights.astype(jnp.float32)
+        sums = dict(loss_sum=jnp.sum(nll * weights), weight_sum=jnp.sum(weights),
+                    correct_sum=jnp.sum((predictions == targets) * weights))
+        return sums, predictions
 
     return jax.jit(eval_step)

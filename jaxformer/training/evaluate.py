@@ -1,0 +1,135 @@
+"""What `eval.py` does: evaluate any checkpoint, print a table, write JSON, plot, generate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import numpy as np
+
+from jaxformer.config import ConfigError
+from jaxformer.training.checkpoint import Checkpointer, CheckpointError
+from jaxformer.training.metrics import read_metrics
+
+SAMPLE_PROMPTS = ("def fibonacci(n):", "import os\n", "class Stack:\n")
+
+
+def open_run(run_dir: str, step: Optional[int], split: Optional[str]):
+    """A read-only trainer (pretraining or fine-tuning, as the checkpoint says) at `step`."""
+    meta = Checkpointer(run_dir, create=False).read_meta(step)
+    stored = dict(meta["config"])
+    stored["run"] = {"dir": os.path.abspath(run_dir)}
+    if "task" in stored:
+        from jaxformer.config import config_from_dict
+        from jaxformer.training.finetune import FinetuneExperiment, FinetuneTrainer
+        cfg = config_from_dict(FinetuneExperiment, stored)
+        if split:
+            cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, eval_split=split))
+        return FinetuneTrainer(cfg, meta, read_only=True, step=meta["step"], show_progress=False)
+    from jaxformer.training.config import experiment_from_dict
+    from jaxformer.training.loop import Trainer
+    cfg = experiment_from_dict(stored)
+    if split:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split=split))
+    return Trainer(cfg, read_only=True, step=meta["step"], show_progress=False)
+
+
+def generate_text(trainer, prompt: str, max_new_tokens: int = 48) -> str:
+    """Greedy continuation (decoder) or output (encoder-decoder) for a text prompt."""
+    from flax import nnx
+    from jaxformer.inference import generate
+
+    family = trainer.cfg.model.family
+    if family == "encoder":
+        raise ValueError("an encoder-only model does not generate text")
+    tok = trainer.tokenizer
+    ids = tok.encode(prompt)
+    model, _ = nnx.merge(trainer.graphdef, trainer.state)
+    model.eval()
+    if family == "decoder":
+        budget = trainer.cfg.model.max_len - len(ids)
+        max_new_tokens = min(max_new_tokens, budget) if budget > 0 else max_new_tokens
+        out = generate(model, np.asarray([ids], np.int32), max_new_tokens=max_new_tokens,
+                       method="greedy", eos_id=tok.eos_id)
+    else:
+        ids = ids + [tok.eos_id]
+        out = generate(model, np.asarray([ids], np.int32), max_new_tokens=max_new_tokens,
+                       method="greedy", eos_id=tok.eos_id)
+    row = [int(i) for i in np.asarray(out)[0]]
+    if tok.eos_id in row:
+        row = row[:row.index(tok.eos_id)]
+    return tok.decode(row)
+
+
+def plot_curves(run_dir: str, path: str) -> str:
+    """Writes a PNG of the training and validation loss curves from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    if not records:
+        raise ValueError(f"{run_dir} has no metrics.jsonl to plot")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("validation", "o-")):
+        points = [(r["step"], r["loss"]) for r in records if r["split"] == split and "loss" in r]
+        if points:
+            steps, losses = zip(*sorted(dict(points).items()))
+            ax.plot(steps, losses, style, label=f"{split} loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(os.path.basename(os.path.abspath(run_dir)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A two-column terminal table of the numeric results."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+            for k, v in report["metrics"].items()]
+    width = max(len(k) for k, _ in rows) if rows else 10
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def run_eval(run_dir: str, step: Optional[int], split: Optional[str], out: Optional[str],
+             plot: bool, prompt: Optional[str], num_batches: Optional[int] = None) -> int:
+    """Evaluates and reports; 0 on success, 2 with one clear message on bad input."""
+    errors = (CheckpointError, ConfigError, ValueError, FileNotFoundError)
+    try:
+        trainer = open_run(run_dir, step, split)
+        report: dict[str, Any] = dict(run_dir=os.path.abspath(run_dir),
+                                      step=trainer.start_step, family=trainer.cfg.model.family)
+        report["metrics"] = trainer.evaluate(num_batches)
+        samples = []
+        if prompt is not None:
+            samples.append(dict(prompt=prompt, output=generate_text(trainer, prompt)))
+        elif trainer.cfg.model.family == "decoder" and "task" not in report:
+            samples = [dict(prompt=p, output=generate_text(trainer, p, 24))
+                       for p in SAMPLE_PROMPTS]
+        report["samples"] = samples
+        if plot:
+            report["plot"] = plot_curves(run_dir, os.path.join(os.path.abspath(run_dir),
+                                                               "curves.png"))
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{report['run_dir']} at step {report['step']} ({report['family']})")
+    print(format_table(report))
+    for sample in report["samples"]:
+        print(f"\n--- {sample['prompt']!r}\n{sample['prompt']}{sample['output']}")
+    if "plot" in report:
+        print(f"\ncurves written to {report['plot']}")
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(f"report written to {out}")
+    return 0

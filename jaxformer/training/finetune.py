@@ -1,0 +1,185 @@
+"""Fine-tuning from a pretraining checkpoint: restored weights, a task head, frozen parts, own run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxformer import models
+from jaxformer import sharding as shard_lib
+from jaxformer.config import ConfigError, load_config
+from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task
+from jaxformer.data.tokenizer import Tokenizer
+from jaxformer.models.config import ModelConfig
+from jaxformer.sharding import MeshConfig
+from jaxformer.training import task_metrics
+from jaxformer.training.checkpoint import Checkpointer, CheckpointError
+from jaxformer.training.config import CheckpointConfig, RunConfig, TrainConfig
+from jaxformer.training.loop import EVAL_SEED, Trainer, build_state
+from jaxformer.training.optimizer import OptimizerConfig, make_optimizer
+
+FAMILY_OF_KIND = {"classification": "encoder", "text2text": "encoder_decoder",
+                  "completion": "decoder"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSection:
+    """Where the pretrained weights come from and what stays fixed."""
+
+    from_dir: str = ""
+    """Run directory of the pretraining (or converted) checkpoint; set by --from."""
+    from_step: Optional[int] = None
+    """Checkpoint step to start from; None means the latest."""
+    freeze: tuple[str, ...] = ()
+    """Parameter path prefixes kept fixed, e.g. ['embed'] or ['embed', 'encoder_blocks']."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneExperiment:
+    """Everything `finetune.py` needs; the model section starts as the checkpoint's."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    finetune: FinetuneSection = dataclasses.field(default_factory=FinetuneSection)
+    optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig(learning_rate=1e-3, warmup_steps=10,
+                                                weight_decay=0.01))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(steps=200, eval_every=100, sample_prompt=""))
+    run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(dir="runs/finetune"))
+
+
+def load_finetune(from_dir: str, from_step: Optional[int], yaml_path: Optional[str],
+                  overrides: Sequence[str]) -> tuple[FinetuneExperiment, dict]:
+    """The fine-tuning config (model section from the checkpoint) and the checkpoint's metadata."""
+    meta = Checkpointer(from_dir, create=False).read_meta(from_step)
+    base = {"model": meta["config"]["model"],
+            "finetune": {"from_dir": os.path.abspath(from_dir), "from_step": meta["step"]}}
+    cfg = load_config(FinetuneExperiment, yaml_path, overrides, base=base)
+    return cfg, meta
+
+
+class FinetuneTrainer(Trainer):
+    """The pretraining loop with task batches, a task head and pretrained weights."""
+
+    def __init__(self, cfg: FinetuneExperiment, pretrained_meta: dict, **kwargs):
+        self.pretrained_meta = pretrained_meta
+        super().__init__(cfg, **kwargs)
+
+    @staticmethod
+    def batch_size_of(cfg) -> int:
+        return cfg.task.batch_size
+
+    def tokens_per_step(self) -> int:
+        task = self.cfg.task
+        return task.batch_size * (task.max_target_len if self.kind == "text2text"
+                                  else task.max_input_len)
+
+    def prepare(self, cfg: FinetuneExperiment, meta: Optional[dict]) -> FinetuneExperiment:
+        source = meta if meta is not None else self.pretrained_meta
+        if not source["tokenizer"]:
+            raise CheckpointError(f"{cfg.finetune.from_dir} stores no tokenizer (a converted "
+                                  "checkpoint?); fine-tuning needs one")
+        self.tokenizer = Tokenizer.from_bytes(source["tokenizer"])
+        train = load_task(cfg.task, cfg.task.train_split)
+        evaluation = load_task(cfg.task, cfg.task.eval_split)
+        self.kind = train.kind
+        needed = FAMILY_OF_KIND[self.kind]
+        if cfg.model.family != needed:
+            raise CheckpointError(
+                f"task {cfg.task.name!r} ({self.kind}) needs a {needed} model, but the checkpoint "
+                f"in {cfg.finetune.from_dir} holds a {cfg.model.family} model")
+        model_cfg = cfg.model
+        if self.kind == "classification":
+            model_cfg = dataclasses.replace(model_cfg, num_labels=train.num_labels)
+        self.label_names = getattr(train, "label_names", None)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        self.batcher = TaskBatcher(cfg.task, train, self.tokenizer, cfg.train.seed)
+        self.eval_batcher = TaskBatcher(cfg.task, evaluation, self.tokenizer, EVAL_SEED,
+                                        shuffle=False)
+        return cfg
+
+    def make_tx(self, cfg: FinetuneExperiment):
+        tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+        if not cfg.finetune.freeze:
+            return tx
+        prefixes = tuple(cfg.finetune.freeze)
+
+        def labels(params):
+            def label(path, _):
+                names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                         for k in path]
+                dotted = ".".join(names)
+                return "frozen" if any(dotted == p or dotted.startswith(p + ".")
+                                       for p in prefixes) else "trained"
+            return jax.tree_util.tree_map_with_path(
+                label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+    def initial_state(self, cfg: FinetuneExperiment, tx):
+        graphdef, state = build_state(cfg.model, tx, self.mesh, cfg.mesh.rules, cfg.train.seed)
+        model, optimizer = nnx.merge(graphdef, state)
+        self.new_parameters = load_pretrained_params(
+            model, cfg.finetune.from_dir, cfg.finetune.from_step, self.mesh, cfg.mesh.rules)
+        if self.new_parameters:
+            self.log("[finetune] newly initialised: " + ", ".join(self.new_parameters))
+        return nnx.split((model, optimizer))
+
+    def evaluate(self, num_batches: Optional[int] = None) -> dict[str, float]:
+        """Task metrics over the whole validation split (or its first batches)."""
+        return task_metrics.evaluate_task(self, num_batches)
+
+
+def load_pretrained_params(model: nnx.Module, run_dir: str, step: Optional[int], mesh,
+                           rules) -> list[str]:
+    """Copies a checkpoint's parameters into `model` wherever path and shape agree.
+
+    Returns the paths that kept their fresh initialisation (a new or resized task head).
+    """
+    checkpointer = Checkpointer(run_dir, create=False)
+    meta = checkpointer.read_meta(step)
+    stored_cfg = ModelConfig(**meta["config"]["model"])
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: models.create(stored_cfg, rngs=nnx.Rngs(0)))
+    restored = checkpointer.restore_state(nnx.state((abstract,)), mesh, rules, meta["step"],
+                                          partial=True)
+    pretrained = dict(nnx.to_flat_state(nnx.state(restored[0], nnx.Param)))
+    fresh = []
+    target = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(target):
+        source = pretrained.get(path)
+        if source is not None and source[...].shape == var[...].shape:
+            var[...] = jax.device_put(source[...], var[...].sharding)
+        else:
+            fresh.append(".".join(map(str, path)))
+    nnx.update(model, target)
+    return fresh
+
+
+def run_finetune(from_dir: str, from_step: Optional[int], config_path: Optional[str],
+                 overrides: Sequence[str]) -> int:
+    """What `finetune.py` does; 0 on success, 2 with one message on bad input."""
+    import sys
+    errors = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
+    try:
+        cfg, meta = load_finetune(from_dir, from_step, config_path, overrides)
+        trainer = FinetuneTrainer(cfg, meta)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    val = result.get("validation") or {}
+    print(f"\n[done] fine-tuned {result['steps']} steps in {trainer.run_dir}: " +
+          ", ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
+    return 0

@@ -1,0 +1,82 @@
+"""Task metrics for fine-tuned models: accuracy and macro-F1, ROUGE-L, BLEU and exact match."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from jaxformer import sharding as shard_lib
+
+
+def classification_metrics(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
+    """Accuracy and macro-averaged F1 (scikit-learn)."""
+    from sklearn.metrics import accuracy_score, f1_score
+    return dict(accuracy=float(accuracy_score(labels, predictions)),
+                macro_f1=float(f1_score(labels, predictions, average="macro", zero_division=0)))
+
+
+def text_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+    """ROUGE-L F-measure (rouge-score), corpus BLEU (sacrebleu) and exact match, in percent."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses)]
+    bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
+    exact = [r.strip() == h.strip() for r, h in zip(references, hypotheses)]
+    return dict(rouge_l=100 * float(np.mean(rouge)), bleu=float(bleu),
+                exact_match=100 * float(np.mean(exact)))
+
+
+def evaluate_task(trainer, num_batches: Optional[int] = None,
+                  max_generations: int = 64) -> dict[str, float]:
+    """Loss plus the task's metrics over the validation batches of a fine-tuning trainer."""
+    totals = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0)
+    labels, predictions, sources, references = [], [], [], []
+    for local in trainer.eval_batcher.eval_batches(num_batches):
+        batch = shard_lib.shard_batch(local, trainer.mesh)
+        sums, preds = jax.device_get(trainer.eval_step(trainer.state, batch))
+        for k in totals:
+            totals[k] += float(sums[k])
+        real = local["example_weight"] > 0
+        if trainer.kind == "classification":
+            labels.extend(local["labels"][real].tolist())
+            predictions.extend(np.asarray(preds)[real].tolist())
+        elif trainer.kind == "text2text" and len(sources) < max_generations:
+            sources.extend(zip(local["encoder_inputs"][real], local["encoder_segment_ids"][real]))
+            references.extend(local["targets"][real])
+    weight = max(totals["weight_sum"], 1.0)
+    result = dict(loss=totals["loss_sum"] / weight)
+    if trainer.kind == "classification":
+        result.update(classification_metrics(labels, predictions))
+    else:
+        result["token_accuracy"] = totals["correct_sum"] / weight
+        result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    if trainer.kind == "text2text" and sources:
+        result.update(_generation_metrics(trainer, sources[:max_generations],
+                                          references[:max_generations]))
+    return result
+
+
+def _generation_metrics(trainer, sources: list, references: list) -> dict[str, Any]:
+    from flax import nnx
+    from jaxformer.inference import generate
+
+    tok = trainer.tokenizer
+    model, _ = nnx.merge(trainer.graphdef, trainer.state)
+    model.eval()
+    tokens = np.stack([s[0] for s in sources])
+    mask = np.stack([s[1] > 0 for s in sources])
+    out = np.asarray(generate(model, tokens, encoder_mask=mask,
+                              max_new_tokens=trainer.cfg.task.max_target_len,
+                              method="greedy", eos_id=tok.eos_id))
+    hypotheses = [tok.decode(_until_eos(row, tok.eos_id)) for row in out]
+    refs = [tok.decode(_until_eos(row, tok.eos_id)) for row in references]
+    return text_metrics(refs, hypotheses)
+
+
+def _until_eos(ids, eos_id: int) -> list[int]:
+    ids = [int(i) for i in ids]
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
