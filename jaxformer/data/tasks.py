@@ -1,0 +1,347 @@
+"""Fine-tuning tasks: TaskConfig, random-access examples (built-in or any TFDS dataset) and their batches.
+
+Batches are a pure function of (seed, step): epoch e visits the examples in a permutation seeded by
+(seed, e); global rows step*B .. step*B+B-1 run across epoch ends; each process takes a contiguous
+slice. Formats (int32, weights float32; L = max_input_len, Ld = max_target_len):
+
+classification  inputs [B,L] = bos + tokens[:L-1] + pad, segment_ids, positions, labels [B],
+                example_weight [B]
+text2text       encoder_inputs [B,L] = tokens[:L-1] + eos + pad (the encoder always sees its end),
+                targets [B,Ld] = (tokens + eos)[:Ld] (a cut target has no eos: the model is not taught
+                to stop at an arbitrary cut), decoder_inputs = 0 + targets[:-1], loss_weights (1 on
+                real targets), encoder_/decoder_segment_ids, encoder_/decoder_positions, example_weight
+completion      seq = prompt + bos (separator) + completion + eos, at most L+1 tokens; inputs = seq[:-1],
+                targets = seq[1:] [B,L], loss_weights 1 on completion targets (its eos included),
+                segment_ids, positions, prompt_lengths [B] (inputs up to and including the separator),
+                example_weight. max_target_len is unused. When too long, the completion keeps at least
+                half of the L+1 budget (more if the prompt is short) and is cut on the right; the prompt
+                takes the rest and is cut on the left, so the text next to the separator survives.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+import math
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxformer.data import corpus
+from jaxformer.data.task_builders import BUILDERS, build_task_dataset
+from jaxformer.data.tokenizer import Tokenizer
+
+KINDS = ("classification", "text2text", "completion")
+BUILTIN_KINDS = {
+    "code_package": "classification",
+    "code_docstring": "text2text",
+    "code_completion": "completion",
+}
+DEFAULT_KEYS = {  # kind -> (input_key, target_key, label_key)
+    "classification": ("text", "", "label"),
+    "text2text": ("source", "target", ""),
+    "completion": ("prompt", "completion", ""),
+}
+# TFDS dataset collections registered only on import (the rest register by folder).
+_LEGACY_COLLECTIONS = ("text", "summarization", "question_answering", "translate", "text_simplification")
+_PERMUTATION_SALT = 0x7A5C
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """A fine-tuning dataset and the shapes of its batches."""
+
+    name: str = "code_package"
+    """'code_package', 'code_docstring', 'code_completion' or a TFDS name such as 'glue/sst2'."""
+    kind: str = "auto"
+    """'auto' (known for the built-ins), 'classification', 'text2text' or 'completion'."""
+    input_key: str = ""
+    """Feature holding the input text; '' -> text / source / prompt by kind."""
+    target_key: str = ""
+    """Feature holding the target text (text2text, completion); '' -> target / completion by kind."""
+    label_key: str = ""
+    """ClassLabel feature (classification); '' -> label."""
+    data_dir: str = ""
+    """TFDS data directory; '' -> ~/.cache/jaxformer/tfds (as corpus.resolve_data_dir)."""
+    train_split: str = "train"
+    """Split to fine-tune on."""
+    eval_split: str = "validation"
+    """Split to evaluate on."""
+    max_input_len: int = 128
+    """Classifier / encoder length; for completion the decoder's whole sequence length."""
+    max_target_len: int = 32
+    """Decoder length for text2text (unused for the other kinds)."""
+    batch_size: int = 16
+    """Global batch size (all processes together)."""
+    max_examples: Optional[int] = None
+    """Use only the first max_examples examples of each split (None: all)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto",) + KINDS:
+            raise ValueError(f"task kind {self.kind!r} is not one of auto, {', '.join(KINDS)}")
+        if self.kind == "auto" and self.name not in BUILTIN_KINDS:
+            raise ValueError(
+                f"task {self.name!r} is not a built-in ({', '.join(BUILTIN_KINDS)}): set kind to one of "
+                f"{', '.join(KINDS)}"
+            )
+        for field in ("max_input_len", "max_target_len", "batch_size"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"task {field} must be positive, got {getattr(self, field)}")
+        if self.max_input_len < 2:
+            raise ValueError(f"task max_input_len must be >= 2, got {self.max_input_len}")
+        if self.max_examples is not None and self.max_examples < 0:
+            raise ValueError(f"task max_examples must be >= 0 or None, got {self.max_examples}")
+
+    def resolved(self) -> "TaskConfig":
+        """A copy with kind and the feature keys filled in."""
+        kind = BUILTIN_KINDS[self.name] if self.kind == "auto" else self.kind
+        keys = DEFAULT_KEYS[kind]
+        return dataclasses.replace(
+            self,
+            kind=kind,
+            input_key=self.input_key or keys[0],
+            target_key=(self.target_key or keys[1]) if kind != "classification" else "",
+            label_key=(self.label_key or keys[2]) if kind == "classification" else "",
+        )
+
+
+def _python_value(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalar or 0-d array
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+class TaskExamples(Sequence[dict]):
+    """Random-access examples of one split: dicts of the task's keys (str texts, int labels)."""
+
+    def __init__(self, source: Sequence[Any], cfg: TaskConfig, split: str, length: int,
+                 label_names: Optional[list[str]] = None):
+        self._source, self.cfg, self.split, self._length = source, cfg, split, length
+        self.keys = tuple(k for k in (cfg.input_key, cfg.target_key, cfg.label_key) if k)
+        self.label_names = label_names
+
+    @property
+    def num_labels(self) -> Optional[int]:
+        """Number of classes (classification), else None."""
+        return None if self.label_names is None else len(self.label_names)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._length))]
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError(f"example index {index} out of range for {self._length} examples")
+        row = self._source[index]
+        return {k: _python_value(row[k]) for k in self.keys}
+
+
+def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    except tfds.core.registered.DatasetNotFoundError:
+        pass
+    for collection in _LEGACY_COLLECTIONS:
+        try:
+            importlib.import_module(f"tensorflow_datasets.{collection}")
+        except Exception:  # pylint: disable=broad-except  (a collection may need TensorFlow)
+            continue
+    try:
+        return tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"unknown TFDS dataset {name!r} ({first_line})") from None
+
+
+def load_task(cfg: TaskConfig, split: str) -> TaskExamples:
+    """The examples of one split of cfg's dataset (built-ins are prepared on first use)."""
+    cfg = cfg.resolved()
+    data_dir = corpus.resolve_data_dir(cfg.data_dir)
+    if cfg.name in BUILDERS:
+        builder = build_task_dataset(cfg.name, data_dir)
+    else:
+        builder = _tfds_builder(cfg.name, data_dir)
+    features = builder.info.features
+    keys = [k for k in (cfg.input_key, cfg.target_key, cfg.label_key) if k]
+    for key in keys:
+        if key not in features:
+            raise ValueError(
+                f"feature {key!r} not in dataset {cfg.name!r}; available: {', '.join(sorted(features))}"
+            )
+    label_names = None
+    if cfg.kind == "classification":
+        label = features[cfg.label_key]
+        if not isinstance(label, tfds.features.ClassLabel):
+            raise ValueError(
+                f"classification needs a ClassLabel feature; {cfg.name!r}[{cfg.label_key!r}] is {label}"
+            )
+        label_names = list(label.names)
+    if cfg.name in BUILDERS:
+        if split not in builder.info.splits:
+            raise ValueError(
+                f"split {split!r} not in dataset {cfg.name!r}; "
+                f"available: {', '.join(sorted(builder.info.splits))}"
+            )
+        source = builder.as_data_source(split=split)
+    else:
+        # Shares corpus's errors for an unprepared dataset or a missing split.
+        source = corpus._tfds_source(  # pylint: disable=protected-access
+            cfg.name, split, data_dir, cfg.input_key
+        )
+    length = len(source) if cfg.max_examples is None else min(len(source), cfg.max_examples)
+    if length == 0:
+        raise ValueError(f"dataset {cfg.name!r} split {split!r} has no examples")
+    return TaskExamples(source, cfg, split, length, label_names)
+
+
+def _pad(ids: Sequence[int], length: int) -> np.ndarray:
+    out = np.zeros(length, np.int32)  # pad id 0
+    out[: len(ids)] = ids
+    return out
+
+
+class TaskBatcher:
+    """batch(step) -> dict of arrays for one task: a pure function of (seed, step), sliced per process."""
+
+    def __init__(self, cfg: TaskConfig, examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
+                 seed: int, shuffle: bool = True):
+        self.cfg = cfg.resolved()
+        if len(examples) == 0:
+            raise ValueError("a task batcher needs at least one example")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.examples, self.tokenizer, self.seed, self.shuffle = examples, tokenizer, int(seed), shuffle
+        self.num_labels: Optional[int] = getattr(examples, "num_labels", None)
+        self._perms: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        """Batches that cover every example once (the last one partial in eval_batches)."""
+        return math.ceil(len(self.examples) / self.cfg.batch_size)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            n = len(self.examples)
+            rng = np.random.default_rng([self.seed, epoch, _PERMUTATION_SALT])
+            self._perms[epoch] = rng.permutation(n) if self.shuffle else np.arange(n)
+            while len(self._perms) > 2:
+                self._perms.popitem(last=False)
+        self._perms.move_to_end(epoch)
+        return self._perms[epoch]
+
+    def _local_range(self, step: int, process_index: int, process_count: int) -> range:
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+        if self.cfg.batch_size % process_count:
+            raise ValueError(
+                f"global batch size {self.cfg.batch_size} is not divisible by the process count "
+                f"{process_count}"
+            )
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        local = self.cfg.batch_size // process_count
+        first = step * self.cfg.batch_size + process_index * local
+        return range(first, first + local)
+
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+        """This process's share ([B / process_count, ...]) of the global training batch at `step`."""
+        n = len(self.examples)
+        rows = self._local_range(step, process_index, process_count)
+        indices = [int(self._permutation(r // n)[r % n]) for r in rows]
+        return self._rows(indices, [1.0] * len(indices))
+
+    def eval_batches(self, num_batches: Optional[int] = None, process_index: int = 0,
+                     process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """Examples in order, unshuffled; rows past the end repeat example i % n with all weights 0.
+
+        With the default num_batches (num_batches_per_epoch) every example is counted exactly once.
+        """
+        available = self.num_batches_per_epoch
+        num_batches = available if num_batches is None else num_batches
+        if not 0 <= num_batches <= available:
+            raise ValueError(
+                f"eval set holds {available} batches of {self.cfg.batch_size}, {num_batches} requested"
+            )
+        n = len(self.examples)
+        for step in range(num_batches):
+            rows = self._local_range(step, process_index, process_count)
+            yield self._rows([r % n for r in rows], [float(r < n) for r in rows])
+
+    def example_row(self, index: int) -> dict[str, np.ndarray]:
+        """The batch row of example `index` (weight 1), e.g. to check what a batch holds."""
+        return {k: v[0] for k, v in self._rows([index], [1.0]).items()}
+
+    def _rows(self, indices: list[int], weights: list[float]) -> dict[str, np.ndarray]:
+        cfg, tok = self.cfg, self.tokenizer
+        items = [self.examples[i] for i in indices]
+        inputs = tok.encode_batch([str(item[cfg.input_key]) for item in items])
+        if cfg.kind == "classification":
+            rows = [self._classification(ids, item[cfg.label_key]) for ids, item in zip(inputs, items)]
+        else:
+            targets = tok.encode_batch([str(item[cfg.target_key]) for item in items])
+            make = self._text2text if cfg.kind == "text2text" else self._completion
+            rows = [make(a, b) for a, b in zip(inputs, targets)]
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        w_B = np.asarray(weights, np.float32)
+        batch["example_weight"] = w_B
+        if "loss_weights" in batch:
+            batch["loss_weights"] = batch["loss_weights"] * w_B[:, None]
+        return batch
+
+    def _classification(self, ids: list[int], label: Any) -> dict[str, np.ndarray]:
+        L = self.cfg.max_input_len
+        label = int(label)
+        if self.num_labels is not None and not 0 <= label < self.num_labels:
+            raise ValueError(
+                f"label {label} of task {self.cfg.name!r} is outside [0, {self.num_labels}) "
+                "(an unlabelled test split?)"
+            )
+        seq = [self.tokenizer.bos_id] + ids[: L - 1]
+        real_L = (np.arange(L) < len(seq)).astype(np.int32)
+        return {
+            "inputs": _pad(seq, L),
+            "segment_ids": real_L,
+            "positions": np.arange(L, dtype=np.int32) * real_L,
+            "labels": np.int32(label),
+        }
+
+    def _text2text(self, source: list[int], target: list[int]) -> dict[str, np.ndarray]:
+        Le, Ld, eos = self.cfg.max_input_len, self.cfg.max_target_len, self.tokenizer.eos_id
+        enc = source[: Le - 1] + [eos]
+        dec = (target + [eos])[:Ld]
+        real_E = (np.arange(Le) < len(enc)).astype(np.int32)
+        real_D = (np.arange(Ld) < len(dec)).astype(np.int32)
+        return {
+            "encoder_inputs": _pad(enc, Le),
+            "encoder_segment_ids": real_E,
+            "encoder_positions": np.arange(Le, dtype=np.int32) * real_E,
+            "decoder_inputs": _pad([self.tokenizer.pad_id] + dec[:-1], Ld),
+            "targets": _pad(dec, Ld),
+            "loss_weights": real_D.astype(np.float32),
+            "decoder_segment_ids": real_D,
+            "decoder_positions": np.arange(Ld, dtype=np.int32) * real_D,
+        }
+
+    def _completion(self, prompt: list[int], completion: list[int]) -> dict[str, np.ndarray]:
+        L, tok = self.cfg.max_input_len, self.tokenizer
+        head = prompt + [tok.bos_id]
+        tail = completion + [tok.eos_id]
+        keep_tail = min(len(tail), max((L + 1) // 2, L + 1 - len(head)))
+        keep_head = min(len(head), L + 1 - keep_tail)
+        seq = head[len(head) - keep_head :] + tail[:keep_tail]
+        n = len(seq) - 1  # real input (and target) positions
+        idx_L = np.arange(L)
+        real_L = (idx_L < n).astype(np.int32)
+        return {
+            "inputs": _pad(seq[:-1], L),
+            "targets": _pad(seq[1:], L),
+            "loss_weights": ((idx_L >= keep_head - 1) & (idx_L < n)).astype(np.float32),
+            "segment_ids": real_L,
+            "positions": idx_L.astype(np.int32) * real_L,
+            "prompt_lengths": np.int32(keep_head),
+        }
