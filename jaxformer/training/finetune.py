@@ -91,7 +91,7 @@ class FinetuneTrainer(Trainer):
         self.tokenizer = Tokenizer.from_bytes(source["tokenizer"])
         train = load_task(cfg.task, cfg.task.train_split)
         evaluation = load_task(cfg.task, cfg.task.eval_split)
-        self.kind = train.kind
+        self.kind = cfg.task.resolved().kind
         needed = FAMILY_OF_KIND[self.kind]
         if cfg.model.family != needed:
             raise CheckpointError(
