@@ -55,6 +55,9 @@ class ModelConfig:
     """Token-type (segment A/B) embeddings for BERT; 0 disables them."""
     num_labels: int = 2
     """Classes of the pooled classification head (encoder-only)."""
+    pooling: str = "first"
+    """What the classifier reads: 'first' token through BERT's tanh pooler, or the 'mean' of
+    the real tokens' hidden states (learns faster from a briefly pretrained encoder)."""
     dropout_rate: float = 0.0
     sliding_window: Optional[int] = None
     attention_impl: str = "plain"
@@ -76,6 +79,7 @@ class ModelConfig:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _check_choice("remat", self.remat, ("none", "full", "dots_saveable"))
+        _check_choice("pooling", self.pooling, ("first", "mean"))
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "

@@ -71,7 +71,12 @@ class EncoderLM(nnx.Module):
 
     def classify(self, tokens_BxL: Array, *, attention_mask: Optional[Array] = None,
                  token_types: Optional[Array] = None) -> Array:
-        """Class logits [B, num_labels] from the pooled first token."""
+        """Class logits [B, num_labels] from the pooled sequence (see ModelConfig.pooling)."""
         hidden = self.encode(tokens_BxL, attention_mask=attention_mask, token_types=token_types)
-        pooled_BxD = jnp.tanh(self.pooler(hidden[:, 0]))
+        if self.config.pooling == "mean":
+            valid = (jnp.ones(tokens_BxL.shape) if attention_mask is None
+                     else attention_mask.astype(jnp.float32))[..., None]
+            pooled_BxD = (hidden * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0)
+        else:
+            pooled_BxD = jnp.tanh(self.pooler(hidden[:, 0]))
         return self.classifier(self.dropout(pooled_BxD)).astype(jnp.float32)

@@ -95,8 +95,8 @@ class FinetuneTrainer(Trainer):
         needed = FAMILY_OF_KIND[self.kind]
         if cfg.model.family != needed:
             raise CheckpointError(
-                f"task {cfg.task.name!r} ({self.kind}) needs a {needed} model, but the checkpoint "
-                f"in {cfg.finetune.from_dir} holds a {cfg.model.family} model")
+                f"task {cfg.task.name!r} ({self.kind}) needs a model of family {needed!r}, but "
+                f"the checkpoint in {cfg.finetune.from_dir} holds a {cfg.model.family!r} model")
         model_cfg = cfg.model
         if self.kind == "classification":
             model_cfg = dataclasses.replace(model_cfg, num_labels=train.num_labels)
