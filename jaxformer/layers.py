@@ -98,7 +98,11 @@ class Mlp(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head self- or cross-attention with GQA, optional RoPE and a choice of kernels."""
+    """Multi-head self- or cross-attention with GQA, optional RoPE and a choice of kernels.
+
+    `decode` is the incremental form for generation: it writes the new tokens' keys/values into a
+    functional K/V cache (a pair of arrays passed in and returned) and attends over it.
+    """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  use_bias: bool, scale_logits: bool = True, rope_theta: Optional[float] = None,
@@ -135,10 +139,7 @@ class Attention(nnx.Module):
                  kv_positions: Optional[Array] = None) -> Array:
         """Attends from x to the context (x itself when None) or to precomputed `kv`."""
         b, t, _ = x_BxTxD.shape
-        q_BxTxNxH = self.query(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
-        if self.rope_theta is not None:
-            q_BxTxNxH = positional.apply_rope(q_BxTxNxH, _positions(positions, b, t),
-                                              theta=self.rope_theta)
+        q_BxTxNxH = self._query(x_BxTxD, positions)
         if kv is None:
             source = x_BxTxD if context_BxSxD is None else context_BxSxD
             kv = self.project_kv(source, positions if context_BxSxD is None else kv_positions)
@@ -148,6 +149,43 @@ class Attention(nnx.Module):
             segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
             scale=self.scale, implementation=self.implementation)
         return self.out(out_BxTxNxH.reshape(b, t, self.num_heads * self.head_dim))
+
+    def decode(self, x_BxTxD: Array, cache: tuple[Array, Array], *, index: Array,
+               positions: Optional[Array] = None, mask: Optional[Array] = None,
+               bias: Optional[Array] = None,
+               sliding_window: Optional[int] = None) -> tuple[Array, tuple[Array, Array]]:
+        """Causal self-attention of T new tokens against a preallocated K/V cache.
+
+        `cache` is (keys, values), each [B, M, K, H]; the new tokens occupy slots index..index+T-1
+        (written with dynamic_update_slice) and query i sees the slots <= index + i, so slots not
+        yet written are masked out. `mask` ([B, 1, 1 or T, M]) can hide more slots, e.g. left
+        padding. Returns the output [B, T, D] and the updated cache.
+        """
+        b, t, _ = x_BxTxD.shape
+        k_cache, v_cache = cache
+        max_len = k_cache.shape[1]
+        if positions is None:
+            positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
+        k_new, v_new = self.project_kv(x_BxTxD, positions)
+        start = (0, index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
+        written = (attn_lib.causal_mask(t, max_len, offset=index) if sliding_window is None else
+                   attn_lib.sliding_window_mask(t, max_len, window=sliding_window, offset=index))
+        out_BxTxNxH = attn_lib.dot_product_attention(
+            self._query(x_BxTxD, positions), k_cache, v_cache, bias=bias,
+            mask=attn_lib.combine_masks(written, mask), scale=self.scale,
+            implementation="plain" if self.implementation == "cudnn" else self.implementation)
+        out = self.out(out_BxTxNxH.reshape(b, t, self.num_heads * self.head_dim))
+        return out, (k_cache, v_cache)
+
+    def _query(self, x_BxTxD: Array, positions: Optional[Array]) -> Array:
+        b, t, _ = x_BxTxD.shape
+        q_BxTxNxH = self.query(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
+        if self.rope_theta is not None:
+            q_BxTxNxH = positional.apply_rope(q_BxTxNxH, _positions(positions, b, t),
+                                              theta=self.rope_theta)
+        return q_BxTxNxH
 
 
 def _positions(positions: Optional[Array], batch: int, length: int) -> Array:

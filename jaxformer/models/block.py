@@ -103,6 +103,39 @@ class Block(nnx.Module):
                                lambda h: self.cross_attn(h, context_BxSxD, **(cross_kwargs or {})))
         return self._residual(x, self.mlp_norm, self.mlp)
 
+    def decode(self, x_BxTxD: Array, cache: dict, *, self_kwargs: dict,
+               cross_kwargs: Optional[dict] = None) -> tuple[Array, dict]:
+        """The block on T new tokens with a layer cache {k, v[, cross_k, cross_v]} (see init_cache)."""
+        new_cache = dict(cache)
+
+        def self_attend(h):
+            out, (new_cache["k"], new_cache["v"]) = self.self_attn.decode(
+                h, (cache["k"], cache["v"]), **self_kwargs)
+            return out
+
+        x = self._residual(x_BxTxD, self.self_attn_norm, self_attend)
+        if self.cross_attn is not None:
+            cross_kv = (cache["cross_k"], cache["cross_v"])
+            x = self._residual(x, self.cross_attn_norm,
+                               lambda h: self.cross_attn(h, kv=cross_kv, **(cross_kwargs or {})))
+        return self._residual(x, self.mlp_norm, self.mlp), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+    """One layer's empty self-attention cache: keys and values [B, length, K, H] of zeros."""
+    shape = (batch, length, cfg.kv_heads, cfg.dims_per_head)
+    return dict(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
+
+
+def decode_blocks(blocks: nnx.List, x_BxTxD: Array, caches: list[dict],
+                  **kwargs) -> tuple[Array, list[dict]]:
+    """Applies the blocks in order to new tokens, threading each layer's cache through."""
+    new_caches = []
+    for block, cache in zip(blocks, caches):
+        x_BxTxD, cache = block.decode(x_BxTxD, cache, **kwargs)
+        new_caches.append(cache)
+    return x_BxTxD, new_caches
+
 
 def make_blocks(cfg: ModelConfig, depth: int, *, cross_attention: bool = False,
                 rngs: nnx.Rngs) -> nnx.List:

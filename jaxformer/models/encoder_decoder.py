@@ -10,7 +10,8 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import layers
-from jaxformer.models.block import Embeddings, LmHead, make_blocks, make_norm, run_blocks
+from jaxformer.models.block import (Embeddings, LmHead, decode_blocks, init_cache, make_blocks,
+                                    make_norm, run_blocks)
 from jaxformer.models.config import ModelConfig
 
 Array = jax.Array
@@ -68,6 +69,31 @@ class EncoderDecoderLM(nnx.Module):
                        context_BxSxD=encoded_BxSxD, cross_kwargs=dict(mask=cross_mask))
         x = self.dropout(self.decoder_norm(x))
         return self.head(x, self.embed)
+
+    def init_cache(self, encoded_BxSxD: Array, length: int) -> list[dict]:
+        """Per decoder layer: an empty self-attention K/V cache of `length` slots, and the
+        cross-attention keys/values of the encoder output, projected once."""
+        caches = []
+        for block in self.decoder_blocks:
+            cross_k, cross_v = block.cross_attn.project_kv(encoded_BxSxD)
+            caches.append(dict(init_cache(self.config, encoded_BxSxD.shape[0], length),
+                               cross_k=cross_k, cross_v=cross_v))
+        return caches
+
+    def decode_step(self, decoder_tokens_BxT: Array, cache: list[dict], *, index: Array,
+                    encoder_mask: Optional[Array] = None) -> tuple[Array, list[dict]]:
+        """Logits [B, T, V] of T new decoder tokens at positions index..index+T-1, and the cache."""
+        b, t = decoder_tokens_BxT.shape
+        length = cache[0]["k"].shape[1]
+        positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
+        x = self.embed(decoder_tokens_BxT, positions)
+        self_kwargs = dict(index=index, positions=positions,
+                           bias=self._position_bias(self.decoder_bias, t, length, offset=index))
+        cross_mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
+        x, cache = decode_blocks(self.decoder_blocks, x, cache, self_kwargs=self_kwargs,
+                                 cross_kwargs=dict(mask=cross_mask, positions=positions))
+        x = self.dropout(self.decoder_norm(x))
+        return self.head(x, self.embed), cache
 
     def __call__(self, encoder_tokens_BxS: Array, decoder_tokens_BxT: Array, *,
                  encoder_mask: Optional[Array] = None,

@@ -1,0 +1,102 @@
+"""One decoding interface over both generating families: prefill the cache, then step one token.
+
+The cache is a functional pytree (a list with one dict per decoder layer: self-attention `k`, `v`
+[B, M, K, H] and, for encoder-decoders, the cross-attention `cross_k`, `cross_v` projected once
+from the encoder output), so a `jax.lax.while_loop` can carry it.
+
+Prompt layout. Prompts arrive right-padded, [B, P] with per-row `lengths`; decoder-only prompts are
+shifted to the right (left-padded) before prefill so that every row's next token goes to the same
+cache slot P + i. Each row keeps its own positions (row b's generated token i sits at position
+lengths[b] + i, so learned positions and RoPE are those of the unpadded prompt) and `kv_valid`
+hides its padding slots. Within a row, slot - position is constant, so the causal and sliding-
+window masks computed on slots are the ones on positions. For an encoder-decoder the prompt is the
+encoder input (padding hidden by the encoder mask) and decoding starts from `decoder_start_id`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+class Prefix(NamedTuple):
+    """What the prompt leaves for the decode loop."""
+
+    logits_BxV: Array
+    """Float32 logits of the first new token."""
+    cache: list
+    rows: dict
+    """Per-row arrays that every step needs (batch-leading, so they can be repeated for beams)."""
+    first_slot: int
+    """Cache slot of the first generated token; generated token i is fed at first_slot + i."""
+
+
+def family(model: nnx.Module) -> str:
+    """'decoder' or 'encoder_decoder'; anything else cannot generate."""
+    fam = getattr(getattr(model, "config", None), "family", None)
+    if fam not in ("decoder", "encoder_decoder") or not hasattr(model, "decode_step"):
+        raise ValueError(
+            f"generation needs a decoder-only or encoder-decoder model; got "
+            f"{type(model).__name__} (family {fam!r}), which has no autoregressive decoder")
+    return fam
+
+
+def left_align(tokens_BxP: Array, lengths_B: Array, pad_id: int) -> Array:
+    """Moves each right-padded row's first lengths[b] tokens to the end of the row."""
+    p = tokens_BxP.shape[1]
+    src_BxP = jnp.arange(p)[None, :] - (p - lengths_B)[:, None]
+    moved = jnp.take_along_axis(tokens_BxP, jnp.clip(src_BxP, 0, p - 1), axis=1)
+    return jnp.where(src_BxP >= 0, moved, pad_id)
+
+
+def prefill(model: nnx.Module, prompt_BxP: Array, lengths_B: Array, max_new_tokens: int, *,
+            pad_id: int, decoder_start_id: int) -> Prefix:
+    """Runs the prompt (decoder) or the encoder plus the start token (encoder-decoder)."""
+    b, p = prompt_BxP.shape
+    if family(model) == "decoder":
+        length = p + max_new_tokens - 1  # the last generated token is never fed back
+        shift_B = p - lengths_B
+        kv_valid_BxM = jnp.arange(length)[None, :] >= shift_B[:, None]
+        positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - shift_B[:, None], 0)
+        logits, cache = model.decode_step(
+            left_align(prompt_BxP, lengths_B, pad_id), model.init_cache(b, length), index=0,
+            positions=positions_BxP, kv_valid=kv_valid_BxM)
+        return Prefix(logits[:, -1].astype(jnp.float32), cache,
+                      dict(lengths=lengths_B, kv_valid=kv_valid_BxM), p)
+    encoder_mask_BxP = jnp.arange(p)[None, :] < lengths_B[:, None]
+    encoded = model.encode(prompt_BxP, encoder_mask=encoder_mask_BxP)
+    cache = model.init_cache(encoded, max_new_tokens)
+    start_Bx1 = jnp.full((b, 1), decoder_start_id, prompt_BxP.dtype)
+    logits, cache = model.decode_step(start_Bx1, cache, index=0, encoder_mask=encoder_mask_BxP)
+    return Prefix(logits[:, -1].astype(jnp.float32), cache, dict(encoder_mask=encoder_mask_BxP), 1)
+
+
+def step(model: nnx.Module, tokens_B: Array, cache: list, rows: dict, first_slot: int,
+         i: Array) -> tuple[Array, list]:
+    """Feeds generated token i of every row; returns the next logits [B, V] and the cache."""
+    index = first_slot + i
+    if "kv_valid" in rows:
+        logits, cache = model.decode_step(tokens_B[:, None], cache, index=index,
+                                          positions=(rows["lengths"] + i)[:, None],
+                                          kv_valid=rows["kv_valid"])
+    else:
+        logits, cache = model.decode_step(tokens_B[:, None], cache, index=index,
+                                          encoder_mask=rows["encoder_mask"])
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+def repeat_rows(tree, n: int):
+    """Repeats every batch-leading array n times along the batch (row b becomes rows b*n..b*n+n-1)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
+
+
+def reorder(cache: list, rows_R: Array) -> list:
+    """Gathers the self-attention cache rows (beam search); cross-attention K/V stay as they are,
+    being the same for every beam of a prompt."""
+    return [{name: (x[rows_R] if name in ("k", "v") else x) for name, x in layer.items()}
+            for layer in cache]

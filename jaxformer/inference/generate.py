@@ -1,0 +1,167 @@
+"""Autoregressive generation for decoder-only and encoder-decoder models: greedy, sampling, beam.
+
+The whole decode loop (prefill, then one cached step per token) is one compiled program: a
+`jax.lax.while_loop` that also stops early once every row has emitted EOS. See `cache.py` for the
+cache and the prompt layout, `beam.py` for the beam-search scoring convention.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxformer.inference import beam as beam_lib
+from jaxformer.inference import cache as cache_lib
+from jaxformer.inference import sampling
+
+Array = jax.Array
+METHODS = ("greedy", "sample", "beam")
+
+
+def generate(model: nnx.Module, prompt_tokens: Array, *, max_new_tokens: int,
+             prompt_lengths: Optional[Array] = None, method: str = "greedy",
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
+             length_penalty: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
+             decoder_start_id: int = 0, rng: Union[Array, int, None] = None,
+             return_scores: bool = False) -> Union[Array, tuple[Array, Array]]:
+    """Generated token ids [B, max_new_tokens] (with return_scores, also scores [B]).
+
+    prompt_tokens: [B, P] right-padded token ids: row b's prompt is prompt_tokens[b, :L_b] with
+      L_b = prompt_lengths[b] (all P when None). For a decoder-only model this is the text to
+      continue (L_b >= 1); for an encoder-decoder it is the encoder input, and decoding starts from
+      `decoder_start_id` (T5: 0 = pad).
+    method: 'greedy' (argmax), 'sample' (softmax of logits / temperature restricted to the top_k
+      tokens (0: all) and to the top_p nucleus; temperature 0 means greedy; needs `rng`) or 'beam'
+      (num_beams hypotheses, best one returned; see beam.py for the length_penalty convention).
+    eos_id: a row that emits it is finished: every later position holds pad_id.
+    Scores: the sum of the model's log-probabilities of the generated tokens up to and including
+      EOS (greedy/sample), or the best hypothesis' length-normalised score (beam).
+    """
+    seqs, scores = _run(model, prompt_tokens, max_new_tokens=max_new_tokens,
+                        prompt_lengths=prompt_lengths, method=method, temperature=temperature,
+                        top_k=top_k, top_p=top_p, num_beams=num_beams,
+                        length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
+                        decoder_start_id=decoder_start_id, rng=rng)
+    if method == "beam":
+        seqs, scores = seqs[:, 0], scores[:, 0]
+    return (seqs, scores) if return_scores else seqs
+
+
+def beam_search(model: nnx.Module, prompt_tokens: Array, *, max_new_tokens: int,
+                num_beams: int = 4, length_penalty: float = 1.0,
+                prompt_lengths: Optional[Array] = None, eos_id: Optional[int] = None,
+                pad_id: int = 0, decoder_start_id: int = 0) -> tuple[Array, Array]:
+    """All final hypotheses [B, num_beams, max_new_tokens], best first, and their scores."""
+    return _run(model, prompt_tokens, max_new_tokens=max_new_tokens,
+                prompt_lengths=prompt_lengths, method="beam", temperature=1.0, top_k=0, top_p=1.0,
+                num_beams=num_beams, length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
+                decoder_start_id=decoder_start_id, rng=None)
+
+
+def _run(model, prompt_tokens, *, max_new_tokens, prompt_lengths, method, temperature, top_k,
+         top_p, num_beams, length_penalty, eos_id, pad_id, decoder_start_id, rng):
+    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    lengths = _check(model, prompt_tokens, max_new_tokens, prompt_lengths, method, temperature,
+                     top_k, top_p, num_beams)
+    greedy = method == "greedy" or (method == "sample" and temperature == 0)
+    if method == "sample" and not greedy:
+        if rng is None:
+            raise ValueError("method='sample' needs rng= (a jax.random.key or an int seed)")
+        rng = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
+    else:
+        rng = jax.random.key(0)  # unused
+    options = dict(max_new_tokens=int(max_new_tokens), beam=method == "beam", greedy=greedy,
+                   top_k=int(top_k), top_p=float(top_p), num_beams=int(num_beams),
+                   length_penalty=float(length_penalty),
+                   eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id),
+                   decoder_start_id=int(decoder_start_id))
+    graphdef, state = nnx.split(model)
+    return _compiled(graphdef, state, prompt_tokens, lengths, rng,
+                     jnp.float32(temperature if temperature else 1.0), **options)
+
+
+def _check(model, prompt_tokens, max_new_tokens, prompt_lengths, method, temperature, top_k,
+           top_p, num_beams) -> Array:
+    """Raises a ValueError naming the problem; returns the prompt lengths [B] as int32."""
+    fam = cache_lib.family(model)
+    if method not in METHODS:
+        raise ValueError(f"unknown generation method {method!r}; valid: {', '.join(METHODS)}")
+    if prompt_tokens.ndim != 2:
+        raise ValueError(f"prompt_tokens must be [batch, length]; got shape {prompt_tokens.shape}")
+    b, p = prompt_tokens.shape
+    max_len = model.config.max_len
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if fam == "decoder" and p + max_new_tokens > max_len:
+        raise ValueError(f"prompt length {p} plus max_new_tokens {max_new_tokens} = "
+                         f"{p + max_new_tokens} exceeds the model's max_len {max_len}")
+    if fam == "encoder_decoder" and (p > max_len or max_new_tokens > max_len):
+        raise ValueError(f"encoder prompt length {p} and max_new_tokens {max_new_tokens} must "
+                         f"each be at most the model's max_len {max_len}")
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0 or num_beams < 1:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 and num_beams >= 1; "
+                         f"got temperature={temperature}, top_p={top_p}, top_k={top_k}, "
+                         f"num_beams={num_beams}")
+    if prompt_lengths is None:
+        return jnp.full((b,), p, jnp.int32)
+    if not isinstance(prompt_lengths, jax.core.Tracer):
+        lengths = np.asarray(prompt_lengths)
+        low = 1 if fam == "decoder" else 0
+        if lengths.shape != (b,) or lengths.min() < low or lengths.max() > p:
+            raise ValueError(f"prompt_lengths must be {b} integers in [{low}, {p}] (the padded "
+                             f"prompt width); got {lengths.tolist()}")
+    return jnp.asarray(prompt_lengths, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=(
+    "max_new_tokens", "beam", "greedy", "top_k", "top_p", "num_beams", "length_penalty", "eos_id",
+    "pad_id", "decoder_start_id"))
+def _compiled(graphdef, state, prompt_BxP, lengths_B, rng, temperature, *, max_new_tokens, beam,
+              greedy, top_k, top_p, num_beams, length_penalty, eos_id, pad_id, decoder_start_id):
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    prefix = cache_lib.prefill(model, prompt_BxP, lengths_B, max_new_tokens, pad_id=pad_id,
+                               decoder_start_id=decoder_start_id)
+    if beam:
+        return beam_lib.beam_loop(model, prefix, max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams, length_penalty=length_penalty,
+                                  eos_id=eos_id, pad_id=pad_id)
+    choose = functools.partial(sampling.next_token, greedy=greedy, temperature=temperature,
+                               top_k=top_k, top_p=top_p)
+    return _token_loop(model, prefix, rng, choose, max_new_tokens, eos_id, pad_id)
+
+
+def _token_loop(model, prefix: cache_lib.Prefix, rng, choose, n: int, eos_id, pad_id):
+    """Greedy or sampled decoding; returns tokens [B, n] and summed log-probabilities [B]."""
+    b = prefix.logits_BxV.shape[0]
+    carry = dict(i=jnp.int32(0), logits=prefix.logits_BxV, cache=prefix.cache, rng=rng,
+                 finished=jnp.zeros((b,), bool), scores=jnp.zeros((b,), jnp.float32),
+                 out=jnp.full((b, n), pad_id, jnp.int32))
+
+    def emit(c):
+        rng, key = jax.random.split(c["rng"])
+        tok_B = choose(c["logits"], key)
+        logp_B = jnp.take_along_axis(jax.nn.log_softmax(c["logits"], axis=-1), tok_B[:, None],
+                                     axis=1)[:, 0]
+        tok_B = jnp.where(c["finished"], pad_id, tok_B)
+        finished = c["finished"] if eos_id is None else c["finished"] | (tok_B == eos_id)
+        return dict(c, rng=rng, finished=finished,
+                    scores=c["scores"] + jnp.where(c["finished"], 0.0, logp_B),
+                    out=jax.lax.dynamic_update_index_in_dim(c["out"], tok_B, c["i"], axis=1)), tok_B
+
+    def body(c):
+        c, tok_B = emit(c)
+        logits, cache = cache_lib.step(model, tok_B, c["cache"], prefix.rows, prefix.first_slot,
+                                       c["i"])
+        return dict(c, i=c["i"] + 1, logits=logits, cache=cache)
+
+    def cond(c):
+        return (c["i"] < n - 1) & ~jnp.all(c["finished"])
+
+    final, _ = emit(jax.lax.while_loop(cond, body, carry))
+    return final["out"], final["scores"]
