@@ -80,9 +80,13 @@ def test_encoder_decoder_greedy_with_cache_equals_recompute():
         enc = encoder[row:row + 1, :length]
         ref, _ = greedy_by_recompute(lambda x: forward(model, enc, x), [0], 6)
         assert out[row].tolist() == ref, f"row {row}"
-    # Padding the encoder input further changes nothing.
+    # Padding the encoder input further, or on the left with an encoder_mask, changes nothing
+    # (T5's relative positions do not see the shift).
     wider = jnp.pad(encoder, ((0, 0), (0, 3)))
     assert generate(model, wider, prompt_lengths=lengths, max_new_tokens=6).tolist() == out.tolist()
+    left = jnp.stack([jnp.roll(wider[r], 12 - n) for r, n in enumerate(lengths)])
+    left_mask = jnp.arange(12)[None, :] >= (12 - lengths)[:, None]
+    assert generate(model, left, encoder_mask=left_mask, max_new_tokens=6).tolist() == out.tolist()
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "t5-tiny"])
@@ -201,3 +205,6 @@ def test_clear_errors():
         generate(model, jnp.ones((1, 4), jnp.int32), max_new_tokens=2, method="sample")
     with pytest.raises(ValueError, match="prompt_lengths"):
         generate(model, jnp.ones((2, 4), jnp.int32), max_new_tokens=2, prompt_lengths=[0, 4])
+    with pytest.raises(ValueError, match="encoder_mask is for encoder-decoder"):
+        generate(model, jnp.ones((2, 4), jnp.int32), max_new_tokens=2,
+                 encoder_mask=jnp.ones((2, 4), bool))

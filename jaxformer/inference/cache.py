@@ -10,7 +10,8 @@ cache slot P + i. Each row keeps its own positions (row b's generated token i si
 lengths[b] + i, so learned positions and RoPE are those of the unpadded prompt) and `kv_valid`
 hides its padding slots. Within a row, slot - position is constant, so the causal and sliding-
 window masks computed on slots are the ones on positions. For an encoder-decoder the prompt is the
-encoder input (padding hidden by the encoder mask) and decoding starts from `decoder_start_id`.
+encoder input (padding, anywhere, hidden by the encoder mask) and decoding starts from
+`decoder_start_id`.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def left_align(tokens_BxP: Array, lengths_B: Array, pad_id: int) -> Array:
     return jnp.where(src_BxP >= 0, moved, pad_id)
 
 
-def prefill(model: nnx.Module, prompt_BxP: Array, lengths_B: Array, max_new_tokens: int, *,
-            pad_id: int, decoder_start_id: int) -> Prefix:
-    """Runs the prompt (decoder) or the encoder plus the start token (encoder-decoder)."""
+def prefill(model: nnx.Module, prompt_BxP: Array, lengths_B: Array, encoder_mask_BxP: Array,
+            max_new_tokens: int, *, pad_id: int, decoder_start_id: int) -> Prefix:
+    """Runs the prompt (decoder: right-padded rows of `lengths_B` tokens) or the encoder on it
+    (encoder-decoder: real tokens where `encoder_mask_BxP`) plus the start token."""
     b, p = prompt_BxP.shape
     if family(model) == "decoder":
         length = p + max_new_tokens - 1  # the last generated token is never fed back
@@ -68,7 +70,6 @@ def prefill(model: nnx.Module, prompt_BxP: Array, lengths_B: Array, max_new_toke
             positions=positions_BxP, kv_valid=kv_valid_BxM)
         return Prefix(logits[:, -1].astype(jnp.float32), cache,
                       dict(lengths=lengths_B, kv_valid=kv_valid_BxM), p)
-    encoder_mask_BxP = jnp.arange(p)[None, :] < lengths_B[:, None]
     encoded = model.encode(prompt_BxP, encoder_mask=encoder_mask_BxP)
     cache = model.init_cache(encoded, max_new_tokens)
     start_Bx1 = jnp.full((b, 1), decoder_start_id, prompt_BxP.dtype)
@@ -91,7 +92,7 @@ def step(model: nnx.Module, tokens_B: Array, cache: list, rows: dict, first_slot
 
 
 def repeat_rows(tree, n: int):
-    """Repeats every batch-leading array n times along the batch (row b becomes rows b*n..b*n+n-1)."""
+    """Repeats every batch-leading array n times (row b becomes rows b*n .. b*n+n-1)."""
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
 
 

@@ -24,7 +24,8 @@ METHODS = ("greedy", "sample", "beam")
 
 
 def generate(model: nnx.Module, prompt_tokens: Array, *, max_new_tokens: int,
-             prompt_lengths: Optional[Array] = None, method: str = "greedy",
+             prompt_lengths: Optional[Array] = None, encoder_mask: Optional[Array] = None,
+             method: str = "greedy",
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
              length_penalty: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
              decoder_start_id: int = 0, rng: Union[Array, int, None] = None,
@@ -34,7 +35,8 @@ def generate(model: nnx.Module, prompt_tokens: Array, *, max_new_tokens: int,
     prompt_tokens: [B, P] right-padded token ids: row b's prompt is prompt_tokens[b, :L_b] with
       L_b = prompt_lengths[b] (all P when None). For a decoder-only model this is the text to
       continue (L_b >= 1); for an encoder-decoder it is the encoder input, and decoding starts from
-      `decoder_start_id` (T5: 0 = pad).
+      `decoder_start_id` (T5: 0 = pad); its padding may instead be given as `encoder_mask`
+      [B, P] (True = real token, any layout), as in the model's own call.
     method: 'greedy' (argmax), 'sample' (softmax of logits / temperature restricted to the top_k
       tokens (0: all) and to the top_p nucleus; temperature 0 means greedy; needs `rng`) or 'beam'
       (num_beams hypotheses, best one returned; see beam.py for the length_penalty convention).
@@ -43,7 +45,8 @@ def generate(model: nnx.Module, prompt_tokens: Array, *, max_new_tokens: int,
       EOS (greedy/sample), or the best hypothesis' length-normalised score (beam).
     """
     seqs, scores = _run(model, prompt_tokens, max_new_tokens=max_new_tokens,
-                        prompt_lengths=prompt_lengths, method=method, temperature=temperature,
+                        prompt_lengths=prompt_lengths, encoder_mask=encoder_mask,
+                        method=method, temperature=temperature,
                         top_k=top_k, top_p=top_p, num_beams=num_beams,
                         length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
                         decoder_start_id=decoder_start_id, rng=rng)
@@ -54,20 +57,29 @@ def generate(model: nnx.Module, prompt_tokens: Array, *, max_new_tokens: int,
 
 def beam_search(model: nnx.Module, prompt_tokens: Array, *, max_new_tokens: int,
                 num_beams: int = 4, length_penalty: float = 1.0,
-                prompt_lengths: Optional[Array] = None, eos_id: Optional[int] = None,
-                pad_id: int = 0, decoder_start_id: int = 0) -> tuple[Array, Array]:
+                prompt_lengths: Optional[Array] = None, encoder_mask: Optional[Array] = None,
+                eos_id: Optional[int] = None, pad_id: int = 0,
+                decoder_start_id: int = 0) -> tuple[Array, Array]:
     """All final hypotheses [B, num_beams, max_new_tokens], best first, and their scores."""
     return _run(model, prompt_tokens, max_new_tokens=max_new_tokens,
-                prompt_lengths=prompt_lengths, method="beam", temperature=1.0, top_k=0, top_p=1.0,
-                num_beams=num_beams, length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
+                prompt_lengths=prompt_lengths, encoder_mask=encoder_mask, method="beam",
+                temperature=1.0, top_k=0, top_p=1.0, num_beams=num_beams, length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
                 decoder_start_id=decoder_start_id, rng=None)
 
 
-def _run(model, prompt_tokens, *, max_new_tokens, prompt_lengths, method, temperature, top_k,
-         top_p, num_beams, length_penalty, eos_id, pad_id, decoder_start_id, rng):
+def _run(model, prompt_tokens, *, max_new_tokens, prompt_lengths, encoder_mask, method,
+         temperature, top_k, top_p, num_beams, length_penalty, eos_id, pad_id, decoder_start_id,
+         rng):
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     lengths = _check(model, prompt_tokens, max_new_tokens, prompt_lengths, method, temperature,
                      top_k, top_p, num_beams)
+    if encoder_mask is None:
+        encoder_mask = jnp.arange(prompt_tokens.shape[1])[None, :] < lengths[:, None]
+    elif model.config.family != "encoder_decoder" or prompt_lengths is not None:
+        raise ValueError("encoder_mask is for encoder-decoder models, instead of prompt_lengths")
+    elif jnp.shape(encoder_mask) != prompt_tokens.shape:
+        raise ValueError(f"encoder_mask {jnp.shape(encoder_mask)} must have the prompt's shape "
+                         f"{prompt_tokens.shape}")
     greedy = method == "greedy" or (method == "sample" and temperature == 0)
     if method == "sample" and not greedy:
         if rng is None:
@@ -81,8 +93,8 @@ def _run(model, prompt_tokens, *, max_new_tokens, prompt_lengths, method, temper
                    eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id),
                    decoder_start_id=int(decoder_start_id))
     graphdef, state = nnx.split(model)
-    return _compiled(graphdef, state, prompt_tokens, lengths, rng,
-                     jnp.float32(temperature if temperature else 1.0), **options)
+    return _compiled(graphdef, state, prompt_tokens, lengths, jnp.asarray(encoder_mask, bool),
+                     rng, jnp.float32(temperature if temperature else 1.0), **options)
 
 
 def _check(model, prompt_tokens, max_new_tokens, prompt_lengths, method, temperature, top_k,
@@ -121,12 +133,12 @@ def _check(model, prompt_tokens, max_new_tokens, prompt_lengths, method, tempera
 @functools.partial(jax.jit, static_argnums=0, static_argnames=(
     "max_new_tokens", "beam", "greedy", "top_k", "top_p", "num_beams", "length_penalty", "eos_id",
     "pad_id", "decoder_start_id"))
-def _compiled(graphdef, state, prompt_BxP, lengths_B, rng, temperature, *, max_new_tokens, beam,
-              greedy, top_k, top_p, num_beams, length_penalty, eos_id, pad_id, decoder_start_id):
+def _compiled(graphdef, state, prompt_BxP, lengths_B, mask_BxP, rng, temperature, *,
+              max_new_tokens, beam, greedy, top_k, top_p, num_beams, length_penalty, eos_id, pad_id, decoder_start_id):
     model = nnx.merge(graphdef, state)
     model.eval()
-    prefix = cache_lib.prefill(model, prompt_BxP, lengths_B, max_new_tokens, pad_id=pad_id,
-                               decoder_start_id=decoder_start_id)
+    prefix = cache_lib.prefill(model, prompt_BxP, lengths_B, mask_BxP, max_new_tokens,
+                               pad_id=pad_id, decoder_start_id=decoder_start_id)
     if beam:
         return beam_lib.beam_loop(model, prefix, max_new_tokens=max_new_tokens,
                                   num_beams=num_beams, length_penalty=length_penalty,

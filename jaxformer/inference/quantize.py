@@ -93,7 +93,8 @@ def quantize_model(model: nnx.Module, *, embeddings: bool = True) -> nnx.Module:
     swaps = []
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.List):
-            swaps += [(node, i, child) for i, child in enumerate(node) if isinstance(child, targets)]
+            swaps += [(node, i, child) for i, child in enumerate(node)
+                      if isinstance(child, targets)]
         elif isinstance(node, nnx.Module):
             swaps += [(node, name, child) for name, child in vars(node).items()
                       if isinstance(child, targets)]
