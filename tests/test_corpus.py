@@ -10,7 +10,6 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_fixtures import stdlib_data_dir  # noqa: F401  (session fixture)
 from jaxformer.data import corpus
 
 

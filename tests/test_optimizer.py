@@ -214,3 +214,11 @@ def test_nnx_optimizer_update_runs(name):
     assert losses[-1] < losses[0]
     after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     assert not np.allclose(after["out"]["kernel"], before["out"]["kernel"])
+
+
+@pytest.mark.parametrize("schedule", ["warmup_cosine", "warmup_linear", "constant"])
+def test_a_run_that_is_all_warmup_reaches_the_peak(schedule):
+    cfg = OptimizerConfig(schedule=schedule, learning_rate=1e-3, warmup_steps=10)
+    lr = make_schedule(cfg, total_steps=10)
+    assert float(lr(0)) == 0.0
+    assert float(lr(10)) == pytest.approx(1e-3)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_fixtures import stdlib_data_dir, stdlib_tokenizer  # noqa: F401  (session fixtures)
 from jaxformer.data import corpus, task_builders, tasks
 from jaxformer.data.task_builders import extract_functions
 from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task

@@ -6,7 +6,7 @@ import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_fixtures import TEST_VOCAB, stdlib_data_dir, stdlib_tokenizer  # noqa: F401  (fixtures)
+from data_fixtures import TEST_VOCAB
 from jaxformer.data import corpus
 from jaxformer.data import tokenizer as tok_lib
 from jaxformer.data.tokenizer import Tokenizer, tokenize_documents, train_tokenizer

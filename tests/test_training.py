@@ -11,7 +11,6 @@ import optax
 import pytest
 from flax import nnx
 
-from data_fixtures import stdlib_data_dir, stdlib_tokenizer  # noqa: F401  (session fixtures)
 from jaxformer import models
 from jaxformer import sharding as shard_lib
 from jaxformer.training.checkpoint import Checkpointer
@@ -26,7 +25,7 @@ TINY = ["model.preset=gpt-tiny", "data.seq_len=32", "data.batch_size=8", "train.
 
 
 @pytest.fixture
-def tiny_overrides(stdlib_data_dir, stdlib_tokenizer, tmp_path):  # noqa: F811
+def tiny_overrides(stdlib_data_dir, stdlib_tokenizer, tmp_path):
     tokenizer_path = os.path.join(tmp_path, "shared.model")
     stdlib_tokenizer.save(tokenizer_path)
     return TINY + [f"data.data_dir={stdlib_data_dir}", f"data.tokenizer_path={tokenizer_path}",
@@ -187,7 +186,7 @@ def test_run_dir_of_another_model_is_refused_and_left_intact(tiny_overrides, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt_tiny", "bert_tiny", "t5_tiny"])
-def test_shipped_tiny_configs_train_with_falling_loss(name, stdlib_data_dir, tmp_path):  # noqa: F811
+def test_shipped_tiny_configs_train_with_falling_loss(name, stdlib_data_dir, tmp_path):
     config = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")
     run_dir = str(tmp_path / name)
     overrides = [f"data.data_dir={stdlib_data_dir}", f"run.dir={run_dir}", "train.steps=40",

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 
 from jaxformer import models
-from jaxformer import sharding as shard_lib
 from jaxformer.config import ConfigError, load_config
 from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task
 from jaxformer.data.tokenizer import Tokenizer

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -18,9 +16,9 @@ from jaxformer import models
 from jaxformer import sharding as shard_lib
 from jaxformer.config import dump_config, save_config
 from jaxformer.data.pipeline import Batcher, make_batcher
-from jaxformer.data.prepare import PreparedData, prepare_data
+from jaxformer.data.prepare import prepare_data
 from jaxformer.training import metrics as metrics_lib
-from jaxformer.training.checkpoint import Checkpointer, CheckpointError
+from jaxformer.training.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from jaxformer.training.config import ExperimentConfig, experiment_from_dict
 from jaxformer.training.optimizer import make_optimizer, make_schedule
 from jaxformer.training.step import make_eval_step, make_train_step
@@ -56,11 +54,11 @@ class Trainer:
         self.mesh = shard_lib.make_mesh(cfg.mesh)
         self._check_batch_size(self.batch_size_of(cfg), cfg.optimizer.grad_accum_steps)
         self.run_dir = os.path.abspath(cfg.run.dir)
-        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save,
-                                         create=not read_only)
-        has_checkpoint = self.checkpointer.latest_step is not None
-        meta = self.checkpointer.read_meta(step) if (has_checkpoint or read_only) else None
+        meta = None
+        if read_only or os.path.isdir(checkpoint_dir(self.run_dir)):
+            existing = Checkpointer(self.run_dir, create=False)
+            if read_only or existing.latest_step is not None:
+                meta = existing.read_meta(step)
         self.cfg = cfg = self.prepare(cfg, meta)
         if meta is not None:
             mismatch = _model_mismatch(meta["config"]["model"], cfg.model)
@@ -68,6 +66,10 @@ class Trainer:
                 raise CheckpointError(
                     f"{self.run_dir} holds a checkpoint of a different model ("
                     + "; ".join(mismatch[:4]) + "); use another run.dir or move that one away")
+        # Only now, with the input checked, may the run directory be created or written.
+        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep,
+                                         async_save=cfg.checkpoint.async_save,
+                                         create=not read_only)
         if not read_only:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
@@ -254,29 +256,3 @@ def load_run_config(run_dir: str, step: Optional[int] = None) -> tuple[Experimen
     """The resolved config and checkpoint metadata stored in a run's checkpoint."""
     meta = Checkpointer(run_dir, create=False).read_meta(step)
     return experiment_from_dict(meta["config"]), meta
-
-
-def greedy_continue(model: nnx.Module, prompt_ids: list[int], num_tokens: int,
-                    eos_id: int) -> list[int]:
-    """Greedy continuation by full recomputation in a fixed-size buffer (one compilation)."""
-    max_len = model.config.max_len
-    if len(prompt_ids) >= max_len:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_len={max_len}")
-    buffer = np.zeros((1, max_len), np.int32)
-    buffer[0, :len(prompt_ids)] = prompt_ids
-
-    @nnx.jit
-    def next_token(model, tokens, position):
-        logits = model(tokens)
-        return jnp.argmax(logits[0, position - 1])
-
-    model.eval()
-    out, length = [], len(prompt_ids)
-    while len(out) < num_tokens and length < max_len:
-        token = int(next_token(model, jnp.asarray(buffer), length))
-        if token == eos_id:
-            break
-        buffer[0, length] = token
-        out.append(token)
-        length += 1
-    return out

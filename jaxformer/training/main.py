@@ -53,10 +53,6 @@ def _report(trainer, result: dict, seconds: float) -> None:
               f"vs unigram model {val.get('unigram_loss', float('nan')):.4f} nats/token")
     prompt = trainer.cfg.train.sample_prompt
     if prompt and trainer.cfg.model.family == "decoder":
-        from flax import nnx
-        from jaxformer.training.loop import greedy_continue
-        model, _ = nnx.merge(trainer.graphdef, trainer.state)
-        tok = trainer.tokenizer
-        ids = greedy_continue(model, tok.encode(prompt), trainer.cfg.train.sample_tokens,
-                              tok.eos_id)
-        print(f"[sample] greedy continuation of {prompt!r}:\n{prompt}{tok.decode(ids)}")
+        from jaxformer.training.evaluate import generate_text
+        text = generate_text(trainer, prompt, trainer.cfg.train.sample_tokens)
+        print(f"[sample] greedy continuation of {prompt!r}:\n{prompt}{text}")

@@ -78,8 +78,10 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
         # The run would end before the peak learning rate: almost always a config mistake.
         raise ValueError(f"warmup_steps={warmup} is longer than the run ({total_steps} steps)")
     if cfg.schedule == "warmup_cosine":
-        # optax counts decay_steps from step 0, warmup included.
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, 1), end)
+        # optax counts decay_steps from step 0, warmup included, and needs a cosine part of at
+        # least one step even when the whole run is warmup.
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup,
+                                                  max(total_steps, warmup + 1), end)
     if cfg.schedule == "warmup_linear":
         decay = optax.linear_schedule(peak, end, max(total_steps - warmup, 1))
         return optax.join_schedules([_warmup(peak, warmup), decay], [warmup])
