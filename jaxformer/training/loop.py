@@ -238,6 +238,9 @@ class Trainer:
         if pending is not None:
             flush(pending)
         bar.close()
+        if self.start_step >= stop:  # a finished run rerun: report where it stands
+            self.log(f"[resume] {self.run_dir} is already at step {self.start_step}")
+            last_eval = self.evaluate()
         self.checkpointer.wait()
         return dict(train=last_train, validation=last_eval, steps=stop)
 
