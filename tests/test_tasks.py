@@ -67,7 +67,7 @@ def task_data_dir(stdlib_data_dir):
 def _split(data_dir, name, split):
     """All rows of a split, texts as str and labels as int."""
     rows = _all(task_builders.build_task_dataset(name, data_dir).as_data_source(split=split))
-    return [{k: tasks._python_value(v) for k, v in r.items()} for r in rows]
+    return [{k: corpus.python_value(v) for k, v in r.items()} for r in rows]
 
 
 def test_extract_functions_on_a_hand_written_source():

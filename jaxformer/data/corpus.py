@@ -67,14 +67,14 @@ def _python_version() -> str:
     return ".".join(str(v) for v in sys.version_info[:3])
 
 
-class StdlibCode(tfds.core.GeneratorBasedBuilder):
-    """The running interpreter's standard-library Python source, one document per file."""
+class StdlibBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the offline builders over the interpreter's standard library (array_record)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
 
-    # tfds's default code_path lookup needs the undeclared `importlib_resources` package for
-    # builders outside tensorflow_datasets; this file's own path is all it is used for.
+    # tfds's default code_path lookup needs `importlib_resources` for builders outside
+    # tensorflow_datasets; this package's own folder is all it is used for.
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
@@ -82,8 +82,12 @@ class StdlibCode(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, data_dir: str | None = None, **kwargs: Any):
         kwargs.setdefault("file_format", "array_record")
-        self._files = stdlib_files()
+        self._files = tuple(stdlib_files())
         super().__init__(data_dir=data_dir, **kwargs)
+
+
+class StdlibCode(StdlibBuilder):
+    """The running interpreter's standard-library Python source, one document per file."""
 
     def _info(self) -> tfds.core.DatasetInfo:
         metadata = tfds.core.MetadataDict(
@@ -134,13 +138,23 @@ def build_stdlib_corpus(data_dir: str = "") -> StdlibCode:
     return builder
 
 
-class TextSequence(Sequence[str]):
-    """A random-access view of one text feature of a TFDS data source, as str."""
+def python_value(value: Any) -> Any:
+    """A TFDS feature value as plain Python: numpy scalars unwrapped, bytes decoded as UTF-8."""
+    if hasattr(value, "item"):  # numpy scalar or 0-d array
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
-    def __init__(self, source: Sequence[Any], text_key: str, length: int):
-        self._source = source
-        self._text_key = text_key
-        self._length = length
+
+class RandomAccessView(Sequence):
+    """The first `length` records of a data source, indexable (negative indices and slices too).
+
+    Subclasses say what one record becomes in `_convert`.
+    """
+
+    item_name = "record"
+
+    def __init__(self, source: Sequence[Any], length: int):
+        self._source, self._length = source, length
 
     def __len__(self) -> int:
         return self._length
@@ -151,11 +165,25 @@ class TextSequence(Sequence[str]):
         if index < 0:
             index += self._length
         if not 0 <= index < self._length:
-            raise IndexError(f"document index {index} out of range for {self._length} documents")
-        value = self._source[index][self._text_key]
-        if hasattr(value, "item"):  # numpy scalar
-            value = value.item()
-        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            raise IndexError(f"{self.item_name} index {index} out of range for {self._length} "
+                             f"{self.item_name}s")
+        return self._convert(self._source[index])
+
+    def _convert(self, record: Any) -> Any:
+        return record
+
+
+class TextSequence(RandomAccessView):
+    """A random-access view of one text feature of a TFDS data source, as str."""
+
+    item_name = "document"
+
+    def __init__(self, source: Sequence[Any], text_key: str, length: int):
+        super().__init__(source, length)
+        self._text_key = text_key
+
+    def _convert(self, record: Any) -> str:
+        return str(python_value(record[self._text_key]))
 
 
 def _stdlib_source(split: str, data_dir: str) -> Sequence[Any]:

@@ -23,7 +23,6 @@ import warnings
 from typing import Any, Iterator
 
 import tensorflow_datasets as tfds
-from etils import epath
 
 from jaxformer.data import corpus
 
@@ -159,23 +158,10 @@ def package_chunks(files: tuple[str, ...]) -> tuple[list[str], dict[str, list[tu
     return names, selected
 
 
-class _StdlibTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _StdlibTaskBuilder(corpus.StdlibBuilder, skip_registration=True):
     """Shared parts: offline array_record build from stdlib files, split by corpus.split_of."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     DESCRIPTION = ""
-
-    # See corpus.StdlibCode: tfds's default lookup needs the undeclared importlib_resources package.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
-
-    def __init__(self, *, data_dir: str | None = None, **kwargs: Any):
-        kwargs.setdefault("file_format", "array_record")
-        self._files = tuple(corpus.stdlib_files())
-        super().__init__(data_dir=data_dir, **kwargs)
 
     def _features(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -107,18 +107,15 @@ class TaskConfig:
         )
 
 
-def _python_value(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy scalar or 0-d array
-        value = value.item()
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-class TaskExamples(Sequence[dict]):
+class TaskExamples(corpus.RandomAccessView):
     """Random-access examples of one split: dicts of the task's keys (str texts, int labels)."""
+
+    item_name = "example"
 
     def __init__(self, source: Sequence[Any], cfg: TaskConfig, split: str, length: int,
                  label_names: Optional[list[str]] = None):
-        self._source, self.cfg, self.split, self._length = source, cfg, split, length
+        super().__init__(source, length)
+        self.cfg, self.split = cfg, split
         self.keys = tuple(k for k in (cfg.input_key, cfg.target_key, cfg.label_key) if k)
         self.label_names = label_names
 
@@ -127,18 +124,8 @@ class TaskExamples(Sequence[dict]):
         """Number of classes (classification), else None."""
         return None if self.label_names is None else len(self.label_names)
 
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self._length))]
-        if index < 0:
-            index += self._length
-        if not 0 <= index < self._length:
-            raise IndexError(f"example index {index} out of range for {self._length} examples")
-        row = self._source[index]
-        return {k: _python_value(row[k]) for k in self.keys}
+    def _convert(self, record: Any) -> dict:
+        return {k: corpus.python_value(record[k]) for k in self.keys}
 
 
 def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
