@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: `python eval.py RUN_DIR [--step N] [--split validation] [--out report.json] [--plot] [--generate PROMPT]`."""
+"""Evaluate a checkpoint: `python eval.py RUN_DIR [--step N] [--split validation] [--out report.json] [--plot] [--generate PROMPT] [--int8]`."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="write RUN_DIR/curves.png from metrics.jsonl")
     parser.add_argument("--generate", default=None, metavar="PROMPT",
                         help="generate a continuation (decoder) or output (encoder-decoder)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also evaluate with int8 weights and report weight memory")
     args = parser.parse_args(argv)
 
     from jaxformer.training.evaluate import run_eval
     return run_eval(args.run_dir, args.step, args.split, args.out, args.plot, args.generate,
-                    args.batches)
+                    args.batches, args.int8)
 
 
 if __name__ == "__main__":

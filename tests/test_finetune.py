@@ -124,9 +124,12 @@ def test_each_family_beats_chance_on_its_task(family, pretrained, stdlib_data_di
 def test_eval_of_a_pretraining_run_reports_and_generates(pretrained, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert run_eval(pretrained["decoder"], None, None, str(out), plot=False,
-                    prompt="def add(a, b):") == 0
+                    prompt="def add(a, b):", int8=True) == 0
     report = json.loads(out.read_text())
     assert {"loss", "perplexity", "bits_per_byte"} <= set(report["metrics"])
+    int8 = report["int8"]
+    assert abs(int8["loss"] - report["metrics"]["loss"]) < 0.02, (int8, report["metrics"])
+    assert int8["weight_bytes_int8"] < 0.3 * int8["weight_bytes_float"]
     assert report["samples"][0]["prompt"] == "def add(a, b):"
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "def add(a, b):" in printed

@@ -64,6 +64,26 @@ def generate_text(trainer, prompt: str, max_new_tokens: int = 48) -> str:
     return tok.decode(row)
 
 
+def evaluate_int8(trainer, num_batches: Optional[int] = None) -> dict[str, float]:
+    """The same evaluation with int8 weights, plus weight bytes before and after."""
+    from flax import nnx
+    from jaxformer.inference import param_bytes, quantize_model
+    from jaxformer.training.step import make_eval_step
+
+    model, _ = nnx.merge(trainer.graphdef, trainer.state)
+    quantized = quantize_model(model)
+    graphdef, state = nnx.split((quantized, None))
+    float_step, float_state = trainer.eval_step, trainer.state
+    trainer.eval_step, trainer.state = make_eval_step(graphdef), state
+    try:
+        metrics = trainer.evaluate(num_batches)
+    finally:
+        trainer.eval_step, trainer.state = float_step, float_state
+    metrics.update(weight_bytes_float=float(param_bytes(model)),
+                   weight_bytes_int8=float(param_bytes(quantized)))
+    return metrics
+
+
 def plot_curves(run_dir: str, path: str) -> str:
     """Writes a PNG of the training and validation loss curves from metrics.jsonl."""
     import matplotlib
@@ -90,10 +110,9 @@ def plot_curves(run_dir: str, path: str) -> str:
     return path
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """A two-column terminal table of the numeric results."""
-    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-            for k, v in report["metrics"].items()]
+def format_table(metrics: dict[str, Any]) -> str:
+    """A two-column terminal table of numeric results."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
     width = max(len(k) for k, _ in rows) if rows else 10
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
@@ -101,7 +120,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def run_eval(run_dir: str, step: Optional[int], split: Optional[str], out: Optional[str],
-             plot: bool, prompt: Optional[str], num_batches: Optional[int] = None) -> int:
+             plot: bool, prompt: Optional[str], num_batches: Optional[int] = None,
+             int8: bool = False) -> int:
     """Evaluates and reports; 0 on success, 2 with one clear message on bad input."""
     errors = (CheckpointError, ConfigError, ValueError, FileNotFoundError)
     try:
@@ -109,6 +129,8 @@ def run_eval(run_dir: str, step: Optional[int], split: Optional[str], out: Optio
         report: dict[str, Any] = dict(run_dir=os.path.abspath(run_dir),
                                       step=trainer.start_step, family=trainer.cfg.model.family)
         report["metrics"] = trainer.evaluate(num_batches)
+        if int8:
+            report["int8"] = evaluate_int8(trainer, num_batches)
         samples = []
         if prompt is not None:
             samples.append(dict(prompt=prompt, output=generate_text(trainer, prompt)))
@@ -123,7 +145,10 @@ def run_eval(run_dir: str, step: Optional[int], split: Optional[str], out: Optio
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{report['run_dir']} at step {report['step']} ({report['family']})")
-    print(format_table(report))
+    print(format_table(report["metrics"]))
+    if "int8" in report:
+        print("\nwith int8 weights:")
+        print(format_table(report["int8"]))
     for sample in report["samples"]:
         print(f"\n--- {sample['prompt']!r}\n{sample['prompt']}{sample['output']}")
     if "plot" in report:
