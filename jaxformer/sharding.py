@@ -45,7 +45,8 @@ class MeshConfig:
     rules: tuple[tuple[str, Optional[str]], ...] = DEFAULT_RULES
     """Ordered (logical axis, mesh axis or None) pairs."""
     distributed: str = "auto"
-    """'auto' (initialise jax.distributed when the environment says multi-host), 'on' or 'off'."""
+    """'auto' (initialise jax.distributed when the environment says multi-host), 'always' or
+    'never' (not on/off: YAML reads those as booleans)."""
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1
@@ -55,8 +56,9 @@ class MeshConfig:
             raise ValueError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {self.shape}")
         if list(self.shape).count(-1) > 1 or any(s == 0 or s < -1 for s in self.shape):
             raise ValueError(f"mesh.shape={self.shape}: sizes must be positive, at most one -1")
-        if self.distributed not in ("auto", "on", "off"):
-            raise ValueError(f"mesh.distributed={self.distributed!r} is not one of auto, on, off")
+        if self.distributed not in ("auto", "always", "never"):
+            raise ValueError(f"mesh.distributed={self.distributed!r} is not one of auto, always, "
+                             "never")
         for rule in self.rules:
             if len(rule) != 2 or (rule[1] is not None and rule[1] not in MESH_AXES):
                 raise ValueError(f"mesh rule {rule} must be [logical_name, one of "
@@ -167,9 +169,9 @@ def create_sharded(factory: Callable[[], Any], mesh: Mesh,
 
 def maybe_initialize_distributed(cfg: MeshConfig) -> None:
     """Starts jax.distributed on multi-host platforms (detected, or from the config)."""
-    if cfg.distributed == "off":
+    if cfg.distributed == "never":
         return
-    explicit = bool(cfg.coordinator_address) or cfg.distributed == "on"
+    explicit = bool(cfg.coordinator_address) or cfg.distributed == "always"
     detected = any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS",
                                               "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
     if not (explicit or detected):

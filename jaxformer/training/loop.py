@@ -70,7 +70,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save,
                                          create=not read_only)
-        if not read_only:
+        if not read_only and jax.process_index() == 0:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
         self.schedule = make_schedule(cfg.optimizer, cfg.train.steps)
@@ -159,7 +159,8 @@ class Trainer:
         targets_seen = []
         for i in range(num_batches):
             local, batch = self.global_batch(self.eval_batcher, i)
-            sums, _ = jax.device_get(self.eval_step(self.state, batch))
+            sums, _ = self.eval_step(self.state, batch)
+            sums = jax.device_get(sums)  # replicated scalars: readable on every host
             for k, v in sums.items():
                 totals[k] += float(v)
             weights = local["loss_weights"] > 0

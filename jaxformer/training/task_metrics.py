@@ -35,18 +35,22 @@ def evaluate_task(trainer, num_batches: Optional[int] = None,
     """Loss plus the task's metrics over the validation batches of a fine-tuning trainer."""
     totals = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0)
     labels, predictions, sources, references = [], [], [], []
-    for local in trainer.eval_batcher.eval_batches(num_batches):
+    process = (jax.process_index(), jax.process_count())
+    for local in trainer.eval_batcher.eval_batches(num_batches, *process):
         batch = shard_lib.shard_batch(local, trainer.mesh)
-        sums, preds = jax.device_get(trainer.eval_step(trainer.state, batch))
+        sums, preds = trainer.eval_step(trainer.state, batch)
         for k in totals:
-            totals[k] += float(sums[k])
-        real = local["example_weight"] > 0
+            totals[k] += float(jax.device_get(sums[k]))
+        # Every host computes the metrics of the whole global batch.
+        rows = {k: _global(batch[k]) for k in ("example_weight", "labels", "encoder_inputs",
+                                               "encoder_segment_ids", "targets") if k in batch}
+        real = rows["example_weight"] > 0
         if trainer.kind == "classification":
-            labels.extend(local["labels"][real].tolist())
-            predictions.extend(np.asarray(preds)[real].tolist())
+            labels.extend(rows["labels"][real].tolist())
+            predictions.extend(_global(preds)[real].tolist())
         elif trainer.kind == "text2text" and len(sources) < max_generations:
-            sources.extend(zip(local["encoder_inputs"][real], local["encoder_segment_ids"][real]))
-            references.extend(local["targets"][real])
+            sources.extend(zip(rows["encoder_inputs"][real], rows["encoder_segment_ids"][real]))
+            references.extend(rows["targets"][real])
     weight = max(totals["weight_sum"], 1.0)
     result = dict(loss=totals["loss_sum"] / weight)
     if trainer.kind == "classification":
@@ -58,6 +62,14 @@ def evaluate_task(trainer, num_batches: Optional[int] = None,
         result.update(_generation_metrics(trainer, sources[:max_generations],
                                           references[:max_generations]))
     return result
+
+
+def _global(x: jax.Array) -> np.ndarray:
+    """The whole (possibly multi-host) array as numpy on this host."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _generation_metrics(trainer, sources: list, references: list) -> dict[str, Any]:

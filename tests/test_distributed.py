@@ -1,0 +1,56 @@
+"""Two processes (jax.distributed on CPU, gloo) train like one: each loads only its own rows."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(num_processes, devices_each, run_dir, overrides):
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(num_processes), str(i),
+                               str(devices_each), run_dir, *overrides],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for i in range(num_processes)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(stdlib_data_dir, stdlib_tokenizer, tmp_path):
+    tokenizer_path = str(tmp_path / "tok.model")
+    stdlib_tokenizer.save(tokenizer_path)
+    overrides = ["model.preset=gpt-tiny", f"data.data_dir={stdlib_data_dir}",
+                 f"data.tokenizer_path={tokenizer_path}", "data.seq_len=32", "data.batch_size=8",
+                 "train.steps=3", "train.log_every=1", "train.eval_every=0",
+                 "train.eval_batches=1", "optimizer.warmup_steps=1", "checkpoint.async_save=false",
+                 "mesh.shape=[-1,1,1]"]
+    single = str(tmp_path / "single")
+    _launch(1, 4, single, overrides)
+    multi = str(tmp_path / "multi")
+    outputs = _launch(2, 2, multi, overrides)
+    assert any("process 1 of 2 done on 4 devices" in out for out in outputs), outputs
+    expected, got = _losses(single), _losses(multi)
+    assert sorted(got) == [1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
