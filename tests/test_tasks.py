@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxformer.data import corpus, task_builders, tasks
+from jaxformer.data import corpus, task_builders
 from jaxformer.data.task_builders import extract_functions
 from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task
 
