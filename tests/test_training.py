@@ -41,7 +41,7 @@ def train_losses(run_dir):
 # ------------------------------------------------------------------ sharding equivalence
 
 
-def _one_step(mesh_shape, devices):
+def _one_step(mesh_shape, devices, grad_accum_steps=1):
     rules = shard_lib.DEFAULT_RULES
     cfg = dataclasses.replace(models.preset("gpt-tiny"), num_heads=8, d_model=64)
     mesh = shard_lib.make_mesh(shard_lib.MeshConfig(shape=mesh_shape), devices)
@@ -55,7 +55,8 @@ def _one_step(mesh_shape, devices):
     local = dict(inputs=x[:, :-1], targets=x[:, 1:], loss_weights=np.ones((8, 16), np.float32),
                  segment_ids=np.ones((8, 16), np.int32),
                  positions=np.tile(np.arange(16, dtype=np.int32), (8, 1)))
-    step = make_train_step(graphdef, state_sharding=shard_lib.state_shardings(state, mesh, rules))
+    step = make_train_step(graphdef, grad_accum_steps,
+                           state_sharding=shard_lib.state_shardings(state, mesh, rules))
     state, metrics = step(state, shard_lib.shard_batch(local, mesh))
     model, _ = nnx.merge(graphdef, state)
     return float(metrics["loss"]), model
@@ -82,6 +83,15 @@ def test_one_step_matches_single_device(mesh_shape):
         assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // mesh_shape[2]
     if mesh_shape[1] > 1:
         assert kernel.sharding.spec[0] == "fsdp"
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    loss_1, model_1 = _one_step((1, 1, 1), jax.devices()[:1])
+    loss_4, model_4 = _one_step((2, 1, 1), jax.devices()[:2], grad_accum_steps=4)
+    assert abs(loss_1 - loss_4) < 1e-6
+    for a, b in zip(jax.tree.leaves(nnx.state(model_1, nnx.Param)),
+                    jax.tree.leaves(nnx.state(model_4, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_logical_axis_is_an_error():

@@ -66,6 +66,8 @@ class Trainer:
                 raise CheckpointError(
                     f"{self.run_dir} holds a checkpoint of a different model ("
                     + "; ".join(mismatch[:4]) + "); use another run.dir or move that one away")
+        self.schedule = make_schedule(cfg.optimizer, cfg.train.steps)
+        tx = self.make_tx(cfg)
         # Only now, with the input checked, may the run directory be created or written.
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save,
@@ -73,10 +75,9 @@ class Trainer:
         if not read_only and jax.process_index() == 0:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
-        self.schedule = make_schedule(cfg.optimizer, cfg.train.steps)
         self.log(f"[model] {cfg.model.family} {cfg.model.preset or ''} on mesh "
                  f"{dict(self.mesh.shape)}")
-        self.graphdef, self.state = self.initial_state(cfg, self.make_tx(cfg))
+        self.graphdef, self.state = self.initial_state(cfg, tx)
         self.num_params = models.count_params(nnx.merge(self.graphdef, self.state)[0])
         self.start_step = 0
         if meta is not None:

@@ -47,8 +47,13 @@ def loss_sums(model: nnx.Module, batch: Batch) -> dict[str, Array]:
 
 
 def _micro_batches(batch: Batch, num: int) -> Batch:
-    """[B, ...] -> [num, B/num, ...], keeping each micro-batch a slice of every shard's rows."""
-    return jax.tree.map(lambda x: x.reshape(num, x.shape[0] // num, *x.shape[1:]), batch)
+    """[B, ...] -> [num, B/num, ...] with micro-batch i = rows i, i+num, ...
+
+    Strided rather than contiguous, so every device's rows are spread over all micro-batches and
+    each micro-batch stays sharded over the whole data axis.
+    """
+    return jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1), batch)
 
 
 def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
@@ -69,12 +74,27 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
         if grad_accum_steps == 1:
             grads, sums = grad_fn(model, batch)
         else:
+            # The scan body rebuilds the model from its state, and carries that state so the
+            # dropout RNG advances from one micro-batch to the next.
+            model_graph, model_state = nnx.split(model)
+
+            def micro_grads(state, micro):
+                m = nnx.merge(model_graph, state)
+                grads, sums = grad_fn(m, micro)
+                return (grads, sums), nnx.state(m)
+
             def accumulate(carry, micro):
-                grads, sums = grad_fn(model, micro)
-                return jax.tree.map(jnp.add, carry, (grads, sums)), None
-            zeros = jax.tree.map(jnp.zeros_like, nnx.eval_shape(lambda: grad_fn(model, batch)))
-            (grads, sums), _ = jax.lax.scan(accumulate, zeros,
-                                            _micro_batches(batch, grad_accum_steps))
+                totals, state = carry
+                step_totals, state = micro_grads(state, micro)
+                return (jax.tree.map(jnp.add, totals, step_totals), state), None
+
+            micros = _micro_batches(batch, grad_accum_steps)
+            shapes, _ = jax.eval_shape(micro_grads, model_state,
+                                       jax.tree.map(lambda x: x[0], micros))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            ((grads, sums), model_state), _ = jax.lax.scan(accumulate, (zeros, model_state),
+                                                           micros)
+            nnx.update(model, model_state)
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         optimizer.update(model, grads)
