@@ -134,7 +134,7 @@ def run_eval(run_dir: str, step: Optional[int], split: Optional[str], out: Optio
         samples = []
         if prompt is not None:
             samples.append(dict(prompt=prompt, output=generate_text(trainer, prompt)))
-        elif trainer.cfg.model.family == "decoder" and "task" not in report:
+        elif trainer.cfg.model.family == "decoder" and not hasattr(trainer, "kind"):
             samples = [dict(prompt=p, output=generate_text(trainer, p, 24))
                        for p in SAMPLE_PROMPTS]
         report["samples"] = samples
