@@ -3,6 +3,7 @@
 The HF models are randomly initialised from tiny configs (no downloads). Skipped without torch.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -277,3 +278,25 @@ def test_core_never_imports_torch():
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ,
                                                                   "JAX_PLATFORMS": "cpu"})
+
+
+def test_converted_checkpoint_fine_tunes_and_evaluates(stdlib_data_dir, stdlib_tokenizer, tmp_path):
+    from jaxformer.training.evaluate import run_eval
+    from jaxformer.training.finetune import run_finetune
+
+    hf = tf.BertForSequenceClassification(_bert_config(
+        vocab_size=stdlib_tokenizer.vocab_size, max_position_embeddings=64)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    stdlib_tokenizer.save(str(tmp_path / "tok.model"))
+    assert cli(["from-hf", str(tmp_path / "hf"), str(tmp_path / "run"),
+                "--tokenizer", str(tmp_path / "tok.model")]) == 0
+    run_dir = str(tmp_path / "finetuned")
+    overrides = [f"task.data_dir={stdlib_data_dir}", "task.max_input_len=64", "train.steps=3",
+                 "train.eval_every=0", "optimizer.warmup_steps=1", "checkpoint.async_save=false",
+                 f"run.dir={run_dir}"]
+    assert run_finetune(str(tmp_path / "run"), None, "configs/finetune/code_package.yaml",
+                        overrides) == 0
+    assert Checkpointer(run_dir, create=False).latest_step == 3
+    assert run_eval(run_dir, None, None, str(tmp_path / "report.json"), False, None) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {"accuracy", "macro_f1"} <= set(report["metrics"])
