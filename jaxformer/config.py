@@ -45,6 +45,11 @@ def dump_config(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(_plain(cfg)))
 
 
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain dicts, lists and scalars (JSON-ready; config_from_dict reverses it)."""
+    return _plain(cfg)
+
+
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> None:
     """Writes dump_config(cfg) to path atomically, so a crash never leaves half a config."""
     path = os.fspath(path)

@@ -1,7 +1,6 @@
 """Generation: the KV cache against full recomputation, beam search against brute force, sampling
 controls, EOS, int8 quantization error, and clear errors."""
 
-import dataclasses
 import functools
 import itertools
 
@@ -11,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxformer import models
+import model_helpers
 from jaxformer.inference import beam_search, generate, param_bytes, quantize_model
+from model_helpers import tokens
 
 # A larger init than the presets' 0.02 makes random models' greedy outputs vary from step to step
 # (with 0.02 they repeat one token), so token-for-token comparisons mean something.
@@ -25,15 +25,8 @@ def forward(model, *args):
     return model(*args)
 
 
-@functools.lru_cache(maxsize=None)  # building is slower than generating; no test mutates a model
-def build(name, **overrides):
-    cfg = dataclasses.replace(models.preset(name), **overrides)
-    with nnx.use_eager_sharding(False):
-        return models.create(cfg, rngs=nnx.Rngs(0))
-
-
-def tokens(seed, shape, vocab=512):
-    return jax.random.randint(jax.random.key(seed), shape, 3, vocab)
+# Building is slower than generating, and no test mutates a model.
+build = functools.lru_cache(maxsize=None)(model_helpers.build)
 
 
 def right_padded(seed, lengths, vocab=512):

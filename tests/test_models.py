@@ -9,16 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxformer import layers, models
-
-
-def build(name, **overrides):
-    cfg = dataclasses.replace(models.preset(name), **overrides)
-    with nnx.use_eager_sharding(False):
-        return models.create(cfg, rngs=nnx.Rngs(0))
-
-
-def tokens(seed, shape, vocab=512):
-    return jax.random.randint(jax.random.key(seed), shape, 3, vocab)
+from model_helpers import build, tokens
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])

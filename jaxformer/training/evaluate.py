@@ -13,6 +13,7 @@ import numpy as np
 from jaxformer.config import ConfigError
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError
 from jaxformer.training.metrics import read_metrics
+from jaxformer.training.task_metrics import until_eos
 
 SAMPLE_PROMPTS = ("def fibonacci(n):", "import os\n", "class Stack:\n")
 
@@ -50,18 +51,15 @@ def generate_text(trainer, prompt: str, max_new_tokens: int = 48) -> str:
     model, _ = nnx.merge(trainer.graphdef, trainer.state)
     model.eval()
     if family == "decoder":
+        # Shorten the continuation to fit the context; a prompt that alone overflows it is left
+        # to generate's error, which names both lengths.
         budget = trainer.cfg.model.max_len - len(ids)
         max_new_tokens = min(max_new_tokens, budget) if budget > 0 else max_new_tokens
-        out = generate(model, np.asarray([ids], np.int32), max_new_tokens=max_new_tokens,
-                       method="greedy", eos_id=tok.eos_id)
     else:
-        ids = ids + [tok.eos_id]
-        out = generate(model, np.asarray([ids], np.int32), max_new_tokens=max_new_tokens,
-                       method="greedy", eos_id=tok.eos_id)
-    row = [int(i) for i in np.asarray(out)[0]]
-    if tok.eos_id in row:
-        row = row[:row.index(tok.eos_id)]
-    return tok.decode(row)
+        ids = ids + [tok.eos_id]  # encoder inputs end with EOS, as in training
+    out = generate(model, np.asarray([ids], np.int32), max_new_tokens=max_new_tokens,
+                   method="greedy", eos_id=tok.eos_id)
+    return tok.decode(until_eos(np.asarray(out)[0], tok.eos_id))
 
 
 def evaluate_int8(trainer, num_batches: Optional[int] = None) -> dict[str, float]:

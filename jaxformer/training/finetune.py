@@ -20,7 +20,7 @@ from jaxformer.training import task_metrics
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError
 from jaxformer.training.config import CheckpointConfig, RunConfig, TrainConfig
 from jaxformer.training.loop import EVAL_SEED, Trainer, build_state
-from jaxformer.training.optimizer import OptimizerConfig, make_optimizer
+from jaxformer.training.optimizer import OptimizerConfig, make_optimizer, path_names
 
 FAMILY_OF_KIND = {"classification": "encoder", "text2text": "encoder_decoder",
                   "completion": "decoder"}
@@ -113,9 +113,7 @@ class FinetuneTrainer(Trainer):
 
         def labels(params):
             def label(path, _):
-                names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                         for k in path]
-                dotted = ".".join(names)
+                dotted = ".".join(path_names(path))
                 return "frozen" if any(dotted == p or dotted.startswith(p + ".")
                                        for p in prefixes) else "trained"
             return jax.tree_util.tree_map_with_path(
@@ -124,9 +122,12 @@ class FinetuneTrainer(Trainer):
 
     def initial_state(self, cfg: FinetuneExperiment, tx):
         graphdef, state = build_state(cfg.model, tx, self.mesh, cfg.mesh.rules, cfg.train.seed)
+        self.new_parameters: list[str] = []
+        if self.resuming:  # this run's own checkpoint replaces the whole state next
+            return graphdef, state
         model, optimizer = nnx.merge(graphdef, state)
         self.new_parameters = load_pretrained_params(
-            model, cfg.finetune.from_dir, cfg.finetune.from_step, self.mesh, cfg.mesh.rules)
+            model, cfg.finetune.from_dir, self.pretrained_meta, self.mesh, cfg.mesh.rules)
         if self.new_parameters:
             self.log("[finetune] newly initialised: " + ", ".join(self.new_parameters))
         return nnx.split((model, optimizer))
@@ -136,14 +137,14 @@ class FinetuneTrainer(Trainer):
         return task_metrics.evaluate_task(self, num_batches)
 
 
-def load_pretrained_params(model: nnx.Module, run_dir: str, step: Optional[int], mesh,
+def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh,
                            rules) -> list[str]:
-    """Copies a checkpoint's parameters into `model` wherever path and shape agree.
+    """Copies the parameters of run_dir's checkpoint (`meta` from read_meta) into `model`
+    wherever path and shape agree.
 
     Returns the paths that kept their fresh initialisation (a new or resized task head).
     """
     checkpointer = Checkpointer(run_dir, create=False)
-    meta = checkpointer.read_meta(step)
     stored_cfg = ModelConfig(**meta["config"]["model"])
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: models.create(stored_cfg, rngs=nnx.Rngs(0)))

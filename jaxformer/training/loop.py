@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 
 from jaxformer import models
 from jaxformer import sharding as shard_lib
-from jaxformer.config import dump_config, save_config
+from jaxformer.config import config_to_dict, save_config
 from jaxformer.data.pipeline import Batcher, make_batcher
 from jaxformer.data.prepare import prepare_data
 from jaxformer.training import metrics as metrics_lib
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from jaxformer.training.config import ExperimentConfig, experiment_from_dict
+from jaxformer.training.config import ExperimentConfig
 from jaxformer.training.optimizer import make_optimizer, make_schedule
 from jaxformer.training.step import make_eval_step, make_train_step
 
@@ -75,6 +75,7 @@ class Trainer:
         if not read_only and jax.process_index() == 0:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
+        self.resuming = meta is not None
         self.log(f"[model] {cfg.model.family} {cfg.model.preset or ''} on mesh "
                  f"{dict(self.mesh.shape)}")
         self.graphdef, self.state = self.initial_state(cfg, tx)
@@ -133,6 +134,8 @@ class Trainer:
         self.eval_batcher = make_batcher(cfg.data, self.data.eval_tokens, self.data.eval_offsets,
                                          self.data.special_ids, EVAL_SEED, cfg.objective)
         self.token_bytes = metrics_lib.token_byte_lengths(self.tokenizer)
+        self.unigram_log_probs = metrics_lib.unigram_log_probs(self.data.train_tokens,
+                                                               model_cfg.vocab_size)
         return cfg
 
     def make_tx(self, cfg):
@@ -169,13 +172,13 @@ class Trainer:
             targets_seen.append(local["targets"][weights])
         summary = metrics_lib.summarize_eval(totals)
         if targets_seen:
-            summary["unigram_loss"] = metrics_lib.unigram_loss(
-                self.data.train_tokens, np.concatenate(targets_seen), self.cfg.model.vocab_size)
+            summary["unigram_loss"] = float(
+                -self.unigram_log_probs[np.concatenate(targets_seen)].mean())
         return summary
 
     def save(self, step: int) -> None:
         """Starts an (asynchronous) checkpoint of the state after `step` updates."""
-        self.checkpointer.save(step, self.state, config=_plain_config(self.cfg),
+        self.checkpointer.save(step, self.state, config=config_to_dict(self.cfg),
                                tokenizer_model=self.tokenizer.serialized_model(),
                                data_state=dict(seed=self.cfg.train.seed, step=step))
 
@@ -250,14 +253,3 @@ class Trainer:
         """Finishes checkpoint writes and closes metric files."""
         self.checkpointer.close()
         self.writer.close()
-
-
-def _plain_config(cfg: ExperimentConfig) -> dict:
-    import yaml
-    return yaml.safe_load(dump_config(cfg))
-
-
-def load_run_config(run_dir: str, step: Optional[int] = None) -> tuple[ExperimentConfig, dict]:
-    """The resolved config and checkpoint metadata stored in a run's checkpoint."""
-    meta = Checkpointer(run_dir, create=False).read_meta(step)
-    return experiment_from_dict(meta["config"]), meta

@@ -119,11 +119,16 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
-def _decays(path: tuple[Any, ...], decay_embeddings: bool) -> bool:
+def path_names(path: tuple[Any, ...]) -> list[str]:
+    """A parameter's pytree path as names, e.g. ['blocks', '0', 'mlp', 'up', 'kernel']."""
     # Flattening an nnx.Variable adds a trailing GetAttrKey('value'); it is not part of the name.
     while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
         path = path[:-1]
-    names = [_key_name(k) for k in path]
+    return [_key_name(k) for k in path]
+
+
+def _decays(path: tuple[Any, ...], decay_embeddings: bool) -> bool:
+    names = path_names(path)
     last = names[-1] if names else ""
     if last in ("bias", "scale") or any("norm" in n for n in names):
         return False

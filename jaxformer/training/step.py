@@ -36,14 +36,19 @@ def forward(model: nnx.Module, batch: Batch) -> tuple[Array, Array, Array]:
     return logits, batch["targets"], batch["loss_weights"]
 
 
-def loss_sums(model: nnx.Module, batch: Batch) -> dict[str, Array]:
-    """Summed (not averaged) loss, weight and correct-prediction totals over a batch, in float32."""
+def _sums_and_predictions(model: nnx.Module, batch: Batch) -> tuple[dict[str, Array], Array]:
     logits, targets, weights = forward(model, batch)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    predictions = jnp.argmax(logits, axis=-1)
     weights = weights.astype(jnp.float32)
-    return dict(loss_sum=jnp.sum(nll * weights), weight_sum=jnp.sum(weights),
-                correct_sum=jnp.sum(correct * weights))
+    sums = dict(loss_sum=jnp.sum(nll * weights), weight_sum=jnp.sum(weights),
+                correct_sum=jnp.sum((predictions == targets) * weights))
+    return sums, predictions
+
+
+def loss_sums(model: nnx.Module, batch: Batch) -> dict[str, Array]:
+    """Summed (not averaged) loss, weight and correct-prediction totals over a batch, in float32."""
+    return _sums_and_predictions(model, batch)[0]
 
 
 def _micro_batches(batch: Batch, num: int) -> Batch:
@@ -115,12 +120,6 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
     def eval_step(state: Any, batch: Batch):
         model, _ = nnx.merge(graphdef, state)
         model.eval()
-        logits, targets, weights = forward(model, batch)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        predictions = jnp.argmax(logits, axis=-1)
-        weights = weights.astype(jnp.float32)
-        sums = dict(loss_sum=jnp.sum(nll * weights), weight_sum=jnp.sum(weights),
-                    correct_sum=jnp.sum((predictions == targets) * weights))
-        return sums, predictions
+        return _sums_and_predictions(model, batch)
 
     return jax.jit(eval_step)

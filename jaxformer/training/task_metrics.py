@@ -84,11 +84,12 @@ def _generation_metrics(trainer, sources: list, references: list) -> dict[str, A
     out = np.asarray(generate(model, tokens, encoder_mask=mask,
                               max_new_tokens=trainer.cfg.task.max_target_len,
                               method="greedy", eos_id=tok.eos_id))
-    hypotheses = [tok.decode(_until_eos(row, tok.eos_id)) for row in out]
-    refs = [tok.decode(_until_eos(row, tok.eos_id)) for row in references]
+    hypotheses = [tok.decode(until_eos(row, tok.eos_id)) for row in out]
+    refs = [tok.decode(until_eos(row, tok.eos_id)) for row in references]
     return text_metrics(refs, hypotheses)
 
 
-def _until_eos(ids, eos_id: int) -> list[int]:
+def until_eos(ids, eos_id: int) -> list[int]:
+    """Token ids up to (not including) the first EOS."""
     ids = [int(i) for i in ids]
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
