@@ -1,13 +1,14 @@
 """Flax NNX building blocks: embeddings, dense layers, attention, MLPs and norms.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`,
-`position`, `relpos`) that `jaxformer.sharding` maps onto the device mesh. The modules take plain
-arguments rather than a config object, so other projects can use them on their own.
+`head_dim`, `position`, `relpos`) and activations are constrained by logical names too
+(`jaxformer.logical`); a rule table maps both onto a device mesh. The modules take plain arguments
+rather than a config object and need no mesh, so other projects can use them on their own.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,24 +16,34 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import positional
+from jaxformer.logical import constrain
 
 Array = jax.Array
 Dtype = Any
 
 
+def annotated(init: Callable, axes: tuple[Optional[str], ...]) -> Callable:
+    """`init` whose parameter records logical axis names without being placed on any mesh.
+
+    Eager sharding would need a mesh whose axes are our logical names; instead the names stay
+    metadata, and `jaxformer.sharding` (or a user's own rules) turns them into shardings.
+    """
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
 def normal_init(std: float, axes: tuple[Optional[str], ...]) -> Callable:
     """A normal initializer whose parameter is annotated with logical axis names."""
-    return nnx.with_partitioning(nnx.initializers.normal(std), axes)
+    return annotated(nnx.initializers.normal(std), axes)
 
 
 def zeros_init(axes: tuple[Optional[str], ...]) -> Callable:
     """A zeros initializer annotated with logical axis names."""
-    return nnx.with_partitioning(nnx.initializers.zeros_init(), axes)
+    return annotated(nnx.initializers.zeros_init(), axes)
 
 
 def ones_init(axes: tuple[Optional[str], ...]) -> Callable:
     """A ones initializer annotated with logical axis names."""
-    return nnx.with_partitioning(nnx.initializers.ones_init(), axes)
+    return annotated(nnx.initializers.ones_init(), axes)
 
 
 def dense(in_features: int, out_features: int, axes: tuple[str, str], *, use_bias: bool,
@@ -41,6 +52,15 @@ def dense(in_features: int, out_features: int, axes: tuple[str, str], *, use_bia
     return nnx.Linear(in_features, out_features, use_bias=use_bias,
                       kernel_init=normal_init(std, axes), bias_init=zeros_init((axes[1],)),
                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def projection(einsum: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[str, ...],
+               bias_shape: Optional[tuple[int, ...]], bias_axes: tuple[str, ...], *,
+               std: float, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.Einsum:
+    """nnx.Einsum with annotated kernel (and optional bias): the per-head attention projections."""
+    return nnx.Einsum(einsum, kernel_shape, bias_shape, kernel_init=normal_init(std, kernel_axes),
+                      bias_init=zeros_init(bias_axes), dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
 
 
 def embedding(num: int, features: int, axes: tuple[str, str], *, std: float, dtype: Dtype,
@@ -94,14 +114,35 @@ class Mlp(nnx.Module):
             h_BxLxF = act(self.gate(x_BxLxD)) * self.up(x_BxLxD)
         else:
             h_BxLxF = act(self.up(x_BxLxD))
+        h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
         return self.down(self.dropout(h_BxLxF))
+
+
+class AttentionInputs(NamedTuple):
+    """Everything an attention call reads besides hidden states; masks are True where allowed."""
+
+    mask: Optional[Array] = None
+    """Boolean, broadcastable to [B, N, T, S] (e.g. padding)."""
+    bias: Optional[Array] = None
+    """Additive float bias broadcastable to [B, N, T, S] (T5 relative positions)."""
+    is_causal: bool = False
+    segment_ids: Optional[Array] = None
+    """[B, T] packed-document ids: tokens attend only within their document."""
+    kv_segment_ids: Optional[Array] = None
+    sliding_window: Optional[int] = None
+    positions: Optional[Array] = None
+    """[B, T] query positions for RoPE (default arange)."""
+    kv_positions: Optional[Array] = None
+    """[B, S] context positions for RoPE in cross-attention."""
 
 
 class Attention(nnx.Module):
     """Multi-head self- or cross-attention with GQA, optional RoPE and a choice of kernels.
 
-    `decode` is the incremental form for generation: it writes the new tokens' keys/values into a
-    functional K/V cache (a pair of arrays passed in and returned) and attends over it.
+    Projections are per head: query/key/value kernels [embed, heads, head_dim] and the output
+    kernel [heads, head_dim, embed], so tensor parallelism splits whole heads. `decode` is the
+    incremental form for generation: it writes the new tokens' keys/values into a functional K/V
+    cache (a pair of arrays passed in and returned) and attends over it.
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
@@ -111,12 +152,20 @@ class Attention(nnx.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of "
                              f"num_kv_heads={num_kv_heads}")
-        kw = dict(use_bias=use_bias, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.query = dense(d_model, num_heads * head_dim, ("embed", "heads"), **kw)
-        self.key = dense(d_model, num_kv_heads * head_dim, ("embed", "kv_heads"), **kw)
-        self.value = dense(d_model, num_kv_heads * head_dim, ("embed", "kv_heads"), **kw)
-        self.out = dense(num_heads * head_dim, d_model, ("heads", "embed"), **kw)
+
+        def in_proj(heads: int, name: str) -> nnx.Einsum:
+            return projection("BTD,DNH->BTNH", (d_model, heads, head_dim),
+                              ("embed", name, "head_dim"),
+                              (heads, head_dim) if use_bias else None, (name, "head_dim"), **kw)
+
+        self.query = in_proj(num_heads, "heads")
+        self.key = in_proj(num_kv_heads, "kv_heads")
+        self.value = in_proj(num_kv_heads, "kv_heads")
+        self.out = projection("BTNH,NHD->BTD", (num_heads, head_dim, d_model),
+                              ("heads", "head_dim", "embed"), (d_model,) if use_bias else None,
+                              ("embed",), **kw)
         self.scale = head_dim ** -0.5 if scale_logits else 1.0
         self.rope_theta = rope_theta
         self.implementation = implementation
@@ -125,67 +174,67 @@ class Attention(nnx.Module):
                    kv_positions_BxS: Optional[Array] = None) -> tuple[Array, Array]:
         """Keys and values [B, S, K, H] of a context (computed once for cross-attention caches)."""
         b, s, _ = context_BxSxD.shape
-        k = self.key(context_BxSxD).reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.value(context_BxSxD).reshape(b, s, self.num_kv_heads, self.head_dim)
+        k_BxSxKxH, v_BxSxKxH = self.key(context_BxSxD), self.value(context_BxSxD)
         if self.rope_theta is not None:
-            k = positional.apply_rope(k, _positions(kv_positions_BxS, b, s), theta=self.rope_theta)
-        return k, v
+            k_BxSxKxH = positional.apply_rope(k_BxSxKxH, _positions(kv_positions_BxS, b, s),
+                                              theta=self.rope_theta)
+        names = ("batch", "length", "kv_heads", "head_dim")
+        return constrain(k_BxSxKxH, names), constrain(v_BxSxKxH, names)
 
-    def __call__(self, x_BxTxD: Array, context_BxSxD: Optional[Array] = None, *,
-                 kv: Optional[tuple[Array, Array]] = None, mask: Optional[Array] = None,
-                 bias: Optional[Array] = None, is_causal: bool = False,
-                 segment_ids: Optional[Array] = None, kv_segment_ids: Optional[Array] = None,
-                 sliding_window: Optional[int] = None, positions: Optional[Array] = None,
-                 kv_positions: Optional[Array] = None) -> Array:
+    def __call__(self, x_BxTxD: Array, context_BxSxD: Optional[Array] = None,
+                 inputs: AttentionInputs = AttentionInputs(), *,
+                 kv: Optional[tuple[Array, Array]] = None) -> Array:
         """Attends from x to the context (x itself when None) or to precomputed `kv`."""
-        b, t, _ = x_BxTxD.shape
-        q_BxTxNxH = self._query(x_BxTxD, positions)
+        q_BxTxNxH = self._query(x_BxTxD, inputs.positions)
         if kv is None:
             source = x_BxTxD if context_BxSxD is None else context_BxSxD
-            kv = self.project_kv(source, positions if context_BxSxD is None else kv_positions)
+            kv = self.project_kv(
+                source, inputs.positions if context_BxSxD is None else inputs.kv_positions)
         k_BxSxKxH, v_BxSxKxH = kv
         out_BxTxNxH = attn_lib.dot_product_attention(
-            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias, mask=mask, is_causal=is_causal,
-            segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=inputs.bias, mask=inputs.mask,
+            is_causal=inputs.is_causal, segment_ids=inputs.segment_ids,
+            kv_segment_ids=inputs.kv_segment_ids, sliding_window=inputs.sliding_window,
             scale=self.scale, implementation=self.implementation)
-        return self.out(out_BxTxNxH.reshape(b, t, self.num_heads * self.head_dim))
+        return self.out(constrain(out_BxTxNxH, ("batch", "length", "heads", "head_dim")))
 
     def decode(self, x_BxTxD: Array, cache: tuple[Array, Array], *, index: Array,
-               positions: Optional[Array] = None, mask: Optional[Array] = None,
-               bias: Optional[Array] = None,
-               sliding_window: Optional[int] = None) -> tuple[Array, tuple[Array, Array]]:
+               inputs: AttentionInputs = AttentionInputs()) -> tuple[Array, tuple[Array, Array]]:
         """Causal self-attention of T new tokens against a preallocated K/V cache.
 
         `cache` is (keys, values), each [B, M, K, H]; the new tokens occupy slots index..index+T-1
         (written with dynamic_update_slice) and query i sees the slots <= index + i, so slots not
-        yet written are masked out. `mask` ([B, 1, 1 or T, M]) can hide more slots, e.g. left
-        padding. Returns the output [B, T, D] and the updated cache.
+        yet written are masked out. `inputs.mask` ([B, 1, 1 or T, M]) can hide more slots, e.g.
+        left padding; `inputs.positions` default to index + arange(T). Returns the output
+        [B, T, D] and the updated cache.
         """
         b, t, _ = x_BxTxD.shape
         k_cache, v_cache = cache
         max_len = k_cache.shape[1]
+        positions = inputs.positions
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         k_new, v_new = self.project_kv(x_BxTxD, positions)
         start = (0, index, 0, 0)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
-        written = (attn_lib.causal_mask(t, max_len, offset=index) if sliding_window is None else
-                   attn_lib.sliding_window_mask(t, max_len, window=sliding_window, offset=index))
+        window = inputs.sliding_window
+        written = (attn_lib.causal_mask(t, max_len, offset=index) if window is None else
+                   attn_lib.sliding_window_mask(t, max_len, window=window, offset=index))
+        # Decoding steps are short queries against a long cache: the plain kernel serves them.
         out_BxTxNxH = attn_lib.dot_product_attention(
-            self._query(x_BxTxD, positions), k_cache, v_cache, bias=bias,
-            mask=attn_lib.combine_masks(written, mask), scale=self.scale,
-            implementation="plain" if self.implementation == "cudnn" else self.implementation)
-        out = self.out(out_BxTxNxH.reshape(b, t, self.num_heads * self.head_dim))
-        return out, (k_cache, v_cache)
+            self._query(x_BxTxD, positions), k_cache, v_cache, bias=inputs.bias,
+            mask=attn_lib.combine_masks(written, inputs.mask), scale=self.scale,
+            implementation="chunked" if self.implementation == "chunked" else "plain")
+        return self.out(out_BxTxNxH), (k_cache, v_cache)
 
     def _query(self, x_BxTxD: Array, positions: Optional[Array]) -> Array:
         b, t, _ = x_BxTxD.shape
-        q_BxTxNxH = self.query(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
+        q_BxTxNxH = self.query(x_BxTxD)
         if self.rope_theta is not None:
             q_BxTxNxH = positional.apply_rope(q_BxTxNxH, _positions(positions, b, t),
                                               theta=self.rope_theta)
-        return q_BxTxNxH
+        return constrain(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
 
 
 def _positions(positions: Optional[Array], batch: int, length: int) -> Array:

@@ -1,8 +1,8 @@
 """Device mesh from config, logical-axis rules as data, sharding of state and batches, multi-host start-up.
 
-Parameters carry logical axis names (see `jaxformer.layers`); one ordered rule table maps each name
-to a mesh axis (`data`, `fsdp`, `tensor`) or to None (replicated). Switching data parallel → FSDP →
-tensor parallel is a change of `MeshConfig`, never of model code.
+Parameters and activations carry logical axis names (see `jaxformer.logical`); one ordered rule
+table maps each name to mesh axes (`data`, `fsdp`, `tensor`) or to none (replicated). Switching data
+parallel → FSDP → tensor parallel is a change of `MeshConfig`, never of model code.
 """
 
 from __future__ import annotations
@@ -18,21 +18,33 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxformer.logical import Rule, axis_rules, constrain, logical_to_spec
+
+__all__ = ["MESH_AXES", "DEFAULT_RULES", "MeshConfig", "make_mesh", "resolve_shape",
+           "logical_to_spec", "axis_rules", "constrain", "state_shardings", "batch_axes",
+           "batch_shards", "batch_sharding", "shard_batch", "create_sharded",
+           "maybe_initialize_distributed"]
+
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 # Order matters: the first rule naming a logical axis wins, and a mesh axis already used by an
 # earlier dimension of the same array is skipped (falls back to replication for that dimension).
-DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
-    ("batch", "data"),
+# Activations use the same names: [batch, length, embed] takes (data, fsdp) for the batch, so its
+# embed dimension stays whole while the parameters' embed dimension is split over fsdp.
+DEFAULT_RULES: tuple[tuple[Optional[str], ...], ...] = (
+    ("batch", "data", "fsdp"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
     ("position", None),
     ("types", None),
     ("relpos", None),
+    ("classes", None),
 )
 
 
@@ -42,8 +54,8 @@ class MeshConfig:
 
     shape: tuple[int, int, int] = (-1, 1, 1)
     """Devices along (data, fsdp, tensor); one -1 takes all remaining devices."""
-    rules: tuple[tuple[str, Optional[str]], ...] = DEFAULT_RULES
-    """Ordered (logical axis, mesh axis or None) pairs."""
+    rules: tuple[tuple[Optional[str], ...], ...] = DEFAULT_RULES
+    """Ordered [logical axis, mesh axes...] rules; none (or null) means replicated."""
     distributed: str = "auto"
     """'auto' (initialise jax.distributed when the environment says multi-host), 'always' or
     'never' (not on/off: YAML reads those as booleans)."""
@@ -60,9 +72,10 @@ class MeshConfig:
             raise ValueError(f"mesh.distributed={self.distributed!r} is not one of auto, always, "
                              "never")
         for rule in self.rules:
-            if len(rule) != 2 or (rule[1] is not None and rule[1] not in MESH_AXES):
-                raise ValueError(f"mesh rule {rule} must be [logical_name, one of "
-                                 f"{', '.join(MESH_AXES)} or null]")
+            if (not rule or not isinstance(rule[0], str)
+                    or any(a is not None and a not in MESH_AXES for a in rule[1:])):
+                raise ValueError(f"mesh rule {list(rule)} must be [logical_name, mesh axes...] "
+                                 f"with mesh axes among {', '.join(MESH_AXES)} (or null)")
 
 
 def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -87,30 +100,6 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
                          devices=devices)
 
 
-def logical_to_spec(names: Sequence[Optional[str]], rules: Sequence[tuple[str, Optional[str]]],
-                    mesh: Optional[Mesh] = None) -> PartitionSpec:
-    """PartitionSpec for one array's logical axis names; an unknown name is an error."""
-    table: dict[str, Optional[str]] = {}
-    for logical, mesh_axis in rules:
-        table.setdefault(logical, mesh_axis)
-    spec, used = [], set()
-    for name in names:
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in table:
-            raise ValueError(f"logical axis {name!r} has no sharding rule; add it to mesh.rules "
-                             f"(known: {', '.join(table)})")
-        axis = table[name]
-        # A mesh axis of size 1 shards nothing; leaving it out keeps specs readable.
-        if axis is None or axis in used or (mesh is not None and mesh.shape[axis] == 1):
-            spec.append(None)
-        else:
-            spec.append(axis)
-            used.add(axis)
-    return PartitionSpec(*spec)
-
-
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
@@ -126,23 +115,34 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Optional[
         names = var.get_metadata().get("out_sharding") if _is_variable(var) else None
         if not names or not hasattr(value, "shape") or len(names) != len(value.shape):
             return var.replace(NamedSharding(mesh, PartitionSpec()))
-        spec = logical_to_spec(names, rules, mesh)
-        spec = PartitionSpec(*[
-            ax if ax is None or dim % mesh.shape[ax] == 0 else None
-            for ax, dim in zip(spec, value.shape)])
-        return var.replace(NamedSharding(mesh, spec))
+        return var.replace(NamedSharding(mesh, logical_to_spec(names, rules, mesh, value.shape)))
 
     return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a batch array: rows over data×fsdp, everything else replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_axes(mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the `batch` rule splits rows over (those of size > 1)."""
+    spec = logical_to_spec(("batch",), rules, mesh)[0]
+    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
-def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def batch_shards(mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> int:
+    """How many ways a batch's rows are split (a global batch must be a multiple of it)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2,
+                   rules: Sequence[Rule] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a batch array: rows by the `batch` rule, everything else replicated."""
+    axes = batch_axes(mesh, rules)
+    rows = None if not axes else axes if len(axes) > 1 else axes[0]
+    return NamedSharding(mesh, PartitionSpec(rows, *([None] * (ndim - 1))))
+
+
+def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
+                rules: Sequence[Rule] = DEFAULT_RULES) -> dict[str, jax.Array]:
     """Global arrays from this process's rows (`jax.make_array_from_process_local_data`)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, rules), v)
             for k, v in local_batch.items()}
 
 

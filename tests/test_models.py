@@ -78,14 +78,13 @@ def test_t5_decoder_is_causal_and_sees_the_whole_encoder():
 
 
 def test_gqa_with_full_kv_heads_equals_multi_head_attention():
-    with nnx.use_eager_sharding(False):
-        attn = layers.Attention(32, 4, 4, 8, use_bias=True, rngs=nnx.Rngs(0))
+    attn = layers.Attention(32, 4, 4, 8, use_bias=True, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 9, 32))
-    q = attn.query(x).reshape(2, 9, 4, 8)
-    k = attn.key(x).reshape(2, 9, 4, 8)
-    v = attn.value(x).reshape(2, 9, 4, 8)
-    expected = attn.out(jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(2, 9, 32))
-    np.testing.assert_allclose(attn(x, is_causal=True), expected, atol=1e-5)
+    q, k, v = attn.query(x), attn.key(x), attn.value(x)
+    assert q.shape == k.shape == v.shape == (2, 9, 4, 8)
+    expected = attn.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    np.testing.assert_allclose(attn(x, inputs=layers.AttentionInputs(is_causal=True)), expected,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(models.PROMISED_PARAMS))

@@ -56,8 +56,9 @@ def _one_step(mesh_shape, devices, grad_accum_steps=1):
                  segment_ids=np.ones((8, 16), np.int32),
                  positions=np.tile(np.arange(16, dtype=np.int32), (8, 1)))
     step = make_train_step(graphdef, grad_accum_steps,
-                           state_sharding=shard_lib.state_shardings(state, mesh, rules))
-    state, metrics = step(state, shard_lib.shard_batch(local, mesh))
+                           state_sharding=shard_lib.state_shardings(state, mesh, rules),
+                           rules=rules, mesh=mesh, loss_chunk_size=8)
+    state, metrics = step(state, shard_lib.shard_batch(local, mesh, rules))
     model, _ = nnx.merge(graphdef, state)
     return float(metrics["loss"]), model
 
@@ -73,16 +74,16 @@ def test_one_step_matches_single_device(mesh_shape):
     for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_n)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     # Parameters really are sharded as the rules say.
-    kernel = model_n.blocks[0].mlp.up.kernel[...]
-    expected = shard_lib.logical_to_spec(("embed", "mlp"), shard_lib.DEFAULT_RULES,
+    kernel = model_n.blocks.mlp.up.kernel[...]  # [layers, embed, mlp]
+    expected = shard_lib.logical_to_spec(("layers", "embed", "mlp"), shard_lib.DEFAULT_RULES,
                                          kernel.sharding.mesh)
     assert kernel.sharding.is_equivalent_to(
         jax.sharding.NamedSharding(kernel.sharding.mesh, expected), kernel.ndim)
     if mesh_shape[2] > 1:
-        assert kernel.sharding.spec[1] == "tensor"
-        assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // mesh_shape[2]
+        assert kernel.sharding.spec[2] == "tensor"
+        assert kernel.addressable_shards[0].data.shape[2] == kernel.shape[2] // mesh_shape[2]
     if mesh_shape[1] > 1:
-        assert kernel.sharding.spec[0] == "fsdp"
+        assert kernel.sharding.spec[1] == "fsdp"
 
 
 def test_gradient_accumulation_equals_one_big_batch():

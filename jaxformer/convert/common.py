@@ -132,10 +132,36 @@ def same(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
 # ----------------------------------------------------------------------------- our parameters
 
 
+def _merge_heads(value: np.ndarray, names: tuple) -> np.ndarray:
+    """[.., heads, head_dim, ..] -> [.., heads * head_dim, ..]: the 2-D matrices HF stores."""
+    for i in range(len(names) - 1):
+        if names[i] in ("heads", "kv_heads") and names[i + 1] == "head_dim":
+            return value.reshape(*value.shape[:i], -1, *value.shape[i + 2:])
+    return value
+
+
+def _per_layer_names(path: tuple, depth: int) -> list[str]:
+    """'blocks.self_attn.query.kernel' of a stacked block -> 'blocks.{i}.self_attn.query.kernel'."""
+    return [".".join(map(str, (path[0], i, *path[1:]))) for i in range(depth)]
+
+
+def _variables(model: nnx.Module):
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        yield path, var, tuple(var.get_metadata().get("out_sharding") or ())
+
+
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
-    """{'blocks.0.self_attn.query.kernel': array, ...} of a model's parameters."""
-    return {".".join(map(str, path)): np.asarray(var.get_value())
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    """{'blocks.0.self_attn.query.kernel': array, ...}: one entry per layer, attention heads
+    merged into one axis ([embed, heads * head_dim]), the layout Hugging Face weights have."""
+    out = {}
+    for path, var, names in _variables(model):
+        value = np.asarray(var.get_value())
+        if names[:1] == ("layers",):
+            for i, name in enumerate(_per_layer_names(path, value.shape[0])):
+                out[name] = _merge_heads(value[i], names[1:])
+        else:
+            out[".".join(map(str, path))] = _merge_heads(value, names)
+    return out
 
 
 def apply_rules(rules: Iterable[Rule], weights: dict[str, np.ndarray], *, model: str,
@@ -161,20 +187,42 @@ def apply_rules(rules: Iterable[Rule], weights: dict[str, np.ndarray], *, model:
 
 
 def load_params(model: nnx.Module, params: dict[str, np.ndarray]) -> None:
-    """Writes flat parameters into the model, checking names and shapes."""
+    """Writes flat per-layer parameters (the `flat_params` layout) into the model, stacking
+    layers and splitting heads as the model stores them; names and shapes are checked."""
     state = nnx.state(model, nnx.Param)
-    variables = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-    unknown = sorted(set(params) - set(variables))
-    if unknown:
-        raise ValueError(f"converter produced parameters the model lacks: {unknown[:6]}")
-    for name, value in params.items():
-        var = variables[name]
+    left = dict(params)
+    for path, var in nnx.to_flat_state(state):
+        names = tuple(var.get_metadata().get("out_sharding") or ())
         old = var.get_value()
-        if tuple(old.shape) != tuple(value.shape):
-            raise ValueError(f"weight for {name} has shape {tuple(value.shape)}, the model "
-                             f"expects {tuple(old.shape)}")
+        if names[:1] == ("layers",):
+            layer_names = _per_layer_names(path, old.shape[0])
+            present = [n for n in layer_names if n in left]
+            if not present:
+                continue
+            if len(present) != len(layer_names):
+                raise ValueError(f"weights for {len(present)} of {len(layer_names)} layers of "
+                                 f"{'.'.join(map(str, path))}; all or none are needed")
+            value = np.stack([_fit(n, left.pop(n), old.shape[1:], names[1:])
+                              for n in layer_names])
+        else:
+            name = ".".join(map(str, path))
+            if name not in left:
+                continue
+            value = _fit(name, left.pop(name), old.shape, names)
         var.set_value(jnp.asarray(value, dtype=old.dtype))
+    if left:
+        raise ValueError(f"converter produced parameters the model lacks: {sorted(left)[:6]}")
     nnx.update(model, state)
+
+
+def _fit(name: str, value: np.ndarray, shape: tuple, names: tuple) -> np.ndarray:
+    """`value` in the model's `shape`, given in it or with the heads merged (`flat_params`)."""
+    value = np.asarray(value)
+    merged = _merge_heads(np.empty(shape, np.int8), names).shape
+    if tuple(value.shape) not in (tuple(shape), tuple(merged)):
+        raise ValueError(f"weight for {name} has shape {tuple(value.shape)}, the model "
+                         f"expects {tuple(merged)}")
+    return value.reshape(shape)
 
 
 def export_rules(rules: Iterable[Rule], params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ def beam_loop(model: nnx.Module, prefix: cache_lib.Prefix, *, max_new_tokens: in
     """Hypotheses [B, num_beams, N] best first, and their scores [B, num_beams]."""
     b, vocab = prefix.logits_BxV.shape
     nb, n = num_beams, max_new_tokens
-    cache = cache_lib.repeat_rows(prefix.cache, nb)
+    cache = cache_lib.repeat_cache(prefix.cache, nb)
     rows = cache_lib.repeat_rows(prefix.rows, nb)
     # Only beam 0 is live at first, so the first step does not pick the same token num_beams times.
     sums_BxK = jnp.where(jnp.arange(nb) == 0, 0.0, -jnp.inf)[None, :].repeat(b, 0)

@@ -1,8 +1,8 @@
 """One decoding interface over both generating families: prefill the cache, then step one token.
 
-The cache is a functional pytree (a list with one dict per decoder layer: self-attention `k`, `v`
-[B, M, K, H] and, for encoder-decoders, the cross-attention `cross_k`, `cross_v` projected once
-from the encoder output), so a `jax.lax.while_loop` can carry it.
+The cache is a functional pytree (a dict of arrays stacked over decoder layers: self-attention `k`,
+`v` [layers, B, M, K, H] and, for encoder-decoders, the cross-attention `cross_k`, `cross_v`
+projected once from the encoder output), so a `jax.lax.while_loop` can carry it.
 
 Prompt layout. Prompts arrive right-padded, [B, P] with per-row `lengths`; decoder-only prompts are
 shifted to the right (left-padded) before prefill so that every row's next token goes to the same
@@ -30,7 +30,7 @@ class Prefix(NamedTuple):
 
     logits_BxV: Array
     """Float32 logits of the first new token."""
-    cache: list
+    cache: dict
     rows: dict
     """Per-row arrays that every step needs (batch-leading, so they can be repeated for beams)."""
     first_slot: int
@@ -77,8 +77,8 @@ def prefill(model: nnx.Module, prompt_BxP: Array, lengths_B: Array, encoder_mask
     return Prefix(logits[:, -1].astype(jnp.float32), cache, dict(encoder_mask=encoder_mask_BxP), 1)
 
 
-def step(model: nnx.Module, tokens_B: Array, cache: list, rows: dict, first_slot: int,
-         i: Array) -> tuple[Array, list]:
+def step(model: nnx.Module, tokens_B: Array, cache: dict, rows: dict, first_slot: int,
+         i: Array) -> tuple[Array, dict]:
     """Feeds generated token i of every row; returns the next logits [B, V] and the cache."""
     index = first_slot + i
     if "kv_valid" in rows:
@@ -96,8 +96,12 @@ def repeat_rows(tree, n: int):
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
 
 
-def reorder(cache: list, rows_R: Array) -> list:
+def repeat_cache(cache: dict, n: int) -> dict:
+    """Repeats every cache row n times (the batch is axis 1, after the layers)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=1), cache)
+
+
+def reorder(cache: dict, rows_R: Array) -> dict:
     """Gathers the self-attention cache rows (beam search); cross-attention K/V stay as they are,
     being the same for every beam of a prompt."""
-    return [{name: (x[rows_R] if name in ("k", "v") else x) for name, x in layer.items()}
-            for layer in cache]
+    return {name: (x[:, rows_R] if name in ("k", "v") else x) for name, x in cache.items()}

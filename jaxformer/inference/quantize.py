@@ -1,7 +1,9 @@
 """Int8 weight-only quantization for serving: per-output-channel symmetric scales.
 
-Every `nnx.Linear` kernel [in, out] becomes int8 values and one float32 scale per output column,
-w ~= q * scale with scale = max|w[:, o]| / 127; with `embeddings=True`, every `nnx.Embed` table
+Every `nnx.Linear` kernel [in, out] and per-head `nnx.Einsum` kernel ([embed, heads, head_dim] or
+[heads, head_dim, embed]) becomes int8 values and one float32 scale per output channel, w ~= q *
+scale with scale = max |w| over the contracted axes / 127. Kernels stacked over layers keep one
+scale per layer and channel. With `embeddings=True`, every `nnx.Embed` table
 [V, D] gets one scale per row (a row is both what a lookup returns and an output channel of the
 tied LM head's `attend`). The matmul runs in the layer's compute dtype on the int8 values cast up,
 and the scale multiplies its output: (x @ q) * scale == x @ (q * scale). Norms, biases and the T5
@@ -27,7 +29,7 @@ class QuantizationScale(nnx.Variable):
     """Float32 per-channel scale of a QuantizedWeight."""
 
 
-def quantize_int8(w: Array, *, reduce_axis: int) -> tuple[Array, Array]:
+def quantize_int8(w: Array, *, reduce_axis: int | tuple[int, ...]) -> tuple[Array, Array]:
     """Symmetric int8 values of w and the scale per channel (max |w| over reduce_axis / 127)."""
     w = jnp.asarray(w, jnp.float32)
     scale = jnp.max(jnp.abs(w), axis=reduce_axis, keepdims=True) / 127.0
@@ -36,12 +38,12 @@ def quantize_int8(w: Array, *, reduce_axis: int) -> tuple[Array, Array]:
     return q, jnp.squeeze(scale, reduce_axis)
 
 
-def _sharding(var: nnx.Variable, keep: Optional[int]) -> dict:
-    """The variable's logical-axis metadata, restricted to axis `keep` for a scale vector."""
+def _sharding(var: nnx.Variable, reduced: tuple[int, ...] = ()) -> dict:
+    """The variable's logical-axis metadata, without the `reduced` axes (for its scale)."""
     meta = dict(var.get_metadata())
     names = meta.get("out_sharding")
-    if names is not None and keep is not None:
-        meta["out_sharding"] = (names[keep],)
+    if names is not None and reduced:
+        meta["out_sharding"] = tuple(n for i, n in enumerate(names) if i not in reduced)
     return meta
 
 
@@ -50,9 +52,10 @@ class Int8Linear(nnx.Module):
 
     def __init__(self, linear: nnx.Linear):
         kernel = linear.kernel
-        q, scale = quantize_int8(kernel[...], reduce_axis=0)
-        self.kernel = QuantizedWeight(q, **_sharding(kernel, None))
-        self.scale = QuantizationScale(scale, **_sharding(kernel, 1))
+        reduced = (kernel[...].ndim - 2,)  # the input axis, after any stacked layers axis
+        q, scale = quantize_int8(kernel[...], reduce_axis=reduced)
+        self.kernel = QuantizedWeight(q, **_sharding(kernel))
+        self.scale = QuantizationScale(scale, **_sharding(kernel, reduced))
         self.bias = linear.bias
         self.dtype = linear.dtype or kernel[...].dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -71,8 +74,8 @@ class Int8Embed(nnx.Module):
     def __init__(self, embed: nnx.Embed):
         table = embed.embedding
         q, scale = quantize_int8(table[...], reduce_axis=1)
-        self.embedding = QuantizedWeight(q, **_sharding(table, None))
-        self.scale = QuantizationScale(scale, **_sharding(table, 0))
+        self.embedding = QuantizedWeight(q, **_sharding(table))
+        self.scale = QuantizationScale(scale, **_sharding(table, (1,)))
         self.dtype = embed.dtype or table[...].dtype
         self.num_embeddings, self.features = embed.num_embeddings, embed.features
 
@@ -86,10 +89,35 @@ class Int8Embed(nnx.Module):
                 * self.scale[...].astype(self.dtype))
 
 
+class Int8Einsum(nnx.Module):
+    """Drop-in replacement of an nnx.Einsum with an int8 kernel, one scale per output channel."""
+
+    def __init__(self, einsum: nnx.Einsum):
+        kernel = einsum.kernel
+        operands, out_letters = einsum.einsum_str.replace(" ", "").split("->")
+        kernel_letters = operands.split(",")[1]
+        stacked = kernel[...].ndim - len(kernel_letters)  # leading layers axis of a stacked block
+        reduced = tuple(stacked + i for i, c in enumerate(kernel_letters) if c not in out_letters)
+        q, scale = quantize_int8(kernel[...], reduce_axis=reduced)
+        self.kernel = QuantizedWeight(q, **_sharding(kernel))
+        self.scale = QuantizationScale(scale, **_sharding(kernel, reduced))
+        self.bias = einsum.bias
+        self.einsum_str = einsum.einsum_str
+        self.dtype = einsum.dtype or kernel[...].dtype
+
+    def __call__(self, x: Array) -> Array:
+        # The scale covers the output's trailing (channel) axes, so it broadcasts onto them.
+        y = jnp.einsum(self.einsum_str, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = y * self.scale[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
 def quantize_model(model: nnx.Module, *, embeddings: bool = True) -> nnx.Module:
     """A copy of the model whose Linear kernels (and Embed tables) are int8; same call API."""
     model = nnx.merge(*nnx.split(model))  # a new module tree; the input model is left untouched
-    targets = (nnx.Linear, nnx.Embed) if embeddings else (nnx.Linear,)
+    targets = (nnx.Linear, nnx.Einsum, nnx.Embed) if embeddings else (nnx.Linear, nnx.Einsum)
     swaps = []
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.List):
@@ -99,7 +127,8 @@ def quantize_model(model: nnx.Module, *, embeddings: bool = True) -> nnx.Module:
             swaps += [(node, name, child) for name, child in vars(node).items()
                       if isinstance(child, targets)]
     for parent, key, child in swaps:
-        new = Int8Linear(child) if isinstance(child, nnx.Linear) else Int8Embed(child)
+        new = (Int8Linear(child) if isinstance(child, nnx.Linear) else
+               Int8Einsum(child) if isinstance(child, nnx.Einsum) else Int8Embed(child))
         if isinstance(parent, nnx.List):
             parent[key] = new
         else:

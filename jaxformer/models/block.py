@@ -1,4 +1,7 @@
-"""Pieces every family shares, built from a ModelConfig: embeddings, the residual block, the stack."""
+"""Pieces every family shares, built from a ModelConfig: embeddings, the residual block, the LM head.
+
+The layer stack itself (stacked parameters, scan, remat, stacked KV cache) is `models.stack`.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +12,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import layers, positional
+from jaxformer.layers import AttentionInputs
+from jaxformer.logical import constrain
 from jaxformer.models.config import ModelConfig
 
 Array = jax.Array
-
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+HIDDEN = ("batch", "length", "embed")
 
 
 def dtypes(cfg: ModelConfig) -> dict[str, Any]:
@@ -72,7 +73,7 @@ class Embeddings(nnx.Module):
             x_BxLxD = x_BxLxD + self.type_embed(types)
         if self.norm is not None:
             x_BxLxD = self.norm(x_BxLxD)
-        return self.dropout(x_BxLxD.astype(self.dtype))
+        return constrain(self.dropout(x_BxLxD.astype(self.dtype)), HIDDEN)
 
 
 class Block(nnx.Module):
@@ -95,63 +96,32 @@ class Block(nnx.Module):
             return x + self.dropout(fn(norm(x)))
         return norm(x + self.dropout(fn(x)))
 
-    def __call__(self, x_BxLxD: Array, *, self_kwargs: dict, context_BxSxD: Optional[Array] = None,
-                 cross_kwargs: Optional[dict] = None) -> Array:
-        x = self._residual(x_BxLxD, self.self_attn_norm, lambda h: self.self_attn(h, **self_kwargs))
+    def __call__(self, x_BxLxD: Array, self_inputs: AttentionInputs,
+                 context_BxSxD: Optional[Array] = None,
+                 cross_inputs: AttentionInputs = AttentionInputs()) -> Array:
+        x = self._residual(constrain(x_BxLxD, HIDDEN), self.self_attn_norm,
+                           lambda h: self.self_attn(h, inputs=self_inputs))
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_attn_norm,
-                               lambda h: self.cross_attn(h, context_BxSxD, **(cross_kwargs or {})))
-        return self._residual(x, self.mlp_norm, self.mlp)
+                               lambda h: self.cross_attn(h, context_BxSxD, cross_inputs))
+        return constrain(self._residual(x, self.mlp_norm, self.mlp), HIDDEN)
 
-    def decode(self, x_BxTxD: Array, cache: dict, *, self_kwargs: dict,
-               cross_kwargs: Optional[dict] = None) -> tuple[Array, dict]:
-        """The block on T new tokens with a layer cache {k, v[, cross_k, cross_v]} (see init_cache)."""
+    def decode(self, x_BxTxD: Array, cache: dict, *, index: Array, self_inputs: AttentionInputs,
+               cross_inputs: AttentionInputs = AttentionInputs()) -> tuple[Array, dict]:
+        """The block on T new tokens with a layer cache {k, v[, cross_k, cross_v]}."""
         new_cache = dict(cache)
 
         def self_attend(h):
             out, (new_cache["k"], new_cache["v"]) = self.self_attn.decode(
-                h, (cache["k"], cache["v"]), **self_kwargs)
+                h, (cache["k"], cache["v"]), index=index, inputs=self_inputs)
             return out
 
         x = self._residual(x_BxTxD, self.self_attn_norm, self_attend)
         if self.cross_attn is not None:
             cross_kv = (cache["cross_k"], cache["cross_v"])
             x = self._residual(x, self.cross_attn_norm,
-                               lambda h: self.cross_attn(h, kv=cross_kv, **(cross_kwargs or {})))
+                               lambda h: self.cross_attn(h, None, cross_inputs, kv=cross_kv))
         return self._residual(x, self.mlp_norm, self.mlp), new_cache
-
-
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-    """One layer's empty self-attention cache: keys and values [B, length, K, H] of zeros."""
-    shape = (batch, length, cfg.kv_heads, cfg.dims_per_head)
-    return dict(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
-
-
-def decode_blocks(blocks: nnx.List, x_BxTxD: Array, caches: list[dict],
-                  **kwargs) -> tuple[Array, list[dict]]:
-    """Applies the blocks in order to new tokens, threading each layer's cache through."""
-    new_caches = []
-    for block, cache in zip(blocks, caches):
-        x_BxTxD, cache = block.decode(x_BxTxD, cache, **kwargs)
-        new_caches.append(cache)
-    return x_BxTxD, new_caches
-
-
-def make_blocks(cfg: ModelConfig, depth: int, *, cross_attention: bool = False,
-                rngs: nnx.Rngs) -> nnx.List:
-    """`depth` blocks shaped by the config."""
-    return nnx.List([Block(cfg, cross_attention=cross_attention, rngs=rngs) for _ in range(depth)])
-
-
-def run_blocks(blocks: nnx.List, x_BxLxD: Array, remat: str, **kwargs) -> Array:
-    """Applies the blocks in order, rematerialising each one if the config asks."""
-    for block in blocks:
-        if remat == "none":
-            x_BxLxD = block(x_BxLxD, **kwargs)
-        else:
-            step = nnx.remat(lambda blk, h: blk(h, **kwargs), policy=_REMAT_POLICIES[remat])
-            x_BxLxD = step(block, x_BxLxD)
-    return x_BxLxD
 
 
 class LmHead(nnx.Module):
@@ -166,7 +136,9 @@ class LmHead(nnx.Module):
     def __call__(self, x_BxLxD: Array, embeddings: Embeddings) -> Array:
         """[B, L, V] float32 logits."""
         if self.proj is not None:
-            return self.proj(x_BxLxD).astype(jnp.float32)
-        if self.scale is not None:
-            x_BxLxD = x_BxLxD * self.scale
-        return embeddings.token_embed.attend(x_BxLxD).astype(jnp.float32)
+            logits_BxLxV = self.proj(x_BxLxD)
+        else:
+            if self.scale is not None:
+                x_BxLxD = x_BxLxD * self.scale
+            logits_BxLxV = embeddings.token_embed.attend(x_BxLxD)
+        return constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))

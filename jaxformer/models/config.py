@@ -60,13 +60,18 @@ class ModelConfig:
     the real tokens' hidden states (learns faster from a briefly pretrained encoder)."""
     dropout_rate: float = 0.0
     sliding_window: Optional[int] = None
-    attention_impl: str = "plain"
-    """'plain', 'chunked' (memory-efficient) or 'cudnn' (NVIDIA GPUs)."""
+    attention_impl: str = "auto"
+    """'auto' (the backend's fastest correct kernel), 'plain', 'chunked' (memory-efficient),
+    'cudnn' (NVIDIA GPUs) or 'splash' (TPU Pallas kernel)."""
     dtype: str = "float32"
     """Computation dtype ('float32' or 'bfloat16'); parameters keep param_dtype."""
     param_dtype: str = "float32"
     remat: str = "none"
-    """Rematerialise each block in the backward pass: 'none', 'full' or 'dots_saveable'."""
+    """Rematerialise each block in the backward pass: 'none', 'full', 'dots_saveable' or
+    'offload_dots' (dots_saveable with the saved matmuls in host memory; TPU/GPU only)."""
+    scan_layers: bool = True
+    """Run the stacked blocks with jax.lax.scan (compile time flat in depth); False unrolls a
+    Python loop over the same parameters, for debugging."""
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -75,10 +80,11 @@ class ModelConfig:
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("norm_position", self.norm_position, ("pre", "post"))
         _check_choice("mlp", self.mlp, ("gelu", "gelu_exact", "relu", "swiglu", "geglu"))
-        _check_choice("attention_impl", self.attention_impl, ("plain", "chunked", "cudnn"))
+        _check_choice("attention_impl", self.attention_impl,
+                      ("auto", "plain", "chunked", "cudnn", "splash"))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("param_dtype", self.param_dtype, ("float32", "bfloat16"))
-        _check_choice("remat", self.remat, ("none", "full", "dots_saveable"))
+        _check_choice("remat", self.remat, ("none", "full", "dots_saveable", "offload_dots"))
         _check_choice("pooling", self.pooling, ("first", "mean"))
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(

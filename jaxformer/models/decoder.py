@@ -9,9 +9,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import attention as attn_lib
-from jaxformer.models.block import (Embeddings, LmHead, decode_blocks, init_cache, make_blocks,
-                                    make_norm, run_blocks)
+from jaxformer.layers import AttentionInputs
+from jaxformer.models.block import Embeddings, LmHead, make_norm
 from jaxformer.models.config import ModelConfig
+from jaxformer.models.stack import decode_blocks, init_cache, make_blocks, run_blocks
 
 Array = jax.Array
 
@@ -29,24 +30,30 @@ class DecoderLM(nnx.Module):
     def __call__(self, tokens_BxL: Array, *, segment_ids: Optional[Array] = None,
                  positions: Optional[Array] = None) -> Array:
         """Logits [B, L, V]; with segment_ids, packed documents do not attend to each other."""
-        x_BxLxD = self.embed(tokens_BxL, positions)
-        self_kwargs = dict(is_causal=True, segment_ids=segment_ids, positions=positions,
-                           sliding_window=self.config.sliding_window)
-        x_BxLxD = run_blocks(self.blocks, x_BxLxD, self.config.remat, self_kwargs=self_kwargs)
-        return self._logits(x_BxLxD)
+        return self.logits(self.hidden(tokens_BxL, segment_ids=segment_ids, positions=positions))
 
-    def _logits(self, x_BxLxD: Array) -> Array:
+    def hidden(self, tokens_BxL: Array, *, segment_ids: Optional[Array] = None,
+               positions: Optional[Array] = None) -> Array:
+        """Final hidden states [B, L, D], before the LM head (see `logits`)."""
+        cfg = self.config
+        x_BxLxD = self.embed(tokens_BxL, positions)
+        inputs = AttentionInputs(is_causal=True, segment_ids=segment_ids, positions=positions,
+                                 sliding_window=cfg.sliding_window)
+        return run_blocks(self.blocks, x_BxLxD, inputs, remat=cfg.remat, scan=cfg.scan_layers)
+
+    def logits(self, x_BxLxD: Array) -> Array:
+        """Float32 logits [B, L, V] of hidden states (any length: the loss calls it per chunk)."""
         if self.final_norm is not None:
             x_BxLxD = self.final_norm(x_BxLxD)
         return self.head(x_BxLxD, self.embed)
 
-    def init_cache(self, batch: int, length: int) -> list[dict]:
-        """An empty K/V cache of `length` slots per row: one {k, v} dict per layer."""
-        return [init_cache(self.config, batch, length) for _ in self.blocks]
+    def init_cache(self, batch: int, length: int) -> dict:
+        """An empty K/V cache of `length` slots per row: {k, v}, each [layers, B, length, K, H]."""
+        return init_cache(self.config, self.config.num_layers, batch, length)
 
-    def decode_step(self, tokens_BxT: Array, cache: list[dict], *, index: Array,
+    def decode_step(self, tokens_BxT: Array, cache: dict, *, index: Array,
                     positions: Optional[Array] = None,
-                    kv_valid: Optional[Array] = None) -> tuple[Array, list[dict]]:
+                    kv_valid: Optional[Array] = None) -> tuple[Array, dict]:
         """Logits [B, T, V] of T new tokens written to cache slots index..index+T-1, and the cache.
 
         `positions` [B, T] defaults to index + arange(T); `kv_valid` [B, M] marks the cache slots
@@ -58,7 +65,8 @@ class DecoderLM(nnx.Module):
             positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         x_BxTxD = self.embed(tokens_BxT, positions)
         mask = None if kv_valid is None else attn_lib.padding_mask(kv_valid)
-        self_kwargs = dict(index=index, positions=positions, mask=mask,
-                           sliding_window=self.config.sliding_window)
-        x_BxTxD, cache = decode_blocks(self.blocks, x_BxTxD, cache, self_kwargs=self_kwargs)
-        return self._logits(x_BxTxD), cache
+        inputs = AttentionInputs(positions=positions, mask=mask,
+                                 sliding_window=self.config.sliding_window)
+        x_BxTxD, cache = decode_blocks(self.blocks, x_BxTxD, cache, index=index,
+                                       self_inputs=inputs, scan=self.config.scan_layers)
+        return self.logits(x_BxTxD), cache

@@ -10,8 +10,11 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import layers
-from jaxformer.models.block import (Embeddings, dtypes, make_blocks, make_norm, run_blocks)
+from jaxformer.layers import AttentionInputs
+from jaxformer.logical import constrain
+from jaxformer.models.block import Embeddings, dtypes, make_norm
 from jaxformer.models.config import ModelConfig
+from jaxformer.models.stack import make_blocks, run_blocks
 
 Array = jax.Array
 
@@ -44,9 +47,10 @@ class EncoderLM(nnx.Module):
         """Hidden states [B, L, D]; padded positions (attention_mask == 0) are never attended to."""
         x_BxLxD = self.embed(tokens_BxL, positions, token_types)
         mask = None if attention_mask is None else attn_lib.padding_mask(attention_mask)
-        self_kwargs = dict(mask=mask, segment_ids=segment_ids, positions=positions,
-                           sliding_window=self.config.sliding_window)
-        x_BxLxD = run_blocks(self.blocks, x_BxLxD, self.config.remat, self_kwargs=self_kwargs)
+        inputs = AttentionInputs(mask=mask, segment_ids=segment_ids, positions=positions,
+                                 sliding_window=self.config.sliding_window)
+        x_BxLxD = run_blocks(self.blocks, x_BxLxD, inputs, remat=self.config.remat,
+                             scan=self.config.scan_layers)
         if self.final_norm is not None:
             x_BxLxD = self.final_norm(x_BxLxD)
         return x_BxLxD
@@ -59,7 +63,16 @@ class EncoderLM(nnx.Module):
             logits = self.mlm_out(h)
         else:
             logits = self.embed.token_embed.attend(h)
-        return logits.astype(jnp.float32) + self.mlm_bias[...].astype(jnp.float32)
+        logits = logits.astype(jnp.float32) + self.mlm_bias[...].astype(jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def hidden(self, tokens_BxL: Array, **kwargs) -> Array:
+        """The loss's view of `encode`: hidden states [B, L, D] that `logits` projects."""
+        return self.encode(tokens_BxL, **kwargs)
+
+    def logits(self, hidden_BxLxD: Array) -> Array:
+        """The loss's view of `mlm_logits` (called per chunk of positions)."""
+        return self.mlm_logits(hidden_BxLxD)
 
     def __call__(self, tokens_BxL: Array, *, attention_mask: Optional[Array] = None,
                  segment_ids: Optional[Array] = None, positions: Optional[Array] = None,

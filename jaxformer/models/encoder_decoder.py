@@ -10,9 +10,10 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import layers
-from jaxformer.models.block import (Embeddings, LmHead, decode_blocks, init_cache, make_blocks,
-                                    make_norm, run_blocks)
+from jaxformer.layers import AttentionInputs
+from jaxformer.models.block import Embeddings, LmHead, make_norm
 from jaxformer.models.config import ModelConfig
+from jaxformer.models.stack import decode_blocks, init_cache, make_blocks, run_blocks
 
 Array = jax.Array
 
@@ -51,54 +52,82 @@ class EncoderDecoderLM(nnx.Module):
         s = encoder_tokens_BxS.shape[1]
         x = self.embed(encoder_tokens_BxS)
         mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
-        self_kwargs = dict(mask=mask, bias=self._position_bias(self.encoder_bias, s, s))
-        x = run_blocks(self.encoder_blocks, x, self.config.remat, self_kwargs=self_kwargs)
+        inputs = AttentionInputs(mask=mask, bias=self._position_bias(self.encoder_bias, s, s))
+        x = run_blocks(self.encoder_blocks, x, inputs, remat=self.config.remat,
+                       scan=self.config.scan_layers)
         return self.dropout(self.encoder_norm(x))
 
     def decode(self, decoder_tokens_BxT: Array, encoded_BxSxD: Array, *,
                encoder_mask: Optional[Array] = None,
                decoder_mask: Optional[Array] = None) -> Array:
         """Decoder logits [B, T, V] given the encoder's hidden states."""
+        return self.logits(self.decoder_hidden(decoder_tokens_BxT, encoded_BxSxD,
+                                               encoder_mask=encoder_mask,
+                                               decoder_mask=decoder_mask))
+
+    def decoder_hidden(self, decoder_tokens_BxT: Array, encoded_BxSxD: Array, *,
+                       encoder_mask: Optional[Array] = None,
+                       decoder_mask: Optional[Array] = None) -> Array:
+        """Final decoder hidden states [B, T, D] (normed), before the LM head (see `logits`)."""
         t = decoder_tokens_BxT.shape[1]
         x = self.embed(decoder_tokens_BxT)
         self_mask = None if decoder_mask is None else attn_lib.padding_mask(decoder_mask)
-        self_kwargs = dict(mask=self_mask, is_causal=True,
-                           bias=self._position_bias(self.decoder_bias, t, t))
+        self_inputs = AttentionInputs(mask=self_mask, is_causal=True,
+                                      bias=self._position_bias(self.decoder_bias, t, t))
         cross_mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
-        x = run_blocks(self.decoder_blocks, x, self.config.remat, self_kwargs=self_kwargs,
-                       context_BxSxD=encoded_BxSxD, cross_kwargs=dict(mask=cross_mask))
-        x = self.dropout(self.decoder_norm(x))
-        return self.head(x, self.embed)
+        x = run_blocks(self.decoder_blocks, x, self_inputs, remat=self.config.remat,
+                       scan=self.config.scan_layers, context_BxSxD=encoded_BxSxD,
+                       cross_inputs=AttentionInputs(mask=cross_mask))
+        return self._final(x)
 
-    def init_cache(self, encoded_BxSxD: Array, length: int) -> list[dict]:
-        """Per decoder layer: an empty self-attention K/V cache of `length` slots, and the
-        cross-attention keys/values of the encoder output, projected once."""
-        caches = []
-        for block in self.decoder_blocks:
-            cross_k, cross_v = block.cross_attn.project_kv(encoded_BxSxD)
-            caches.append(dict(init_cache(self.config, encoded_BxSxD.shape[0], length),
-                               cross_k=cross_k, cross_v=cross_v))
-        return caches
+    def _final(self, x_BxTxD: Array) -> Array:
+        # Dropout lives here, not in `logits`, so the chunked loss can call `logits` under scan.
+        return self.dropout(self.decoder_norm(x_BxTxD))
 
-    def decode_step(self, decoder_tokens_BxT: Array, cache: list[dict], *, index: Array,
-                    encoder_mask: Optional[Array] = None) -> tuple[Array, list[dict]]:
+    def logits(self, x_BxTxD: Array) -> Array:
+        """Float32 logits [B, T, V] of decoder hidden states (the loss calls it per chunk)."""
+        return self.head(x_BxTxD, self.embed)
+
+    def init_cache(self, encoded_BxSxD: Array, length: int) -> dict:
+        """Stacked over decoder layers: an empty self-attention K/V cache of `length` slots and
+        the cross-attention keys/values of the encoder output, projected once."""
+        graphdef, state = nnx.split(self.decoder_blocks)
+
+        def project(layer_state):
+            return nnx.merge(graphdef, layer_state).cross_attn.project_kv(encoded_BxSxD)
+
+        cross_k, cross_v = jax.lax.map(project, state)
+        cache = init_cache(self.config, self.config.decoder_layers, encoded_BxSxD.shape[0], length)
+        return dict(cache, cross_k=cross_k, cross_v=cross_v)
+
+    def decode_step(self, decoder_tokens_BxT: Array, cache: dict, *, index: Array,
+                    encoder_mask: Optional[Array] = None) -> tuple[Array, dict]:
         """Logits [B, T, V] of T new decoder tokens at positions index..index+T-1, and the cache."""
         b, t = decoder_tokens_BxT.shape
-        length = cache[0]["k"].shape[1]
+        length = cache["k"].shape[2]
         positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         x = self.embed(decoder_tokens_BxT, positions)
-        self_kwargs = dict(index=index, positions=positions,
-                           bias=self._position_bias(self.decoder_bias, t, length, offset=index))
+        self_inputs = AttentionInputs(
+            positions=positions,
+            bias=self._position_bias(self.decoder_bias, t, length, offset=index))
         cross_mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
-        x, cache = decode_blocks(self.decoder_blocks, x, cache, self_kwargs=self_kwargs,
-                                 cross_kwargs=dict(mask=cross_mask, positions=positions))
-        x = self.dropout(self.decoder_norm(x))
-        return self.head(x, self.embed), cache
+        x, cache = decode_blocks(self.decoder_blocks, x, cache, index=index,
+                                 self_inputs=self_inputs, scan=self.config.scan_layers,
+                                 cross_inputs=AttentionInputs(mask=cross_mask,
+                                                              positions=positions))
+        return self.logits(self._final(x)), cache
+
+    def hidden(self, encoder_tokens_BxS: Array, decoder_tokens_BxT: Array, *,
+               encoder_mask: Optional[Array] = None,
+               decoder_mask: Optional[Array] = None) -> Array:
+        """Decoder hidden states [B, T, D] for the whole model (the loss's view; see `logits`)."""
+        encoded = self.encode(encoder_tokens_BxS, encoder_mask=encoder_mask)
+        return self.decoder_hidden(decoder_tokens_BxT, encoded, encoder_mask=encoder_mask,
+                                   decoder_mask=decoder_mask)
 
     def __call__(self, encoder_tokens_BxS: Array, decoder_tokens_BxT: Array, *,
                  encoder_mask: Optional[Array] = None,
                  decoder_mask: Optional[Array] = None) -> Array:
         """Logits [B, T, V] of the decoder tokens' successors."""
-        encoded = self.encode(encoder_tokens_BxS, encoder_mask=encoder_mask)
-        return self.decode(decoder_tokens_BxT, encoded, encoder_mask=encoder_mask,
-                           decoder_mask=decoder_mask)
+        return self.logits(self.hidden(encoder_tokens_BxS, decoder_tokens_BxT,
+                                       encoder_mask=encoder_mask, decoder_mask=decoder_mask))

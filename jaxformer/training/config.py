@@ -27,6 +27,9 @@ class TrainConfig:
     eval_every: int = 100
     """Steps between validation passes (0: only at the end)."""
     eval_batches: int = 8
+    loss_chunk_size: int = 512
+    """Positions per chunk of the cross-entropy, so [batch, length, vocab] logits never exist
+    at once; 0 computes the whole logits (same loss within float rounding)."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 detects known accelerators (CPU: no MFU)."""
     sample_prompt: str = "def fibonacci(n):"

@@ -72,7 +72,9 @@ def evaluate_int8(trainer, num_batches: Optional[int] = None) -> dict[str, float
     quantized = quantize_model(model)
     graphdef, state = nnx.split((quantized, None))
     float_step, float_state = trainer.eval_step, trainer.state
-    trainer.eval_step, trainer.state = make_eval_step(graphdef), state
+    trainer.eval_step, trainer.state = make_eval_step(
+        graphdef, rules=trainer.rules, mesh=trainer.mesh,
+        loss_chunk_size=trainer.cfg.train.loss_chunk_size), state
     try:
         metrics = trainer.evaluate(num_batches)
     finally:

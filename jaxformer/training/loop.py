@@ -52,6 +52,7 @@ class Trainer:
         self.log, self.show_progress = log, show_progress
         shard_lib.maybe_initialize_distributed(cfg.mesh)
         self.mesh = shard_lib.make_mesh(cfg.mesh)
+        self.rules = cfg.mesh.rules
         self._check_batch_size(self.batch_size_of(cfg), cfg.optimizer.grad_accum_steps)
         self.run_dir = os.path.abspath(cfg.run.dir)
         meta = None
@@ -86,19 +87,21 @@ class Trainer:
                                                          int(meta["step"]))
             self.start_step = int(meta["step"])
             self.log(f"[resume] from step {self.start_step} of {self.run_dir}")
+        step_kw = dict(rules=cfg.mesh.rules, mesh=self.mesh,
+                       loss_chunk_size=cfg.train.loss_chunk_size)
         self.train_step = make_train_step(
             self.graphdef, cfg.optimizer.grad_accum_steps,
-            shard_lib.state_shardings(self.state, self.mesh, cfg.mesh.rules))
-        self.eval_step = make_eval_step(self.graphdef)
+            shard_lib.state_shardings(self.state, self.mesh, cfg.mesh.rules), **step_kw)
+        self.eval_step = make_eval_step(self.graphdef, **step_kw)
         self.is_lead = jax.process_index() == 0
         self.writer = metrics_lib.MetricsWriter(self.run_dir,
                                                 enabled=self.is_lead and not read_only)
 
     def _check_batch_size(self, batch_size: int, grad_accum_steps: int) -> None:
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        shards = shard_lib.batch_shards(self.mesh, self.rules)
         if batch_size % shards:
-            raise ValueError(f"batch_size={batch_size} is not divisible by the data×fsdp mesh "
-                             f"size {shards}")
+            raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} ways the "
+                             f"batch is split (mesh axes {shard_lib.batch_axes(self.mesh, self.rules)})")
         if batch_size % (grad_accum_steps * shards):
             raise ValueError(f"batch_size={batch_size} must split into optimizer.grad_accum_steps="
                              f"{grad_accum_steps} micro-batches of a multiple of {shards} rows")
@@ -151,7 +154,7 @@ class Trainer:
     def global_batch(self, batcher: Batcher, step: int) -> tuple[dict, dict]:
         """(host numpy rows of this process, the sharded global batch) for a step."""
         local = batcher.batch(step, jax.process_index(), jax.process_count())
-        return local, shard_lib.shard_batch(local, self.mesh)
+        return local, shard_lib.shard_batch(local, self.mesh, self.rules)
 
     def evaluate(self, num_batches: Optional[int] = None) -> dict[str, float]:
         """Validation loss, accuracy, perplexity and bits per byte over the first batches."""

@@ -2,53 +2,69 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
+
+from jaxformer import losses
+from jaxformer.logical import Rule, axis_rules
 
 Array = jax.Array
 Batch = dict[str, Array]
 
 
-def forward(model: nnx.Module, batch: Batch) -> tuple[Array, Array, Array]:
-    """(logits, targets, weights) for whichever family `model` is and whatever the batch holds.
+def forward_hidden(model: nnx.Module, batch: Batch) -> tuple[Array, Array, Array]:
+    """(hidden states [B, L, D], targets, weights) of a language-model batch for any family.
 
-    Language-model batches give [B, L, V] logits; classification batches (with `labels`) give
-    [B, num_labels] logits from the pooled classifier.
+    `model.logits` turns hidden states into [B, L, V] logits; the loss calls it chunk by chunk.
     """
     family = model.config.family
-    if "labels" in batch:
-        logits = model.classify(batch["inputs"], attention_mask=batch["segment_ids"] > 0)
-        return logits, batch["labels"], batch["example_weight"]
     if family == "decoder":
-        logits = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                       positions=batch["positions"])
+        hidden = model.hidden(batch["inputs"], segment_ids=batch["segment_ids"],
+                              positions=batch["positions"])
     elif family == "encoder":
-        logits = model(batch["inputs"], attention_mask=batch["segment_ids"] > 0,
-                       segment_ids=batch["segment_ids"], positions=batch["positions"])
+        hidden = model.hidden(batch["inputs"], attention_mask=batch["segment_ids"] > 0,
+                              segment_ids=batch["segment_ids"], positions=batch["positions"])
     else:
-        logits = model(batch["encoder_inputs"], batch["decoder_inputs"],
-                       encoder_mask=batch["encoder_segment_ids"] > 0,
-                       decoder_mask=batch["decoder_segment_ids"] > 0)
-    return logits, batch["targets"], batch["loss_weights"]
+        hidden = model.hidden(batch["encoder_inputs"], batch["decoder_inputs"],
+                              encoder_mask=batch["encoder_segment_ids"] > 0,
+                              decoder_mask=batch["decoder_segment_ids"] > 0)
+    return hidden, batch["targets"], batch["loss_weights"]
 
 
-def _sums_and_predictions(model: nnx.Module, batch: Batch) -> tuple[dict[str, Array], Array]:
-    logits, targets, weights = forward(model, batch)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    predictions = jnp.argmax(logits, axis=-1)
-    weights = weights.astype(jnp.float32)
-    sums = dict(loss_sum=jnp.sum(nll * weights), weight_sum=jnp.sum(weights),
-                correct_sum=jnp.sum((predictions == targets) * weights))
-    return sums, predictions
+def _sums_and_predictions(model: nnx.Module, batch: Batch,
+                          chunk_size: int = 0) -> tuple[dict[str, Array], Array]:
+    """Summed loss/weight/correct totals and argmax predictions; LM logits never exist whole
+    when `chunk_size` > 0 (positions per chunk of the cross-entropy)."""
+    if "labels" in batch:  # classification: [B, num_labels] logits are small
+        logits_BxC = model.classify(batch["inputs"], attention_mask=batch["segment_ids"] > 0)
+        return _classification_sums(logits_BxC, batch["labels"], batch["example_weight"])
+    hidden, targets, weights = forward_hidden(model, batch)
+    if chunk_size <= 0 or chunk_size >= hidden.shape[1]:
+        return losses.full_cross_entropy_sums(hidden, model.logits, targets, weights,
+                                              return_predictions=True)
+    return losses.cross_entropy_sums(hidden, model.logits, targets, weights,
+                                     chunk_size=chunk_size, return_predictions=True)
 
 
-def loss_sums(model: nnx.Module, batch: Batch) -> dict[str, Array]:
+def _classification_sums(logits_BxC: Array, labels_B: Array,
+                         weights_B: Array) -> tuple[dict[str, Array], Array]:
+    nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+    predictions_B = jnp.argmax(logits_BxC, axis=-1)
+    weights_B = weights_B.astype(jnp.float32)
+    sums = dict(loss_sum=jnp.sum(nll_B * weights_B), weight_sum=jnp.sum(weights_B),
+                correct_sum=jnp.sum((predictions_B == labels_B) * weights_B))
+    return sums, predictions_B
+
+
+def loss_sums(model: nnx.Module, batch: Batch, chunk_size: int = 0) -> dict[str, Array]:
     """Summed (not averaged) loss, weight and correct-prediction totals over a batch, in float32."""
-    return _sums_and_predictions(model, batch)[0]
+    return _sums_and_predictions(model, batch, chunk_size)[0]
 
 
 def _micro_batches(batch: Batch, num: int) -> Batch:
@@ -62,17 +78,20 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
 
 
 def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
-                    state_sharding: Any = None) -> Callable:
+                    state_sharding: Any = None, *, rules: Optional[Sequence[Rule]] = None,
+                    mesh: Optional[Mesh] = None, loss_chunk_size: int = 0) -> Callable:
     """A jitted `(state, batch) -> (state, metrics)`; gradients are averaged per target token.
 
     `state_sharding` (e.g. `sharding.state_shardings(state, mesh, rules)`) pins the new state to
-    the layout of the old one instead of whatever the compiler would propagate.
+    the layout of the old one instead of whatever the compiler would propagate; `rules` (with
+    `mesh`) constrain the activations by the same logical-axis table as the parameters.
     """
 
     def sum_loss(model, batch):
-        sums = loss_sums(model, batch)
+        sums = loss_sums(model, batch, loss_chunk_size)
         return sums["loss_sum"], sums
 
+    @_with_rules(rules, mesh)
     def train_step(state: Any, batch: Batch):
         model, optimizer = nnx.merge(graphdef, state)
         grad_fn = nnx.grad(sum_loss, has_aux=True)
@@ -111,15 +130,31 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
     return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, *, rules: Optional[Sequence[Rule]] = None,
+                   mesh: Optional[Mesh] = None, loss_chunk_size: int = 0) -> Callable:
     """A jitted `(state, batch) -> (sums, predictions)` in evaluation mode (no dropout).
 
     Predictions are the argmax classes (classification) or next tokens (language models).
     """
 
+    @_with_rules(rules, mesh)
     def eval_step(state: Any, batch: Batch):
         model, _ = nnx.merge(graphdef, state)
         model.eval()
-        return _sums_and_predictions(model, batch)
+        return _sums_and_predictions(model, batch, loss_chunk_size)
 
     return jax.jit(eval_step)
+
+
+def _with_rules(rules: Optional[Sequence[Rule]], mesh: Optional[Mesh]) -> Callable:
+    """Decorator: trace the step inside `axis_rules`, so activations follow the rule table."""
+    def wrap(fn: Callable) -> Callable:
+        if rules is None:
+            return fn
+
+        @functools.wraps(fn)
+        def traced(*args):
+            with axis_rules(rules, mesh):
+                return fn(*args)
+        return traced
+    return wrap

@@ -37,7 +37,7 @@ def evaluate_task(trainer, num_batches: Optional[int] = None,
     labels, predictions, sources, references = [], [], [], []
     process = (jax.process_index(), jax.process_count())
     for local in trainer.eval_batcher.eval_batches(num_batches, *process):
-        batch = shard_lib.shard_batch(local, trainer.mesh)
+        batch = shard_lib.shard_batch(local, trainer.mesh, trainer.rules)
         sums, preds = trainer.eval_step(trainer.state, batch)
         for k in totals:
             totals[k] += float(jax.device_get(sums[k]))

@@ -1,0 +1,111 @@
+"""The layer stack: blocks with parameters stacked on a leading `layers` axis, run by scan.
+
+One `Block` module holds every layer's parameters ([layers, ...] arrays, logical axis `layers`).
+`run_blocks` scans over them (compile time flat in depth) or, with `scan=False`, unrolls a Python
+loop over the same stacked parameters, so checkpoints do not depend on the choice. Remat wraps the
+per-layer body once. The KV cache is stacked the same way: [layers, batch, length, kv_heads, dim].
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.layers import AttentionInputs
+from jaxformer.logical import constrain
+from jaxformer.models.block import Block
+from jaxformer.models.config import ModelConfig
+
+Array = jax.Array
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+REMAT_POLICIES: dict[str, Optional[Callable]] = {
+    "full": None,  # save nothing but the layer input: recompute the block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep the same matmul outputs, but in host memory (TPU/GPU backends with pinned host memory).
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        offload_src="device", offload_dst="pinned_host"),
+}
+
+
+def make_blocks(cfg: ModelConfig, depth: int, *, cross_attention: bool = False,
+                rngs: nnx.Rngs) -> Block:
+    """`depth` blocks as one Block whose parameters are stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(layer_rngs: nnx.Rngs) -> Block:
+        return Block(cfg, cross_attention=cross_attention, rngs=layer_rngs)
+
+    return create(rngs)
+
+
+def num_layers(blocks: Block) -> int:
+    """Depth of a stacked Block."""
+    return jax.tree.leaves(nnx.state(blocks, nnx.Param))[0].shape[0]
+
+
+def _layer(tree, i: int):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _stack(trees: list):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _loop(body: Callable, carry, xs, depth: int, scan: bool):
+    """jax.lax.scan(body, carry, xs), or the same as an unrolled Python loop."""
+    if scan:
+        return jax.lax.scan(body, carry, xs)
+    ys = []
+    for i in range(depth):
+        carry, y = body(carry, _layer(xs, i))
+        ys.append(y)
+    return carry, _stack(ys)
+
+
+def run_blocks(blocks: Block, x_BxLxD: Array, self_inputs: AttentionInputs, *,
+               remat: str = "none", scan: bool = True, context_BxSxD: Optional[Array] = None,
+               cross_inputs: AttentionInputs = AttentionInputs()) -> Array:
+    """Applies the stacked blocks in order; rematerialises each layer as `remat` asks."""
+    graphdef, params, rest = nnx.split(blocks, nnx.Param, ...)
+
+    def body(x, layer_state):
+        block = nnx.merge(graphdef, *layer_state)
+        x = block(x, self_inputs, context_BxSxD, cross_inputs)
+        return x, nnx.state(block, nnx.Not(nnx.Param))  # RNG counters move on
+
+    if remat != "none":
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; valid: none, "
+                             f"{', '.join(REMAT_POLICIES)}")
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    x_BxLxD, rest = _loop(body, x_BxLxD, (params, rest), num_layers(blocks), scan)
+    nnx.update(blocks, rest)
+    return x_BxLxD
+
+
+def decode_blocks(blocks: Block, x_BxTxD: Array, cache: dict, *, index: Array,
+                  self_inputs: AttentionInputs, cross_inputs: AttentionInputs = AttentionInputs(),
+                  scan: bool = True) -> tuple[Array, dict]:
+    """Applies the stacked blocks to new tokens with a stacked cache; returns the new cache."""
+    graphdef, state = nnx.split(blocks)
+
+    def body(x, layer):
+        layer_state, layer_cache = layer
+        block = nnx.merge(graphdef, layer_state)
+        return block.decode(x, layer_cache, index=index, self_inputs=self_inputs,
+                            cross_inputs=cross_inputs)
+
+    x_BxTxD, cache = _loop(body, x_BxTxD, (state, cache), num_layers(blocks), scan)
+    return x_BxTxD, {k: constrain(v, CACHE_AXES) for k, v in cache.items()}
+
+
+def init_cache(cfg: ModelConfig, depth: int, batch: int, length: int) -> dict:
+    """An empty self-attention cache: keys and values [layers, B, length, K, H] of zeros."""
+    shape = (depth, batch, length, cfg.kv_heads, cfg.dims_per_head)
+    zeros = constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES)
+    return dict(k=zeros, v=zeros)
