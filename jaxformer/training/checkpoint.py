@@ -13,7 +13,9 @@ from flax import nnx
 
 from jaxformer import sharding as shard_lib
 
-FORMAT_VERSION = 1
+# 2: blocks stacked on a leading `layers` axis, per-head attention kernels (1 had per-layer
+# blocks.{i} parameters and 2-D attention matrices).
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -85,6 +87,13 @@ class Checkpointer:
         step = self._resolve(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = dict(restored["meta"])
+        version = meta.get("format_version", 1)
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.manager.directory} has format "
+                f"{version}; this jaxformer reads format {FORMAT_VERSION} (parameters stacked over "
+                "layers, per-head attention kernels). Load it with the jaxformer release that "
+                "wrote it, or start a new run.dir")
         meta["tokenizer"] = base64.b64decode(meta["tokenizer"])
         return meta
 

@@ -120,7 +120,7 @@ def _key_name(key: Any) -> str:
 
 
 def path_names(path: tuple[Any, ...]) -> list[str]:
-    """A parameter's pytree path as names, e.g. ['blocks', '0', 'mlp', 'up', 'kernel']."""
+    """A parameter's pytree path as names, e.g. ['blocks', 'mlp', 'up', 'kernel']."""
     # Flattening an nnx.Variable adds a trailing GetAttrKey('value'); it is not part of the name.
     while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
         path = path[:-1]

@@ -1,0 +1,22 @@
+"""Every Python example in the README runs as written (outside any mesh, default settings)."""
+
+import os
+import re
+
+import pytest
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def python_blocks() -> list[str]:
+    with open(README) as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+
+
+def test_readme_has_python_examples():
+    assert len(python_blocks()) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_readme_example_runs(index):
+    exec(compile(python_blocks()[index], f"README.md example {index}", "exec"), {})
