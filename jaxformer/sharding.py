@@ -59,11 +59,16 @@ class MeshConfig:
     distributed: str = "auto"
     """'auto' (initialise jax.distributed when the environment says multi-host), 'always' or
     'never' (not on/off: YAML reads those as booleans)."""
+    slices: int = 1
+    """TPU slices (multi-slice pods): the data axis spans them over the slow inter-slice network
+    (data parallel across slices); fsdp and tensor stay inside a slice."""
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1
 
     def __post_init__(self) -> None:
+        if self.slices < 1:
+            raise ValueError(f"mesh.slices must be >= 1, got {self.slices}")
         if len(self.shape) != 3:
             raise ValueError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {self.shape}")
         if list(self.shape).count(-1) > 1 or any(s == 0 or s < -1 for s in self.shape):
@@ -93,18 +98,29 @@ def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A mesh with Auto axis types over all (or the given) devices."""
+    """A mesh with Auto axis types over all (or the given) devices; across `cfg.slices` TPU
+    slices it is a hybrid mesh whose data axis is split between (DCN) and within slices (ICI)."""
     devices = jax.devices() if devices is None else list(devices)
     shape = resolve_shape(cfg.shape, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * 3
+    if cfg.slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    data, fsdp, tensor = shape
+    if data % cfg.slices:
+        raise ValueError(f"with mesh.slices={cfg.slices} the data axis must be a multiple of "
+                         f"{cfg.slices} (data parallel across slices), got mesh.shape="
+                         f"{tuple(cfg.shape)} -> {shape}; try mesh.shape=[{cfg.slices},-1,1]")
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_hybrid_device_mesh((data // cfg.slices, fsdp, tensor),
+                                                (cfg.slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Optional[str]]]) -> Any:
+def state_shardings(state: Any, mesh: Mesh, rules: Sequence[Rule]) -> Any:
     """NamedShardings for every leaf of an nnx state (abstract or concrete), from its logical names.
 
     Leaves without names (RNG keys, step counters, scalars) are replicated. A dimension whose size
@@ -146,8 +162,7 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
             for k, v in local_batch.items()}
 
 
-def create_sharded(factory: Callable[[], Any], mesh: Mesh,
-                   rules: Sequence[tuple[str, Optional[str]]]) -> Any:
+def create_sharded(factory: Callable[[], Any], mesh: Mesh, rules: Sequence[Rule]) -> Any:
     """Builds the nnx object(s) that `factory` returns with every array born sharded.
 
     The factory is traced abstractly first, then run under jit with out_shardings, so no host ever

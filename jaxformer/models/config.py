@@ -149,11 +149,15 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-1b": ModelConfig(**_LLAMA, vocab_size=128256, max_len=8192, d_model=2048, num_layers=16,
                             num_heads=32, num_kv_heads=8, d_ff=8192, tie_embeddings=True,
                             rope_theta=500000.0),
+    # A Llama-3-8B-shaped decoder: 32 layers, 32 query / 8 K/V heads, untied 128k vocabulary.
+    "llama3-8b": ModelConfig(**_LLAMA, vocab_size=128256, max_len=8192, d_model=4096,
+                             num_layers=32, num_heads=32, num_kv_heads=8, d_ff=14336,
+                             tie_embeddings=False, rope_theta=500000.0),
 }
 
 # Parameter counts the preset names promise (the published figures).
 PROMISED_PARAMS = {"gpt2-124m": 124e6, "gpt2-350m": 350e6, "bert-base": 110e6, "t5-small": 60e6,
-                   "t5-base": 220e6, "llama-1b": 1.24e9}
+                   "t5-base": 220e6, "llama-1b": 1.24e9, "llama3-8b": 8.03e9}
 
 
 def preset(name: str) -> ModelConfig:
