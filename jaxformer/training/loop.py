@@ -27,12 +27,30 @@ from jaxformer.training.step import make_eval_step, make_train_step
 EVAL_SEED = 0
 
 
-def build_state(model_cfg: models.ModelConfig, tx, mesh, rules, seed: int):
-    """(graphdef, state) of (model, optimizer), every array born sharded on the mesh."""
+def train_state_factory(model_cfg: models.ModelConfig, tx, seed: int) -> Callable[[], tuple]:
+    """A function building the (model, optimizer) pair that a run trains."""
     def factory():
         model = models.create(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-    return nnx.split(shard_lib.create_sharded(factory, mesh, rules))
+    return factory
+
+
+def build_state(model_cfg: models.ModelConfig, tx, mesh, rules, seed: int):
+    """(graphdef, state) of (model, optimizer), every array born sharded on the mesh."""
+    return nnx.split(shard_lib.create_sharded(train_state_factory(model_cfg, tx, seed), mesh,
+                                              rules))
+
+
+def check_batch_size(batch_size: int, grad_accum_steps: int, mesh, rules) -> None:
+    """A clear error unless the global batch splits over the batch's mesh axes and micro-batches."""
+    shards = shard_lib.batch_shards(mesh, rules)
+    axes = shard_lib.batch_axes(mesh, rules)
+    if batch_size % shards:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} ways the "
+                         f"batch is split (mesh axes {axes})")
+    if batch_size % (grad_accum_steps * shards):
+        raise ValueError(f"batch_size={batch_size} must split into optimizer.grad_accum_steps="
+                         f"{grad_accum_steps} micro-batches of a multiple of {shards} rows")
 
 
 def _model_mismatch(stored: dict, wanted: models.ModelConfig) -> list[str]:
@@ -53,7 +71,8 @@ class Trainer:
         shard_lib.maybe_initialize_distributed(cfg.mesh)
         self.mesh = shard_lib.make_mesh(cfg.mesh)
         self.rules = cfg.mesh.rules
-        self._check_batch_size(self.batch_size_of(cfg), cfg.optimizer.grad_accum_steps)
+        check_batch_size(self.batch_size_of(cfg), cfg.optimizer.grad_accum_steps, self.mesh,
+                         self.rules)
         self.run_dir = os.path.abspath(cfg.run.dir)
         meta = None
         if read_only or os.path.isdir(checkpoint_dir(self.run_dir)):
@@ -96,15 +115,6 @@ class Trainer:
         self.is_lead = jax.process_index() == 0
         self.writer = metrics_lib.MetricsWriter(self.run_dir,
                                                 enabled=self.is_lead and not read_only)
-
-    def _check_batch_size(self, batch_size: int, grad_accum_steps: int) -> None:
-        shards = shard_lib.batch_shards(self.mesh, self.rules)
-        if batch_size % shards:
-            raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} ways the "
-                             f"batch is split (mesh axes {shard_lib.batch_axes(self.mesh, self.rules)})")
-        if batch_size % (grad_accum_steps * shards):
-            raise ValueError(f"batch_size={batch_size} must split into optimizer.grad_accum_steps="
-                             f"{grad_accum_steps} micro-batches of a multiple of {shards} rows")
 
     # ------------------------------------------------------------------ hooks (pretraining)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -56,3 +57,33 @@ def _report(trainer, result: dict, seconds: float) -> None:
         from jaxformer.training.evaluate import generate_text
         text = generate_text(trainer, prompt, trainer.cfg.train.sample_tokens)
         print(f"[sample] greedy continuation of {prompt!r}:\n{prompt}{text}")
+
+
+def run_compile_only(config_path: Optional[str], overrides: Sequence[str], topology: str,
+                     slices: Optional[int] = None, as_json: bool = False) -> int:
+    """Compiles the train step for a TPU topology and reports per-chip memory.
+
+    Returns 0 if it fits in HBM, 1 if it does not, 2 on bad input (config, topology, no libtpu).
+    """
+    # Compiling for a topology needs no local accelerator; the CPU backend keeps this process off
+    # any local TPU (and libtpu's lock) and skips probing for one.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from jaxformer.training import compile_only
+    from jaxformer.training.config import load_experiment
+
+    if config_path is not None and not os.path.exists(config_path):
+        print(f"error: config file {config_path!r} does not exist", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_experiment(config_path, overrides)
+        report = compile_only.compile_train_step(cfg, topology, slices)
+    except USER_ERRORS + (compile_only.LibtpuMissingError,) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = compile_only.format_report(report)
+    if as_json:  # the human lines go to stderr so the last stdout line is the JSON object
+        print(text, file=sys.stderr)
+        print(json.dumps(report))
+    else:
+        print(text)
+    return 0 if report["fits"] else 1
