@@ -74,10 +74,18 @@ def _size(mesh: Mesh, axes: Sequence[str]) -> int:
 @contextlib.contextmanager
 def axis_rules(rules: Sequence[Rule], mesh: Optional[Mesh] = None) -> Iterator[None]:
     """Within this context, `constrain` shards activations by `rules` on `mesh` (default: the
-    mesh set by `jax.set_mesh`). Enter it inside the traced function so it holds while tracing."""
+    mesh set by `jax.set_mesh`). Enter it inside the traced function so it holds while tracing.
+
+    A given mesh also becomes the abstract mesh of the trace (allowed inside jit, unlike
+    `jax.set_mesh`), so kernels that shard_map over it (splash attention) see it.
+    """
     token = _ACTIVE.set((tuple(tuple(r) for r in rules), mesh))
     try:
-        yield
+        if mesh is not None and isinstance(mesh, Mesh):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                yield
+        else:
+            yield
     finally:
         _ACTIVE.reset(token)
 

@@ -1,5 +1,6 @@
 """Attention equals a naive numpy reference and jax.nn.dot_product_attention, forward and backward."""
 
+import functools
 import itertools
 
 import jax
@@ -178,3 +179,132 @@ def test_bad_shapes_raise_clear_errors():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
             A.dot_product_attention(q, q, q, implementation="cudnn")
+
+
+# ----------------------------------------------------------------------------- auto + block skipping
+
+
+def _shape(b, t, heads, h=8):
+    return jax.ShapeDtypeStruct((b, t, heads, h), jnp.float32)
+
+
+def test_auto_picks_plain_for_short_and_chunked_for_long_on_cpu():
+    assert jax.default_backend() == "cpu"
+    short, _ = A.select_implementation(_shape(2, 512, 4), _shape(2, 512, 2))
+    long, reason = A.select_implementation(_shape(2, 1024, 4), _shape(2, 1024, 2), is_causal=True)
+    assert (short, long) == ("plain", "chunked") and "1024 x 1024" in reason
+    # Cross-attention counts T x S: a short query over a long memory stays plain.
+    assert A.select_implementation(_shape(1, 8, 4), _shape(1, 4096, 4))[0] == "plain"
+
+
+def test_auto_runs_the_selected_implementation():
+    q, kk, v = random_qkv(jax.random.key(6), 1, 1024, 1024, 2, 1, 8)
+    run = jax.jit(A.dot_product_attention, static_argnames=("is_causal", "implementation"))
+    auto = run(q, kk, v, is_causal=True, implementation="auto")
+    chunked = run(q, kk, v, is_causal=True, implementation="chunked")
+    np.testing.assert_array_equal(auto, chunked)
+    short = [x[:, :64] for x in (q, kk, v)]
+    np.testing.assert_array_equal(A.dot_product_attention(*short, implementation="auto"),
+                                  A.dot_product_attention(*short, implementation="plain"))
+
+
+def test_auto_with_segments_and_window_matches_plain_with_gradients():
+    b, t, n, k, h = 1, 1024, 2, 1, 8
+    q, kk, v = random_qkv(jax.random.key(7), b, t, t, n, k, h)
+    segments = jnp.asarray(np.sort(np.random.default_rng(1).integers(0, 4, (b, t)), axis=1))
+
+    def loss(impl, q, kk, v):
+        out = A.dot_product_attention(q, kk, v, is_causal=True, segment_ids=segments,
+                                      sliding_window=300, implementation=impl)
+        return jnp.sum(jnp.sin(out))
+
+    assert A.select_implementation(q, kk, segment_ids=segments, sliding_window=300)[0] == "chunked"
+    g_auto = jax.jit(jax.grad(functools.partial(loss, "auto"), argnums=(0, 1, 2)))(q, kk, v)
+    g_plain = jax.jit(jax.grad(functools.partial(loss, "plain"), argnums=(0, 1, 2)))(q, kk, v)
+    for a, p in zip(g_auto, g_plain):
+        np.testing.assert_allclose(a, p, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("structure", ["causal", "causal_window", "window", "cross_causal"])
+def test_block_skipping_changes_nothing(structure):
+    """Structural masks (which skip hidden kv blocks) equal the same mask passed as an array."""
+    t, s = (40, 56) if structure == "cross_causal" else (40, 40)
+    q, kk, v = random_qkv(jax.random.key(8), 2, t, s, 4, 2, 8)
+    kwargs = dict(is_causal=structure != "window")
+    mask = A.causal_mask(t, s)
+    if "window" in structure:
+        kwargs["sliding_window"] = 9
+        mask = A.sliding_window_mask(t, s, window=9, causal=kwargs["is_causal"])
+
+    def run(q, kk, v, skip):
+        if skip:
+            return A.dot_product_attention(q, kk, v, implementation="chunked", q_chunk_size=8,
+                                           kv_chunk_size=8, **kwargs)
+        return A.dot_product_attention(q, kk, v, mask=mask, implementation="chunked",
+                                       q_chunk_size=8, kv_chunk_size=8)
+
+    @jax.jit
+    def value_and_grads(q, kk, v):
+        return [jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(run(*a, skip))), argnums=(0, 1, 2))(
+            q, kk, v) for skip in (True, False)]
+
+    skipped, full = value_and_grads(q, kk, v)
+    for a, c in zip(jax.tree.leaves(skipped), jax.tree.leaves(full)):
+        np.testing.assert_allclose(a, c, atol=1e-6, rtol=1e-6)
+
+
+def _dots_outside_cond(jaxpr, in_cond=False):
+    """(dot_generals outside any cond, inside one) in a jaxpr and all its sub-jaxprs."""
+    outside = inside = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            inside, outside = (inside + 1, outside) if in_cond else (inside, outside + 1)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    o, i = _dots_outside_cond(sub, in_cond or eqn.primitive.name == "cond")
+                    outside, inside = outside + o, inside + i
+    return outside, inside
+
+
+def test_causal_chunked_matmuls_sit_in_a_real_conditional_forward_and_backward():
+    q = jnp.zeros((1, 64, 2, 8))
+    grad = jax.grad(lambda q, kk, v: jnp.sum(A.dot_product_attention(
+        q, kk, v, is_causal=True, implementation="chunked", q_chunk_size=16, kv_chunk_size=16)),
+        argnums=(0, 1, 2))
+    outside, inside = _dots_outside_cond(jax.make_jaxpr(grad)(q, q, q).jaxpr)
+    assert outside == 0 and inside >= 6  # fwd, recomputed fwd and bwd matmuls are all skippable
+    hlo = jax.jit(grad).lower(q, q, q).compile().as_text()
+    assert " conditional(" in hlo  # XLA kept the branch: skipped blocks really cost no matmul
+
+
+def test_rows_that_see_no_key_stay_finite():
+    q, kk, v = random_qkv(jax.random.key(9), 1, 24, 24, 2, 2, 8)
+    no_first_rows = (jnp.arange(24) >= 12)[None, None, :, None]  # queries 0..11 see nothing
+    for impl in ("plain", "chunked"):
+        out = A.dot_product_attention(q, kk, v, mask=no_first_rows, is_causal=True,
+                                      implementation=impl, q_chunk_size=8, kv_chunk_size=8)
+        assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_splash_and_unknown_kernels_explain_themselves_off_tpu():
+    q = jnp.zeros((1, 128, 2, 8))
+    with pytest.raises(ValueError, match="splash kernel needs a TPU"):
+        A.dot_product_attention(q, q, q, implementation="splash")
+    _, reason = A.select_implementation(q, q, bias=jnp.zeros((1, 2, 128, 128)))
+    assert "logits per head" in reason
+
+
+def test_auto_on_gpu_picks_cudnn_only_where_it_can(monkeypatch):
+    monkeypatch.setattr(A.kernels, "current_platform", lambda: "gpu")
+    bf16 = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+    assert A.select_implementation(bf16, bf16, is_causal=True, sliding_window=64)[0] == "cudnn"
+    assert A.select_implementation(bf16, bf16, mask=A.causal_mask(256))[0] == "cudnn"
+    f32 = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.float32)
+    wide = jax.ShapeDtypeStruct((2, 256, 4, 192), jnp.bfloat16)
+    for args, kwargs, why in ((f32, {}, "bf16/fp16"), (wide, {}, "head_dim"),
+                              (bf16, dict(bias=jnp.zeros((1, 4, 256, 256))), "bias"),
+                              (bf16, dict(sliding_window=64), "non-causal")):
+        name, reason = A.select_implementation(args, args, **kwargs)
+        assert name == "plain" and why in reason, reason

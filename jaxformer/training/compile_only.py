@@ -255,6 +255,7 @@ def compile_train_step(cfg: ExperimentConfig, topology: str,
                       suggestions=_suggestions(cfg, mesh))
         return report
     report["compile_seconds"] = round(time.perf_counter() - start, 2)
+    report["largest_buffers"] = largest_buffers(compiled.as_text())
     mem = compiled.memory_analysis()
     memory = dict(argument_bytes=mem.argument_size_in_bytes,
                   output_bytes=mem.output_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
@@ -272,6 +273,19 @@ def compile_train_step(cfg: ExperimentConfig, topology: str,
     if not report["fits"]:
         report["suggestions"] = _suggestions(cfg, mesh)
     return report
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+                "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_HLO_ARRAY = re.compile(rf"\b({'|'.join(_DTYPE_BYTES)})\[([\d,]+)\]")
+
+
+def largest_buffers(hlo_text: str, top: int = 8) -> list[tuple[str, int]]:
+    """The `top` largest array shapes in a compiled (per-chip) HLO program, with their bytes:
+    what to look at first when a step does not fit."""
+    sizes = {f"{dtype}[{dims}]": math.prod(int(d) for d in dims.split(",")) * _DTYPE_BYTES[dtype]
+             for dtype, dims in set(_HLO_ARRAY.findall(hlo_text))}
+    return sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
 
 
 def _gib(n: Optional[float]) -> str:
@@ -296,6 +310,9 @@ def format_report(report: dict[str, Any]) -> str:
         # XLA counts a scanned layer's body once and Pallas kernels not at all: a lower bound.
         lines.append(f"  FLOPs per step: model {r['model_flops_per_step']:.3e} on all chips; "
                      f"XLA's count {r['xla_flops_per_chip']:.3e} per chip (scan bodies once)")
+    if r.get("largest_buffers"):
+        lines.append("  largest arrays per chip: " + ", ".join(
+            f"{shape} {size / 2**20:.0f} MiB" for shape, size in r["largest_buffers"][:4]))
     lines.append(f"  lowered in {r['lower_seconds']:.1f} s, compiled in "
                  f"{r['compile_seconds']:.1f} s")
     if r["fits"]:
