@@ -159,3 +159,14 @@ def test_weak_scaling_per_chip_memory_stays_flat():
     # Same per-chip shapes; what differs is how many XLA's scheduler keeps live around 4- vs
     # 16-way FSDP gathers (seen: 8-25% more temporaries on 4x4), far from the 4x of a global batch.
     assert large["per_chip_bytes"] < 1.5 * small["per_chip_bytes"], (small, large)
+
+
+def test_offload_remat_moves_saved_activations_to_host():
+    """remat=offload_dots saves the same matmul outputs as dots_saveable, but in host memory."""
+    saved = compile_only.compile_train_step(
+        load_experiment(DEFAULT, TINY + ["model.remat=dots_saveable"]), "v5e:2x2")
+    offloaded = compile_only.compile_train_step(
+        load_experiment(DEFAULT, TINY + ["model.remat=offload_dots"]), "v5e:2x2")
+    assert saved["fits"] and offloaded["fits"]
+    assert saved["host_temp_bytes"] == 0 < offloaded["host_temp_bytes"]
+    assert offloaded["temp_bytes"] < saved["temp_bytes"]

@@ -259,7 +259,9 @@ def compile_train_step(cfg: ExperimentConfig, topology: str,
     mem = compiled.memory_analysis()
     memory = dict(argument_bytes=mem.argument_size_in_bytes,
                   output_bytes=mem.output_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
-                  alias_bytes=mem.alias_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes)
+                  alias_bytes=mem.alias_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
+                  # Host memory: remat="offload_dots" keeps saved activations there.
+                  host_temp_bytes=getattr(mem, "host_temp_size_in_bytes", 0))
     # Donated state is both an argument and an output: count its buffers once.
     total = (memory["argument_bytes"] + memory["output_bytes"] + memory["temp_bytes"]
              - memory["alias_bytes"])
