@@ -210,3 +210,18 @@ def test_shipped_tiny_configs_train_with_falling_loss(name, stdlib_data_dir, tmp
     losses = train_losses(run_dir)
     assert losses[40] < losses[5] - 0.3, losses
     assert np.isfinite(result["validation"]["loss"])
+
+
+def test_checkpoint_of_an_older_format_is_refused_clearly(tmp_path, monkeypatch):
+    """Format 1 stored per-layer parameters; reading it into stacked blocks must not half-work."""
+    from jaxformer.training import checkpoint as ckpt_lib
+    mesh = shard_lib.make_mesh(shard_lib.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
+    _, state = build_state(models.preset("gpt-tiny"), optax.sgd(0.1), mesh,
+                           shard_lib.DEFAULT_RULES, seed=0)
+    monkeypatch.setattr(ckpt_lib, "FORMAT_VERSION", 1)
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(3, state, config={}, tokenizer_model=b"tok", data_state={})
+    ckpt.wait()
+    monkeypatch.setattr(ckpt_lib, "FORMAT_VERSION", 2)
+    with pytest.raises(ckpt_lib.CheckpointError, match="has format 1; this jaxformer reads format 2"):
+        Checkpointer(str(tmp_path), create=False).read_meta()
