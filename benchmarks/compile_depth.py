@@ -29,7 +29,7 @@ def main() -> None:
     from jaxformer.training.compile_only import compile_train_step
     from jaxformer.training.config import load_experiment
 
-    print(f"| layers | scan_layers | lower s | compile s | per-chip GiB | code MiB |")
+    print("| layers | scan_layers | lower s | compile s | per-chip GiB | code MiB |")
     print("|---|---|---|---|---|---|")
     for depth in args.depths:
         for scan in (True, False):

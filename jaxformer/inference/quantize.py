@@ -12,7 +12,6 @@ relative-position tables stay in float. The quantized model keeps the float mode
 
 from __future__ import annotations
 
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
