@@ -90,6 +90,15 @@ def test_freezing_keeps_embeddings_fixed(pretrained, stdlib_data_dir, tmp_path):
                               after["blocks"]["mlp"]["up"]["kernel"])
 
 
+def test_freeze_prefix_matching_nothing_is_an_error(pretrained, stdlib_data_dir, tmp_path):
+    overrides = finetune_overrides(stdlib_data_dir, str(tmp_path / "ft"), 3)
+    cfg, meta = load_finetune(pretrained["decoder"], None,
+                              "configs/finetune/code_completion.yaml",
+                              overrides + ["finetune.freeze=[blocks.0]"])
+    with pytest.raises(ValueError, match=r"\['blocks.0'\] match no parameter.*blocks.mlp"):
+        FinetuneTrainer(cfg, meta, **QUIET)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["encoder", "encoder_decoder", "decoder"])
 def test_each_family_beats_chance_on_its_task(family, pretrained, stdlib_data_dir, tmp_path,

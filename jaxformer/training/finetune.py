@@ -112,12 +112,23 @@ class FinetuneTrainer(Trainer):
         prefixes = tuple(cfg.finetune.freeze)
 
         def labels(params):
+            used, names = set(), []
+
             def label(path, _):
                 dotted = ".".join(path_names(path))
-                return "frozen" if any(dotted == p or dotted.startswith(p + ".")
-                                       for p in prefixes) else "trained"
-            return jax.tree_util.tree_map_with_path(
+                names.append(dotted)
+                hits = {p for p in prefixes if dotted == p or dotted.startswith(p + ".")}
+                used.update(hits)
+                return "frozen" if hits else "trained"
+            tree = jax.tree_util.tree_map_with_path(
                 label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            unused = sorted(set(prefixes) - used)
+            if unused:
+                # Layers are stacked on one axis, so per-layer prefixes such as blocks.0 are gone.
+                tops = sorted({".".join(n.split(".")[:2]) for n in names})
+                raise ValueError(f"finetune.freeze prefixes {unused} match no parameter; "
+                                 f"parameter paths start with: {', '.join(tops)}")
+            return tree
         return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
     def initial_state(self, cfg: FinetuneExperiment, tx):
