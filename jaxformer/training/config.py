@@ -27,6 +27,12 @@ class TrainConfig:
     eval_every: int = 100
     """Steps between validation passes (0: only at the end)."""
     eval_batches: int = 8
+    nonfinite: str = "stop"
+    """A step whose loss or gradients are NaN/Inf is never applied; then 'stop' ends the run with
+    a message naming the step, 'skip' goes on with the next batch (counted as skipped_steps)."""
+    z_loss: float = 0.0
+    """Weight of the z-loss (mean squared log-normaliser of the logits) added to the training
+    loss; 0 disables it. Logged as z_loss."""
     loss_chunk_size: int = 512
     """Positions per chunk of the cross-entropy, so [batch, length, vocab] logits never exist
     at once; 0 computes the whole logits (same loss within float rounding)."""
@@ -41,6 +47,10 @@ class TrainConfig:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.log_every < 1 or self.eval_every < 0 or self.eval_batches < 0:
             raise ValueError("train.log_every must be >= 1; eval_every and eval_batches >= 0")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.nonfinite={self.nonfinite!r} is not one of stop, skip")
+        if self.z_loss < 0 or self.loss_chunk_size < 0:
+            raise ValueError("train.z_loss and train.loss_chunk_size must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

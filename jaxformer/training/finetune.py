@@ -19,7 +19,7 @@ from jaxformer.sharding import MeshConfig
 from jaxformer.training import task_metrics
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError
 from jaxformer.training.config import CheckpointConfig, RunConfig, TrainConfig
-from jaxformer.training.loop import EVAL_SEED, Trainer, build_state
+from jaxformer.training.loop import EVAL_SEED, Trainer, build_state, run_to_exit_status
 from jaxformer.training.optimizer import OptimizerConfig, make_optimizer, path_names
 
 FAMILY_OF_KIND = {"classification": "encoder", "text2text": "encoder_decoder",
@@ -185,10 +185,9 @@ def run_finetune(from_dir: str, from_step: Optional[int], config_path: Optional[
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        result = trainer.run()
-    finally:
-        trainer.close()
+    status, result = run_to_exit_status(trainer)
+    if status:
+        return status
     val = result.get("validation") or {}
     print(f"\n[done] fine-tuned {result['steps']} steps in {trainer.run_dir}: " +
           ", ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -25,6 +28,59 @@ from jaxformer.training.step import make_eval_step, make_train_step
 
 
 EVAL_SEED = 0
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run saved its state; rerunning the command resumes it
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; the state after `step` is saved and durable."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"{signal_name}: saved a checkpoint at step {step}; rerun the same "
+                         "command to resume from it")
+        self.step = step
+
+
+class NonFiniteStep(ValueError):
+    """A step's loss or gradients were NaN/Inf (its update was not applied)."""
+
+
+NONFINITE_EXIT = 3
+
+
+def run_to_exit_status(trainer: "Trainer") -> tuple[int, Optional[dict]]:
+    """Runs the trainer; (0, result), or the exit status of a preemption or a non-finite stop
+    (the message printed, the state saved or left at the last good checkpoint) and None."""
+    import sys
+    try:
+        return 0, trainer.run()
+    except Preempted as stop:
+        print(f"\n[preempted] {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT, None
+    except NonFiniteStep as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return NONFINITE_EXIT, None
+    finally:
+        trainer.close()
+
+
+@contextlib.contextmanager
+def _stop_signals(flag: list) -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT only record themselves in `flag` (the loop checks it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def record(signum, _frame):
+        flag.append(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, record)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train_state_factory(model_cfg: models.ModelConfig, tx, seed: int) -> Callable[[], tuple]:
@@ -110,7 +166,8 @@ class Trainer:
                        loss_chunk_size=cfg.train.loss_chunk_size)
         self.train_step = make_train_step(
             self.graphdef, cfg.optimizer.grad_accum_steps,
-            shard_lib.state_shardings(self.state, self.mesh, cfg.mesh.rules), **step_kw)
+            shard_lib.state_shardings(self.state, self.mesh, cfg.mesh.rules),
+            z_loss=cfg.train.z_loss, **step_kw)
         self.eval_step = make_eval_step(self.graphdef, **step_kw)
         self.is_lead = jax.process_index() == 0
         self.writer = metrics_lib.MetricsWriter(self.run_dir,
@@ -233,26 +290,59 @@ class Trainer:
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['learning_rate']:.2e}")
             last_train = values
 
-        for step in range(self.start_step, stop):
-            _, batch = self.global_batch(self.batcher, step)
-            self.state, device_metrics = self.train_step(self.state, batch)
-            done = step + 1
-            if pending is not None:
-                flush(pending)
-                pending = None
-            if done % cfg.train.log_every == 0 or done == stop:
-                pending = (done, device_metrics)
-            bar.update(1)
-            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total:
+        signals: list[str] = []
+        skipped, last_flag = 0, None  # (step, device flag of a non-finite update), read late
+
+        def check_finite(item):
+            nonlocal skipped
+            step, flag = item
+            if float(jax.device_get(flag)) == 0.0:
+                return
+            skipped += 1
+            if cfg.train.nonfinite == "stop":
+                raise NonFiniteStep(
+                    f"loss or gradients were NaN/Inf at step {step}; that update was not applied "
+                    "and no checkpoint holds it. Lower optimizer.learning_rate, try "
+                    "train.z_loss=1e-4, or set train.nonfinite=skip to skip such steps")
+            bar.write(f"[skip] step {step}: loss or gradients not finite; update not applied")
+
+        with _stop_signals(signals):
+            for step in range(self.start_step, stop):
+                _, batch = self.global_batch(self.batcher, step)
+                self.state, device_metrics = self.train_step(self.state, batch)
+                done = step + 1
+                # Checked one step late, like the metrics, so the device never waits for it.
+                if last_flag is not None:
+                    check_finite(last_flag)
+                last_flag = (done, device_metrics["nonfinite"])
                 if pending is not None:
                     flush(pending)
                     pending = None
-                last_eval = self.evaluate()
-                self.writer.write(done, last_eval, prefix="validation")
-                bar.write(f"[eval] step {done}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in last_eval.items() if k != "unigram_loss"))
-            if done % cfg.checkpoint.every == 0 or done == stop:
-                self.save(done)
+                if done % cfg.train.log_every == 0 or done == stop:
+                    pending = (done, dict(device_metrics, skipped_steps=skipped))
+                bar.update(1)
+                if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total:
+                    if pending is not None:
+                        flush(pending)
+                        pending = None
+                    last_eval = self.evaluate()
+                    self.writer.write(done, last_eval, prefix="validation")
+                    bar.write(f"[eval] step {done}: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in last_eval.items() if k != "unigram_loss"))
+                if done % cfg.checkpoint.every == 0 or done == stop:
+                    check_finite(last_flag)  # never checkpoint past an unchecked step
+                    self.save(done)
+                if self._stop_requested(signals):
+                    check_finite(last_flag)
+                    if done % cfg.checkpoint.every and done != stop:
+                        self.save(done)
+                    self.checkpointer.wait()
+                    if pending is not None:
+                        flush(pending)
+                    bar.close()
+                    raise Preempted(done, signals[0] if signals else "another process")
+            if last_flag is not None:
+                check_finite(last_flag)
         if pending is not None:
             flush(pending)
         bar.close()
@@ -260,7 +350,15 @@ class Trainer:
             self.log(f"[resume] {self.run_dir} is already at step {self.start_step}")
             last_eval = self.evaluate()
         self.checkpointer.wait()
-        return dict(train=last_train, validation=last_eval, steps=stop)
+        return dict(train=last_train, validation=last_eval, steps=stop, skipped_steps=skipped)
+
+    def _stop_requested(self, signals: list) -> bool:
+        """Whether any process got a stop signal; all hosts agree, so all save the same step."""
+        local = bool(signals)
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+        return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
     def close(self) -> None:
         """Finishes checkpoint writes and closes metric files."""

@@ -36,12 +36,11 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        result = trainer.run()
+    from jaxformer.training.loop import run_to_exit_status
+    status, result = run_to_exit_status(trainer)
+    if status == 0:
         _report(trainer, result, time.perf_counter() - start)
-    finally:
-        trainer.close()
-    return 0
+    return status
 
 
 def _report(trainer, result: dict, seconds: float) -> None:

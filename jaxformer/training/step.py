@@ -37,8 +37,8 @@ def forward_hidden(model: nnx.Module, batch: Batch) -> tuple[Array, Array, Array
     return hidden, batch["targets"], batch["loss_weights"]
 
 
-def _sums_and_predictions(model: nnx.Module, batch: Batch,
-                          chunk_size: int = 0) -> tuple[dict[str, Array], Array]:
+def _sums_and_predictions(model: nnx.Module, batch: Batch, chunk_size: int = 0,
+                          z_loss: float = 0.0) -> tuple[dict[str, Array], Array]:
     """Summed loss/weight/correct totals and argmax predictions; LM logits never exist whole
     when `chunk_size` > 0 (positions per chunk of the cross-entropy)."""
     if "labels" in batch:  # classification: [B, num_labels] logits are small
@@ -47,8 +47,8 @@ def _sums_and_predictions(model: nnx.Module, batch: Batch,
     hidden, targets, weights = forward_hidden(model, batch)
     if chunk_size <= 0 or chunk_size >= hidden.shape[1]:
         return losses.full_cross_entropy_sums(hidden, model.logits, targets, weights,
-                                              return_predictions=True)
-    return losses.cross_entropy_sums(hidden, model.logits, targets, weights,
+                                              z_loss=z_loss, return_predictions=True)
+    return losses.cross_entropy_sums(hidden, model.logits, targets, weights, z_loss=z_loss,
                                      chunk_size=chunk_size, return_predictions=True)
 
 
@@ -62,9 +62,11 @@ def _classification_sums(logits_BxC: Array, labels_B: Array,
     return sums, predictions_B
 
 
-def loss_sums(model: nnx.Module, batch: Batch, chunk_size: int = 0) -> dict[str, Array]:
-    """Summed (not averaged) loss, weight and correct-prediction totals over a batch, in float32."""
-    return _sums_and_predictions(model, batch, chunk_size)[0]
+def loss_sums(model: nnx.Module, batch: Batch, chunk_size: int = 0,
+              z_loss: float = 0.0) -> dict[str, Array]:
+    """Summed (not averaged) loss, weight and correct-prediction totals over a batch, in float32
+    (plus z_loss_sum when z_loss > 0)."""
+    return _sums_and_predictions(model, batch, chunk_size, z_loss)[0]
 
 
 def _micro_batches(batch: Batch, num: int) -> Batch:
@@ -79,17 +81,19 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
                     state_sharding: Any = None, *, rules: Optional[Sequence[Rule]] = None,
-                    mesh: Optional[Mesh] = None, loss_chunk_size: int = 0) -> Callable:
+                    mesh: Optional[Mesh] = None, loss_chunk_size: int = 0,
+                    z_loss: float = 0.0) -> Callable:
     """A jitted `(state, batch) -> (state, metrics)`; gradients are averaged per target token.
 
     `state_sharding` (e.g. `sharding.state_shardings(state, mesh, rules)`) pins the new state to
     the layout of the old one instead of whatever the compiler would propagate; `rules` (with
-    `mesh`) constrain the activations by the same logical-axis table as the parameters.
+    `mesh`) constrain the activations by the same logical-axis table as the parameters. An update
+    whose loss or gradients are not finite is not applied (metrics["nonfinite"] is 1 then).
     """
 
     def sum_loss(model, batch):
-        sums = loss_sums(model, batch, loss_chunk_size)
-        return sums["loss_sum"], sums
+        sums = loss_sums(model, batch, loss_chunk_size, z_loss)
+        return sums["loss_sum"] + sums.get("z_loss_sum", 0.0), sums
 
     @_with_rules(rules, mesh)
     def train_step(state: Any, batch: Batch):
@@ -121,10 +125,23 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
             nnx.update(model, model_state)
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        optimizer.update(model, grads)
-        metrics = dict(loss=sums["loss_sum"] / denom, accuracy=sums["correct_sum"] / denom,
-                       grad_norm=optax.tree.norm(grads), tokens=sums["weight_sum"])
-        return nnx.state((model, optimizer)), metrics
+        grad_norm = optax.tree.norm(grads)
+        loss = sums["loss_sum"] / denom
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply_update(state):
+            model, optimizer = nnx.merge(graphdef, state)
+            optimizer.update(model, grads)
+            return nnx.state((model, optimizer))
+
+        # cond, not select: a skipped step costs no second copy of the state.
+        new_state = jax.lax.cond(finite, apply_update, lambda state: state,
+                                 nnx.state((model, optimizer)))
+        metrics = dict(loss=loss, accuracy=sums["correct_sum"] / denom, grad_norm=grad_norm,
+                       tokens=sums["weight_sum"], nonfinite=1.0 - finite.astype(jnp.float32))
+        if "z_loss_sum" in sums:
+            metrics["z_loss"] = sums["z_loss_sum"] / denom
+        return new_state, metrics
 
     out_shardings = None if state_sharding is None else (state_sharding, None)
     return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)

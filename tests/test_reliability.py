@@ -1,0 +1,112 @@
+"""Faults injected into real runs: non-finite steps and preemption signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxformer.training.checkpoint import Checkpointer
+from jaxformer.training.config import load_experiment
+from jaxformer.training.loop import NONFINITE_EXIT, PREEMPTED_EXIT, Trainer
+from jaxformer.training.main import run_training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model.preset=gpt-tiny", "data.seq_len=32", "data.batch_size=8", "train.log_every=1",
+        "train.eval_every=0", "train.eval_batches=1", "optimizer.warmup_steps=1",
+        "checkpoint.async_save=false", "train.sample_tokens=1"]
+# Adam moves every parameter by about the learning rate: 1e30 overflows the next forward pass.
+EXPLODING = ["optimizer.learning_rate=1e30", "optimizer.schedule=constant"]
+
+
+@pytest.fixture
+def tiny_overrides(stdlib_data_dir, stdlib_tokenizer, tmp_path):
+    tokenizer_path = os.path.join(tmp_path, "shared.model")
+    stdlib_tokenizer.save(tokenizer_path)
+    return TINY + [f"data.data_dir={stdlib_data_dir}", f"data.tokenizer_path={tokenizer_path}",
+                   f"data.vocab_size={stdlib_tokenizer.vocab_size}"]
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _all_finite(run_dir):
+    ckpt = Checkpointer(run_dir, create=False)
+    cfg = load_experiment(os.path.join(run_dir, "config.yaml"), [])
+    for step in ckpt.steps:
+        trainer = Trainer(cfg, show_progress=False, log=lambda _: None, read_only=True, step=step)
+        params = jax.tree.leaves(nnx.state(nnx.merge(trainer.graphdef, trainer.state)[0],
+                                           nnx.Param))
+        trainer.close()
+        if not all(np.isfinite(np.asarray(p)).all() for p in params):
+            return False
+    return True
+
+
+def test_non_finite_loss_stops_naming_the_step_and_saves_no_nan(tiny_overrides, tmp_path,
+                                                                 capsys):
+    run_dir = str(tmp_path / "nan")
+    status = run_training(None, tiny_overrides + EXPLODING + [
+        "train.steps=8", "checkpoint.every=1", f"run.dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert status == NONFINITE_EXIT, err
+    assert "NaN/Inf at step" in err and "train.nonfinite=skip" in err
+    assert Checkpointer(run_dir, create=False).steps  # it saved good steps before stopping
+    assert _all_finite(run_dir)
+
+
+def test_non_finite_steps_can_be_skipped_and_counted(tiny_overrides, tmp_path):
+    run_dir = str(tmp_path / "skip")
+    status = run_training(None, tiny_overrides + EXPLODING + [
+        "train.steps=5", "checkpoint.every=5", "train.nonfinite=skip", f"run.dir={run_dir}"])
+    assert status == 0
+    train = [r for r in _metrics(run_dir) if r["split"] == "train"]
+    assert train[-1]["skipped_steps"] >= 1 and train[-1]["nonfinite"] == 1.0
+    assert _all_finite(run_dir)
+
+
+def test_z_loss_is_logged(tiny_overrides, tmp_path):
+    run_dir = str(tmp_path / "z")
+    assert run_training(None, tiny_overrides + ["train.steps=2", "train.z_loss=1e-4",
+                                                f"run.dir={run_dir}"]) == 0
+    train = [r for r in _metrics(run_dir) if r["split"] == "train"]
+    assert all(r["z_loss"] > 0 for r in train)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_saves_the_current_step_and_the_rerun_resumes(tiny_overrides, tmp_path,
+                                                                  signum):
+    run_dir = str(tmp_path / "preempted")
+    command = [sys.executable, os.path.join(ROOT, "train.py"), *tiny_overrides,
+               "train.steps=100000", "checkpoint.every=100000", f"run.dir={run_dir}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(_metrics(run_dir)) >= 3:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, err
+    saved = Checkpointer(run_dir, create=False).latest_step
+    assert saved is not None and saved >= 3
+    assert f"saved a checkpoint at step {saved}" in err and "rerun the same command" in err
+    # The rerun resumes at the saved step (here told to stop two steps later).
+    rerun = subprocess.run(command[:-3] + [f"train.steps={saved + 2}", "checkpoint.every=100000",
+                                           f"run.dir={run_dir}"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"[resume] from step {saved}" in rerun.stdout
