@@ -221,11 +221,15 @@ class Attention(nnx.Module):
         window = inputs.sliding_window
         written = (attn_lib.causal_mask(t, max_len, offset=index) if window is None else
                    attn_lib.sliding_window_mask(t, max_len, window=window, offset=index))
-        # Decoding steps are short queries against a long cache: the plain kernel serves them.
+        # The cache's validity is an arbitrary mask, which the fused kernels do not all take:
+        # chunked for a long prefill (linear memory), plain for the one-token steps.
+        long = t * max_len >= attn_lib.CHUNKED_MIN_LOGITS
+        impl = ("chunked" if self.implementation == "chunked"
+                or (self.implementation == "auto" and long) else "plain")
         out_BxTxNxH = attn_lib.dot_product_attention(
             self._query(x_BxTxD, positions), k_cache, v_cache, bias=inputs.bias,
             mask=attn_lib.combine_masks(written, inputs.mask), scale=self.scale,
-            implementation="chunked" if self.implementation == "chunked" else "plain")
+            implementation=impl)
         return self.out(out_BxTxNxH), (k_cache, v_cache)
 
     def _query(self, x_BxTxD: Array, positions: Optional[Array]) -> Array:
