@@ -1,4 +1,7 @@
-"""Session fixtures shared by the data tests: the stdlib corpus and a small tokenizer, built once."""
+"""Fixtures shared by the tests: the stdlib corpus and a small tokenizer (built once per session),
+and the overrides of a tiny training run on them."""
+
+import os
 
 import pytest
 
@@ -23,3 +26,18 @@ def stdlib_tokenizer(stdlib_data_dir, tmp_path_factory) -> Tokenizer:
     path = str(tmp_path_factory.getbasetemp() / f"stdlib_{TEST_VOCAB}.model")
     texts = corpus.text_source("stdlib_code", "train", stdlib_data_dir)
     return train_tokenizer(texts, TEST_VOCAB, path)
+
+
+# A tiny pretraining run: two-layer GPT, 8 rows of 32 tokens, every step logged, synchronous saves.
+TINY_RUN = ["model.preset=gpt-tiny", "data.seq_len=32", "data.batch_size=8", "train.log_every=1",
+            "train.eval_every=0", "train.eval_batches=1", "optimizer.warmup_steps=1",
+            "checkpoint.async_save=false"]
+
+
+@pytest.fixture
+def tiny_overrides(stdlib_data_dir, stdlib_tokenizer, tmp_path) -> list[str]:
+    """TINY_RUN on the stdlib corpus with the shared tokenizer (saved into this test's tmp_path)."""
+    tokenizer_path = os.path.join(tmp_path, "shared.model")
+    stdlib_tokenizer.save(tokenizer_path)
+    return TINY_RUN + [f"data.data_dir={stdlib_data_dir}", f"data.tokenizer_path={tokenizer_path}",
+                       f"data.vocab_size={stdlib_tokenizer.vocab_size}"]

@@ -18,19 +18,14 @@ from jaxformer.training.loop import NONFINITE_EXIT, PREEMPTED_EXIT, Trainer
 from jaxformer.training.main import run_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["model.preset=gpt-tiny", "data.seq_len=32", "data.batch_size=8", "train.log_every=1",
-        "train.eval_every=0", "train.eval_batches=1", "optimizer.warmup_steps=1",
-        "checkpoint.async_save=false", "train.sample_tokens=1"]
 # Adam moves every parameter by about the learning rate: 1e30 overflows the next forward pass.
 EXPLODING = ["optimizer.learning_rate=1e30", "optimizer.schedule=constant"]
 
 
 @pytest.fixture
-def tiny_overrides(stdlib_data_dir, stdlib_tokenizer, tmp_path):
-    tokenizer_path = os.path.join(tmp_path, "shared.model")
-    stdlib_tokenizer.save(tokenizer_path)
-    return TINY + [f"data.data_dir={stdlib_data_dir}", f"data.tokenizer_path={tokenizer_path}",
-                   f"data.vocab_size={stdlib_tokenizer.vocab_size}"]
+def quiet_overrides(tiny_overrides):
+    """The shared tiny run, with a one-token sample so the end of a run stays quick."""
+    return tiny_overrides + ["train.sample_tokens=1"]
 
 
 def _metrics(run_dir):
@@ -51,10 +46,10 @@ def _all_finite(run_dir):
     return True
 
 
-def test_non_finite_loss_stops_naming_the_step_and_saves_no_nan(tiny_overrides, tmp_path,
+def test_non_finite_loss_stops_naming_the_step_and_saves_no_nan(quiet_overrides, tmp_path,
                                                                  capsys):
     run_dir = str(tmp_path / "nan")
-    status = run_training(None, tiny_overrides + EXPLODING + [
+    status = run_training(None, quiet_overrides + EXPLODING + [
         "train.steps=8", "checkpoint.every=1", f"run.dir={run_dir}"])
     err = capsys.readouterr().err
     assert status == NONFINITE_EXIT, err
@@ -63,9 +58,9 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_no_nan(tiny_overrides, 
     assert _all_finite(run_dir)
 
 
-def test_non_finite_steps_can_be_skipped_and_counted(tiny_overrides, tmp_path):
+def test_non_finite_steps_can_be_skipped_and_counted(quiet_overrides, tmp_path):
     run_dir = str(tmp_path / "skip")
-    status = run_training(None, tiny_overrides + EXPLODING + [
+    status = run_training(None, quiet_overrides + EXPLODING + [
         "train.steps=5", "checkpoint.every=5", "train.nonfinite=skip", f"run.dir={run_dir}"])
     assert status == 0
     train = [r for r in _metrics(run_dir) if r["split"] == "train"]
@@ -73,9 +68,9 @@ def test_non_finite_steps_can_be_skipped_and_counted(tiny_overrides, tmp_path):
     assert _all_finite(run_dir)
 
 
-def test_z_loss_is_logged(tiny_overrides, tmp_path):
+def test_z_loss_is_logged(quiet_overrides, tmp_path):
     run_dir = str(tmp_path / "z")
-    assert run_training(None, tiny_overrides + ["train.steps=2", "train.z_loss=1e-4",
+    assert run_training(None, quiet_overrides + ["train.steps=2", "train.z_loss=1e-4",
                                                 f"run.dir={run_dir}"]) == 0
     train = [r for r in _metrics(run_dir) if r["split"] == "train"]
     assert all(r["z_loss"] > 0 for r in train)
@@ -83,10 +78,10 @@ def test_z_loss_is_logged(tiny_overrides, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_stop_signal_saves_the_current_step_and_the_rerun_resumes(tiny_overrides, tmp_path,
+def test_stop_signal_saves_the_current_step_and_the_rerun_resumes(quiet_overrides, tmp_path,
                                                                   signum):
     run_dir = str(tmp_path / "preempted")
-    command = [sys.executable, os.path.join(ROOT, "train.py"), *tiny_overrides,
+    command = [sys.executable, os.path.join(ROOT, "train.py"), *quiet_overrides,
                "train.steps=100000", "checkpoint.every=100000", f"run.dir={run_dir}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -19,19 +19,6 @@ from jaxformer.training.loop import Trainer, build_state
 from jaxformer.training.main import run_training
 from jaxformer.training.step import make_train_step
 
-TINY = ["model.preset=gpt-tiny", "data.seq_len=32", "data.batch_size=8", "train.log_every=1",
-        "train.eval_every=0", "train.eval_batches=1", "optimizer.warmup_steps=1",
-        "checkpoint.async_save=false"]
-
-
-@pytest.fixture
-def tiny_overrides(stdlib_data_dir, stdlib_tokenizer, tmp_path):
-    tokenizer_path = os.path.join(tmp_path, "shared.model")
-    stdlib_tokenizer.save(tokenizer_path)
-    return TINY + [f"data.data_dir={stdlib_data_dir}", f"data.tokenizer_path={tokenizer_path}",
-                   f"data.vocab_size={stdlib_tokenizer.vocab_size}"]
-
-
 def train_losses(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
