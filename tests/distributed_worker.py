@@ -21,7 +21,8 @@ def main() -> None:
 
     cfg = load_experiment(None, overrides + [f"run.dir={run_dir}", "mesh.distributed=never"])
     trainer = Trainer(cfg, show_progress=False, log=lambda _: None)
-    trainer.run()
+    until = os.environ.get("JAXFORMER_TEST_UNTIL")  # stop (and checkpoint) after this step
+    trainer.run(until=int(until) if until else None)
     trainer.close()
     print(f"process {jax.process_index()} of {jax.process_count()} done on "
           f"{jax.device_count()} devices", flush=True)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from data_fixtures import TEST_VOCAB
 from jaxformer.data import corpus
 from jaxformer.data import tokenizer as tok_lib
-from jaxformer.data.tokenizer import Tokenizer, tokenize_documents, train_tokenizer
+from jaxformer.data.tokenizer import Tokenizer, train_tokenizer
 
 TRICKY = [
     "",
@@ -135,23 +135,3 @@ def test_a_plain_sentencepiece_model_is_rejected(tmp_path):
     )
     with pytest.raises(ValueError, match="lacks the piece '<newline>'"):
         Tokenizer.load(prefix + ".model")
-
-
-def test_tokenize_documents_layout_and_cache(stdlib_tokenizer, tmp_path, monkeypatch):
-    t = stdlib_tokenizer
-    docs = ["a = 1\n", "", "def f():\n    return 2\n", "\u2581x"]
-    cache = str(tmp_path / "tokens.npz")
-    tokens, offsets = tokenize_documents(docs, t, cache)
-    assert tokens.dtype == np.int32 and offsets.dtype == np.int64
-    assert offsets[0] == 0 and len(offsets) == len(docs) + 1 and offsets[-1] == len(tokens)
-    for i, doc in enumerate(docs):
-        piece = tokens[offsets[i]:offsets[i + 1]]
-        assert piece[-1] == t.eos_id and t.eos_id not in piece[:-1]
-        assert t.decode(piece[:-1]) == doc
-    # The cache is used as is: a tokenizer that cannot encode is never called.
-    monkeypatch.setattr(Tokenizer, "encode_batch", lambda *a: pytest.fail("cache not used"))
-    again_tokens, again_offsets = tokenize_documents(docs, t, cache)
-    np.testing.assert_array_equal(again_tokens, tokens)
-    np.testing.assert_array_equal(again_offsets, offsets)
-    with pytest.raises(ValueError, match="holds 4 documents, not 2"):
-        tokenize_documents(docs[:2], t, cache)

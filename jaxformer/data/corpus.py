@@ -21,6 +21,8 @@ _VALIDATION_PERCENT = 5
 
 def resolve_data_dir(data_dir: str = "") -> str:
     """Returns the absolute TFDS data directory; empty means ~/.cache/jaxformer/tfds."""
+    if "://" in data_dir:  # an object store path (gs://...) is already absolute
+        return data_dir
     return os.path.abspath(os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import math
 from typing import Callable, Iterator, Optional
 
@@ -11,6 +10,7 @@ import numpy as np
 from jaxformer.data import objectives as obj
 from jaxformer.data.config import DataConfig
 from jaxformer.data.objectives import SpecialIds
+from jaxformer.data.token_store import TokenSource
 
 OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption")
 _PERMUTATION_SALT = 0x5EED
@@ -20,94 +20,66 @@ RowFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.random.Generator], obj.
 
 
 class PackedStream:
-    """Documents shuffled per epoch (seeded by (seed, epoch)), concatenated and cut into rows of row_len tokens.
+    """The token stream cut into rows of row_len tokens, rows visited in a seeded order per epoch.
 
-    The incomplete last row of each epoch is dropped, so rows never hold padding. A document crossing a row
-    boundary is split; its continuation starts a new segment (positions restart at 0) in the next row.
+    Rows are contiguous windows of the stored stream, so reading one touches one or two shards and
+    nothing is held per document: memory does not grow with the corpus. When shuffling, each epoch
+    shifts the cut points by a seeded offset (so rows differ between epochs) and visits the rows in
+    a seeded permuted order (so one batch draws from all over the corpus). A document crossing a
+    row boundary is split; its continuation starts a new segment (positions restart at 0).
     """
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, row_len: int, seed: int, shuffle: bool = True):
-        self.tokens = np.asarray(tokens)
-        self.offsets = np.asarray(offsets, np.int64)
-        if self.tokens.ndim != 1 or self.offsets.ndim != 1 or len(self.offsets) < 2:
-            raise ValueError("tokens must be a flat [N] array and offsets [n_docs + 1] document starts")
-        if self.offsets[0] != 0 or self.offsets[-1] != len(self.tokens) or np.any(np.diff(self.offsets) < 0):
-            raise ValueError("offsets must start at 0, be non-decreasing and end at len(tokens)")
+    def __init__(self, source: TokenSource, row_len: int, seed: int, shuffle: bool = True):
         if row_len < 1:
             raise ValueError(f"row length must be positive, got {row_len}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
-        if len(self.tokens) < row_len:
+        if source.num_tokens < row_len:
             raise ValueError(
-                f"corpus too small: {len(self.tokens)} tokens cannot fill one row of {row_len} tokens"
+                f"corpus too small: {source.num_tokens} tokens cannot fill one row of {row_len} tokens"
             )
-        self.row_len, self.seed, self.shuffle = int(row_len), int(seed), shuffle
-        self._doc_lens = np.diff(self.offsets)
-        self._epochs: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
-
-    @property
-    def num_docs(self) -> int:
-        """Number of documents in the corpus."""
-        return len(self._doc_lens)
+        self.source, self.row_len, self.seed, self.shuffle = source, int(row_len), int(seed), shuffle
+        full_rows = source.num_tokens // self.row_len
+        # Shuffling keeps one row's worth of slack so the per-epoch shift can move every cut.
+        self._rows = full_rows - 1 if shuffle and full_rows > 1 else full_rows
 
     @property
     def rows_per_epoch(self) -> int:
         """Full rows per pass over the corpus."""
-        return len(self.tokens) // self.row_len
+        return self._rows
 
-    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(document permutation [n_docs], cumulative lengths in that order [n_docs + 1]); cached."""
-        if epoch not in self._epochs:
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch, _PERMUTATION_SALT]).permutation(self.num_docs)
-            else:
-                perm = np.arange(self.num_docs)
-            cum = np.concatenate([[0], np.cumsum(self._doc_lens[perm])])
-            self._epochs[epoch] = (perm, cum)
-            while len(self._epochs) > 2:
-                self._epochs.popitem(last=False)
-        self._epochs.move_to_end(epoch)
-        return self._epochs[epoch]
-
-    def _row_slot(self, epoch: int, r: int) -> int:
-        """Where row r of an epoch is cut from: an affine bijection (a*r + b) mod n when shuffling.
-
-        Consecutive rows (one batch) then come from all over the corpus instead of one or two
-        documents, without storing a permutation of every row.
-        """
+    def _epoch_layout(self, epoch: int) -> tuple[int, int, int]:
+        """(shift, a, b): row r of the epoch starts at shift + ((a*r + b) mod n) * row_len."""
         n = self.rows_per_epoch
-        if not self.shuffle or n == 1:
-            return r
-        rng = np.random.default_rng([self.seed, epoch, _PERMUTATION_SALT, 1])
+        if not self.shuffle:
+            return 0, 1, 0
+        rng = np.random.default_rng([self.seed, epoch, _PERMUTATION_SALT])
+        slack = self.source.num_tokens - n * self.row_len
+        shift = int(rng.integers(0, slack + 1))
+        if n == 1:
+            return shift, 1, 0
         a = int(rng.integers(1, n))
-        while math.gcd(a, n) != 1:
+        while math.gcd(a, n) != 1:  # an affine map is a bijection when a is coprime to n
             a = a % (n - 1) + 1
-        return (a * r + int(rng.integers(0, n))) % n
+        return shift, a, int(rng.integers(0, n))
 
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens [L], segment_ids [L] (1, 2, ... per document piece), positions [L]) of global row `index`."""
         if index < 0:
             raise ValueError(f"row index must be non-negative, got {index}")
         epoch, r = divmod(int(index), self.rows_per_epoch)
-        perm, cum = self.epoch_order(epoch)
-        r = self._row_slot(epoch, r)
-        start, end = r * self.row_len, (r + 1) * self.row_len
-        first = int(np.searchsorted(cum, start, side="right")) - 1
-        last = int(np.searchsorted(cum, end, side="left"))  # first k with cum[k] >= end
-        lo = np.maximum(cum[first:last], start)
-        hi = np.minimum(cum[first + 1 : last + 1], end)
-        keep = hi > lo  # skip empty documents
-        lo, hi, docs = lo[keep], hi[keep], perm[first:last][keep]
-        piece_lens = hi - lo
-        piece_of = np.repeat(np.arange(len(piece_lens)), piece_lens)
-        piece_starts = np.concatenate([[0], np.cumsum(piece_lens)[:-1]])
-        positions_L = np.arange(self.row_len) - piece_starts[piece_of]
-        source_L = self.offsets[docs][piece_of] + (lo - cum[first:last][keep])[piece_of] + positions_L
-        return (
-            self.tokens[source_L].astype(np.int32),
-            (piece_of + 1).astype(np.int32),
-            positions_L.astype(np.int32),
-        )
+        shift, a, b = self._epoch_layout(epoch)
+        start = shift + ((a * r + b) % self.rows_per_epoch) * self.row_len
+        end = start + self.row_len
+        tokens_L = self.source.tokens(start, end)
+        cuts = np.unique(self.source.doc_starts(start, end)) - start  # in (0, L)
+        piece_of = np.zeros(self.row_len, np.int32)
+        if len(cuts):
+            piece_of[cuts] = 1
+            piece_of = np.cumsum(piece_of, dtype=np.int32)
+        piece_starts = np.concatenate([[0], cuts]).astype(np.int32)
+        positions_L = np.arange(self.row_len, dtype=np.int32) - piece_starts[piece_of]
+        return tokens_L, piece_of + 1, positions_L
 
 
 class Batcher:
@@ -148,7 +120,7 @@ class Batcher:
         """Unshuffled batches in corpus order (default: every full batch of one pass); deterministic."""
         if self._eval_stream is None:
             s = self.stream
-            self._eval_stream = PackedStream(s.tokens, s.offsets, s.row_len, s.seed, shuffle=False)
+            self._eval_stream = PackedStream(s.source, s.row_len, s.seed, shuffle=False)
         available = self._eval_stream.rows_per_epoch // self.batch_size
         if num_batches is None:
             num_batches = available
@@ -162,14 +134,18 @@ class Batcher:
 
 def make_batcher(
     data_config: DataConfig,
-    tokens: np.ndarray,
-    offsets: np.ndarray,
+    source: TokenSource,
     special_ids: SpecialIds,
     seed: int,
     objective: Optional[str] = None,
     shuffle: bool = True,
+    source_index: int = 0,
+    batch_size: Optional[int] = None,
 ) -> Batcher:
-    """Batcher for `objective` (default: data_config.objective) with the shapes of data_config."""
+    """Batcher for `objective` (default: data_config.objective) with the shapes of data_config.
+
+    `source_index` (a mixture's source number) gives each source its own objective randomness.
+    """
     name = data_config.objective if objective is None else objective
     if name == "auto":
         raise ValueError("objective 'auto' must be resolved from the model family before building a batcher")
@@ -201,5 +177,6 @@ def make_batcher(
         def row_fn(t, s, p, rng):
             return obj.span_corruption(t, rng, sp, c.seq_len, c.target_len, c.noise_density, c.mean_noise_span)
 
-    stream = PackedStream(tokens, offsets, row_len, seed, shuffle=shuffle)
-    return Batcher(stream, row_fn, c.batch_size, seed, salt=_OBJECTIVE_SALT[name])
+    stream = PackedStream(source, row_len, seed, shuffle=shuffle)
+    return Batcher(stream, row_fn, batch_size or c.batch_size, seed,
+                   salt=_OBJECTIVE_SALT[name] + 16 * source_index)

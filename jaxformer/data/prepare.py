@@ -1,30 +1,50 @@
-"""From a DataConfig to tokenized train/validation streams and a tokenizer, cached on disk."""
+"""Tokenize once: datasets -> a sentencepiece tokenizer and sharded token stores on disk.
+
+`python -m jaxformer.data.prepare --config CONFIG [key=value ...]` does it ahead of training with
+every core; `train.py` runs the same code implicitly (and in-process for one-shard corpora such as
+the built-in one). Shards are written atomically and independently, so an interrupted preparation
+resumes shard by shard, and no step ever holds more than one shard per worker in memory.
+"""
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
 import dataclasses
 import hashlib
-import logging
+import json
+import multiprocessing
 import os
-from typing import Optional
+import sys
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from jaxformer.data.config import DataConfig
+from jaxformer.data import token_store as ts
+from jaxformer.data.config import DataConfig, SourceConfig
 from jaxformer.data.corpus import resolve_data_dir, text_source
 from jaxformer.data.objectives import SpecialIds
-from jaxformer.data.tokenizer import Tokenizer, tokenize_documents, train_tokenizer
+from jaxformer.data.tokenizer import Tokenizer, train_tokenizer
+
+_ENCODE_BATCH = 256
+
+
+@dataclasses.dataclass
+class PreparedSource:
+    """One dataset's token stores and its mixture weight."""
+
+    name: str
+    weight: float
+    train: ts.TokenStore
+    eval: ts.TokenStore
 
 
 @dataclasses.dataclass
 class PreparedData:
-    """A tokenizer and the train/validation token streams (documents end with EOS)."""
+    """A tokenizer and, per source, its train/validation token stores (documents end with EOS)."""
 
     tokenizer: Tokenizer
-    train_tokens: np.ndarray
-    train_offsets: np.ndarray
-    eval_tokens: np.ndarray
-    eval_offsets: np.ndarray
+    sources: list[PreparedSource]
 
     @property
     def special_ids(self) -> SpecialIds:
@@ -35,39 +55,199 @@ class PreparedData:
                           sentinels=tuple(tok.sentinel_id(i) for i in range(tok.num_sentinels)),
                           no_mask_ids=tuple(i for i in (tok.unk_id, tok.bos_id) if i >= 0))
 
-
-def _cache_key(cfg: DataConfig, split: str, tokenizer: Tokenizer) -> str:
-    digest = hashlib.sha256(tokenizer.serialized_model())
-    digest.update(f"{cfg.dataset}|{split}|{cfg.text_key}|{cfg.max_documents}".encode())
-    return digest.hexdigest()[:16]
+    def train_token_counts(self) -> np.ndarray:
+        """Token histogram over every source's train split."""
+        return sum(s.train.token_counts() for s in self.sources)
 
 
-def prepare_data(cfg: DataConfig, work_dir: str, *,
-                 tokenizer_model: Optional[bytes] = None) -> PreparedData:
-    """Loads the splits, trains (or reuses) the tokenizer, tokenizes both splits with caching.
+def tokens_root(cfg: DataConfig) -> str:
+    """Where token stores and trained tokenizers live."""
+    return cfg.tokens_dir or os.path.join(resolve_data_dir(cfg.data_dir), "jaxformer_tokens")
 
-    `work_dir` holds tokenizer.model; token caches live beside the TFDS data so runs share them.
-    A given `tokenizer_model` (e.g. from a checkpoint) wins over training one.
-    """
-    train_texts = text_source(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.text_key,
-                              cfg.max_documents)
-    eval_texts = text_source(cfg.dataset, cfg.eval_split, cfg.data_dir, cfg.text_key,
-                             cfg.max_documents)
-    tokenizer_path = os.path.join(work_dir, "tokenizer.model")
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def _sample_indices(num_docs: int, limit: int, seed: int) -> np.ndarray:
+    """Up to `limit` document indices spread over the split (all of them, in order, if they fit)."""
+    if num_docs <= limit:
+        return np.arange(num_docs)
+    return np.sort(np.random.default_rng(seed).choice(num_docs, limit, replace=False))
+
+
+def resolve_tokenizer(cfg: DataConfig, work_dir: str, *, tokenizer_model: Optional[bytes] = None,
+                      log: Callable[[str], None] = print) -> Tokenizer:
+    """The run's tokenizer: from a checkpoint, a given path, a cached earlier training, or trained
+    now on a bounded seeded sample of the train splits (then cached for other runs)."""
     if tokenizer_model is not None:
         tokenizer = Tokenizer.from_bytes(tokenizer_model)
-        if not os.path.exists(tokenizer_path):
-            tokenizer.save(tokenizer_path)
     elif cfg.tokenizer_path:
         tokenizer = Tokenizer.load(cfg.tokenizer_path)
-        tokenizer.save(tokenizer_path)
     else:
-        logging.info("training a %d-piece sentencepiece tokenizer", cfg.vocab_size)
-        tokenizer = train_tokenizer(train_texts, cfg.vocab_size, tokenizer_path)
-    cache_dir = os.path.join(resolve_data_dir(cfg.data_dir), "jaxformer_tokens")
-    streams = []
-    for split, texts in ((cfg.train_split, train_texts), (cfg.eval_split, eval_texts)):
-        cache = os.path.join(cache_dir, f"{_cache_key(cfg, split, tokenizer)}.npz")
-        streams.append(tokenize_documents(texts, tokenizer, cache))
-    (train_tokens, train_offsets), (eval_tokens, eval_offsets) = streams
-    return PreparedData(tokenizer, train_tokens, train_offsets, eval_tokens, eval_offsets)
+        sources = cfg.sources()
+        key = _digest(cfg.vocab_size, cfg.tokenizer_docs,
+                      [(s.dataset, s.train_split, s.text_key, s.max_documents, s.weight)
+                       for s in sources])
+        cached = ts._path(tokens_root(cfg), f"tokenizers/{key}.model")  # pylint: disable=protected-access
+        if cached.exists():
+            tokenizer = Tokenizer.from_bytes(cached.read_bytes())
+        else:
+            total = sum(s.weight for s in sources)
+            texts: list[str] = []
+            for s in sources:
+                docs = text_source(s.dataset, s.train_split, s.data_dir, s.text_key, s.max_documents)
+                limit = max(1, round(cfg.tokenizer_docs * s.weight / total))
+                texts.extend(docs[int(i)] for i in _sample_indices(len(docs), limit, 0))
+            log(f"[data] training a {cfg.vocab_size}-piece sentencepiece tokenizer on "
+                f"{len(texts)} documents")
+            tokenizer = train_tokenizer(texts, cfg.vocab_size)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            ts.write_bytes_atomic(str(cached.parent), cached.name, tokenizer.serialized_model())
+    if work_dir and not os.path.exists(os.path.join(work_dir, "tokenizer.model")):
+        tokenizer.save(os.path.join(work_dir, "tokenizer.model"))
+    return tokenizer
+
+
+def store_dir(cfg: DataConfig, source: SourceConfig, split: str, tokenizer: Tokenizer) -> str:
+    """The token store of one split, keyed by everything its contents depend on."""
+    key = _digest(hashlib.sha256(tokenizer.serialized_model()).hexdigest(), source.dataset, split,
+                  source.text_key, source.max_documents, cfg.docs_per_shard)
+    name = source.dataset.replace("/", "_").replace(":", "_")
+    return str(ts._path(tokens_root(cfg), f"{name}-{split}-{key}"))  # pylint: disable=protected-access
+
+
+# -------------------------------------------------------------- per-shard work (runs in workers)
+
+_WORKER: dict = {}
+
+
+def _init_worker(source: SourceConfig, split: str, model: bytes) -> None:
+    _WORKER["texts"] = text_source(source.dataset, split, source.data_dir, source.text_key,
+                                   source.max_documents)
+    _WORKER["tokenizer"] = Tokenizer.from_bytes(model)
+
+
+def _tokenize_shard(root: str, index: int, first: int, last: int, info: dict,
+                    progress: Optional[Callable[[int], None]] = None) -> dict:
+    """Encodes documents [first, last) (each followed by EOS) into shard `index`."""
+    texts, tokenizer = _WORKER["texts"], _WORKER["tokenizer"]
+    pieces, lengths = [], []
+    for start in range(first, last, _ENCODE_BATCH):
+        stop = min(start + _ENCODE_BATCH, last)
+        for ids in tokenizer.encode_batch([texts[i] for i in range(start, stop)]):
+            ids.append(tokenizer.eos_id)
+            pieces.append(np.asarray(ids, np.int64))
+            lengths.append(len(ids))
+        if progress:
+            progress(stop - start)
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    return ts.write_shard(root, index, tokens, np.asarray(lengths, np.int64),
+                          tokenizer.vocab_size, dict(info, first_doc=first, last_doc=last))
+
+
+def tokenize_split(cfg: DataConfig, source: SourceConfig, split: str, tokenizer: Tokenizer, *,
+                   workers: Optional[int] = None, show_progress: bool = True,
+                   log: Callable[[str], None] = print) -> ts.TokenStore:
+    """Tokenizes one split into its store (only the shards not already complete) and opens it."""
+    root = store_dir(cfg, source, split, tokenizer)
+    if ts.read_json(root, ts.MANIFEST) is not None:
+        return ts.TokenStore(root)
+    texts = text_source(source.dataset, split, source.data_dir, source.text_key,
+                        source.max_documents)
+    num_docs, per = len(texts), cfg.docs_per_shard
+    ranges = [(i, first, min(first + per, num_docs))
+              for i, first in enumerate(range(0, num_docs, per))]
+    info = dict(dataset=source.dataset, split=split, text_key=source.text_key)
+    if not ts.is_remote(root):
+        os.makedirs(root, exist_ok=True)
+    markers = {i: ts.complete_shard(root, i, dict(info, first_doc=a, last_doc=b))
+               for i, a, b in ranges}
+    todo = [r for r in ranges if markers[r[0]] is None]
+    done_docs = sum(b - a for i, a, b in ranges if markers[i] is not None)
+    workers = min(workers or cfg.prepare_workers or os.cpu_count() or 1, len(todo))
+    log(f"[data] tokenizing {source.dataset} {split}: {num_docs} documents in {len(ranges)} "
+        f"shards ({len(ranges) - len(todo)} already done) with {max(workers, 1)} worker(s) "
+        f"into {root}")
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=num_docs, initial=done_docs, desc=f"tokenize {split}", unit="doc",
+               disable=not show_progress or not todo, dynamic_ncols=True)
+    try:
+        if workers <= 1:
+            _init_worker(source, split, tokenizer.serialized_model())
+            for i, a, b in todo:
+                markers[i] = _tokenize_shard(root, i, a, b, info, progress=bar.update)
+        else:
+            # spawn: the parent may hold jax/XLA threads that a fork would copy in a broken state.
+            with concurrent.futures.ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_worker,
+                    initargs=(source, split, tokenizer.serialized_model())) as pool:
+                futures = {pool.submit(_tokenize_shard, root, i, a, b, info): (i, b - a)
+                           for i, a, b in todo}
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        i, count = futures[future]
+                        markers[i] = future.result()
+                        bar.update(count)
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
+    ordered = [markers[i] for i, _, _ in ranges]
+    ts.write_manifest(root, ordered, tokenizer.vocab_size,
+                      dict(info, tokenizer_sha256=hashlib.sha256(
+                          tokenizer.serialized_model()).hexdigest()))
+    return ts.TokenStore(root)
+
+
+def prepare_data(cfg: DataConfig, work_dir: str, *, tokenizer_model: Optional[bytes] = None,
+                 workers: Optional[int] = None, show_progress: bool = True,
+                 log: Callable[[str], None] = print) -> PreparedData:
+    """Tokenizer plus train/validation token stores of every source, preparing what is missing.
+
+    `work_dir` (the run directory) receives tokenizer.model; a given `tokenizer_model` (e.g. from
+    a checkpoint) wins over every other source of the tokenizer.
+    """
+    tokenizer = resolve_tokenizer(cfg, work_dir, tokenizer_model=tokenizer_model, log=log)
+    sources = []
+    for s in cfg.sources():
+        stores = [tokenize_split(cfg, s, split, tokenizer, workers=workers,
+                                 show_progress=show_progress, log=log)
+                  for split in (s.train_split, s.eval_split)]
+        sources.append(PreparedSource(s.dataset, s.weight, *stores))
+    return PreparedData(tokenizer, sources)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m jaxformer.data.prepare`: tokenize a config's datasets ahead of training."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxformer.data.prepare",
+        description="Train the tokenizer and write the token shards a config trains on.")
+    parser.add_argument("--config", help="run config YAML (the data section is used)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tokenizing processes (default: data.prepare_workers, 0 = all cores)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. "
+                        "data.tokens_dir=gs://bucket/tokens")
+    args = parser.parse_args(argv)
+    from jaxformer.config import ConfigError  # pylint: disable=g-import-not-at-top
+    from jaxformer.training.config import load_experiment  # pylint: disable=g-import-not-at-top
+    try:
+        cfg = load_experiment(args.config, args.overrides)
+        data = prepare_data(cfg.data, "", workers=args.workers)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n[prepare] interrupted; finished shards are kept: rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    for s in data.sources:
+        print(json.dumps(dict(dataset=s.name, train=s.train.root, train_tokens=s.train.num_tokens,
+                              validation=s.eval.root, validation_tokens=s.eval.num_tokens)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

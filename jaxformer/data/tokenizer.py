@@ -14,9 +14,8 @@ import os
 import random
 import re
 import tempfile
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
-import numpy as np
 import sentencepiece as spm
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
@@ -247,47 +246,3 @@ class _BytesWriter:
 
     def getvalue(self) -> bytes:
         return b"".join(self._chunks)
-
-
-def tokenize_documents(
-    texts: Sequence[str],
-    tokenizer: Tokenizer,
-    cache_path: str | None = None,
-    batch_size: int = 256,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (int32 token stream, each document followed by eos; int64 document start offsets, n+1)."""
-    if cache_path and os.path.exists(os.path.expanduser(cache_path)):
-        with np.load(os.path.expanduser(cache_path)) as cached:
-            tokens, offsets = cached["tokens"], cached["offsets"]
-        if len(offsets) != len(texts) + 1:
-            raise ValueError(
-                f"token cache {cache_path} holds {len(offsets) - 1} documents, not {len(texts)}; "
-                "it belongs to another corpus: delete it or choose another path"
-            )
-        return tokens, offsets
-    lengths = np.zeros(len(texts) + 1, dtype=np.int64)
-    pieces: list[np.ndarray] = []
-    for start in _progress(range(0, len(texts), batch_size), len(texts), batch_size):
-        batch = [texts[i] for i in range(start, min(start + batch_size, len(texts)))]
-        for k, ids in enumerate(tokenizer.encode_batch(batch)):
-            ids.append(tokenizer.eos_id)
-            pieces.append(np.asarray(ids, dtype=np.int32))
-            lengths[start + k + 1] = len(ids)
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    offsets = np.cumsum(lengths)
-    if cache_path:
-        path = os.path.expanduser(cache_path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, tokens=tokens, offsets=offsets)
-        os.replace(tmp, path)
-    return tokens, offsets
-
-
-def _progress(batches: range, total_docs: int, batch_size: int) -> Iterator[int]:
-    """Wraps the batch starts in a tqdm bar when there is enough work to watch."""
-    if total_docs < 10 * batch_size:
-        return iter(batches)
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-    return iter(tqdm(batches, desc="tokenizing", unit="batch"))

@@ -20,6 +20,8 @@ from jaxformer import models
 from jaxformer import sharding as shard_lib
 from jaxformer.data.objectives import SpecialIds
 from jaxformer.data.pipeline import make_batcher
+from jaxformer.data.token_store import ArrayTokens
+from jaxformer.training.cli import MissingDependency
 from jaxformer.training.config import ExperimentConfig
 from jaxformer.training.loop import check_batch_size, train_state_factory
 from jaxformer.training.metrics import flops_per_token
@@ -52,7 +54,7 @@ class TopologyError(ValueError):
     """A topology name libtpu cannot build (a user error: exit status 2)."""
 
 
-class LibtpuMissingError(RuntimeError):
+class LibtpuMissingError(MissingDependency):
     """libtpu, which compiles for TPUs on any host, is not installed."""
 
 
@@ -132,7 +134,8 @@ def abstract_batch(cfg: ExperimentConfig,
                          sentinels=tuple(range(vocab - 100, vocab)))
     data = dataclasses.replace(cfg.data, batch_size=1)
     tokens = (3 + np.arange(4 * cfg.data.seq_len + 8) % (vocab - 103)).astype(np.int32)
-    batcher = make_batcher(data, tokens, np.array([0, len(tokens)]), special, 0, cfg.objective)
+    batcher = make_batcher(data, ArrayTokens(tokens, np.array([0, len(tokens)])), special, 0,
+                           cfg.objective)
     row = batcher.batch(0)
     return {k: jax.ShapeDtypeStruct((cfg.data.batch_size, *v.shape[1:]), v.dtype, sharding=(
                 shard_lib.batch_sharding(mesh, v.ndim, cfg.mesh.rules)))

@@ -69,9 +69,9 @@ def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def unigram_log_probs(train_tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-    """[V] log-probabilities of add-one-smoothed train unigram frequencies (a baseline model)."""
-    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
+def unigram_log_probs_from_counts(counts_V: np.ndarray) -> np.ndarray:
+    """[V] add-one-smoothed log-probabilities from token counts."""
+    counts = counts_V.astype(np.float64) + 1.0
     return np.log(counts / counts.sum())
 
 

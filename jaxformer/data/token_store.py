@@ -1,0 +1,277 @@
+"""Tokenized corpora on disk: sharded flat token files plus document starts, read by random access.
+
+One split of a corpus is a directory:
+
+    manifest.json              written last: the split is complete (dtype, shard sizes, totals)
+    shard-00000.json           written after the shard's data files: the shard is complete
+    shard-00000.tokens         flat tokens (uint16, or uint32 for vocabularies over 65536)
+    shard-00000.docs           int64 start of each document within the shard
+    shard-00000.counts         int64 token histogram [vocab] (for the unigram baseline)
+
+Local paths are memory-mapped, so resident memory stays independent of corpus size; other paths
+(e.g. gs://) go through etils.epath and are read by byte range.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Any, Optional, Protocol, Sequence
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+_REMOTE_DOC_SHARDS_CACHED = 8
+
+
+class TokenSource(Protocol):
+    """What the packer reads: a flat token stream with document boundaries."""
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the stream as int32."""
+
+    def doc_starts(self, start: int, end: int) -> np.ndarray:
+        """Stream positions p with start < p < end where a document begins (sorted int64)."""
+
+
+def is_remote(path: str) -> bool:
+    """Whether a path names an object store (gs://, s3://...) rather than a local file."""
+    return "://" in path
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype holding every id."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def shard_name(index: int) -> str:
+    """File stem of shard `index`."""
+    return f"shard-{index:05d}"
+
+
+def _path(root: str, name: str):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    return epath.Path(root) / name
+
+
+def write_bytes_atomic(root: str, name: str, data: bytes) -> None:
+    """Writes root/name so that readers see either nothing or the whole file."""
+    if is_remote(root):  # object stores publish an object only when its upload completes
+        _path(root, name).write_bytes(data)
+        return
+    path = os.path.join(root, name)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(root: str, name: str) -> Optional[dict]:
+    """The JSON object at root/name, or None when it does not exist."""
+    path = _path(root, name)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_shard(root: str, index: int, tokens: np.ndarray, doc_lengths: np.ndarray,
+                vocab_size: int, info: dict[str, Any]) -> dict[str, Any]:
+    """Writes one complete shard (data files first, its JSON marker last); returns the marker."""
+    dtype = token_dtype(vocab_size)
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token ids outside [0, {vocab_size}) in shard {index}")
+    starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
+    counts = np.bincount(tokens, minlength=vocab_size).astype(np.int64)
+    stem = shard_name(index)
+    write_bytes_atomic(root, f"{stem}.tokens", tokens.astype(dtype).tobytes())
+    write_bytes_atomic(root, f"{stem}.docs", starts[: len(doc_lengths)].tobytes())
+    write_bytes_atomic(root, f"{stem}.counts", counts.tobytes())
+    marker = dict(info, index=index, num_tokens=int(len(tokens)), num_docs=int(len(doc_lengths)),
+                  dtype=dtype.name)
+    write_bytes_atomic(root, f"{stem}.json", json.dumps(marker).encode())
+    return marker
+
+
+def complete_shard(root: str, index: int, expect: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The marker of a finished shard whose recorded inputs equal `expect`, else None."""
+    try:
+        marker = read_json(root, f"{shard_name(index)}.json")
+    except (ValueError, OSError):
+        return None  # a cut marker is an unfinished shard: it is written again
+    if marker is None or any(marker.get(k) != v for k, v in expect.items()):
+        return None
+    size = np.dtype(marker["dtype"]).itemsize * marker["num_tokens"]
+    data = _path(root, f"{shard_name(index)}.tokens")
+    if not data.exists() or data.stat().length != size:
+        return None
+    return marker
+
+
+def write_manifest(root: str, markers: Sequence[dict[str, Any]], vocab_size: int,
+                   info: dict[str, Any]) -> None:
+    """Seals a split: after this, readers may open it."""
+    manifest = dict(info, format=FORMAT, vocab_size=vocab_size, dtype=token_dtype(vocab_size).name,
+                    num_shards=len(markers),
+                    num_tokens=int(sum(m["num_tokens"] for m in markers)),
+                    num_docs=int(sum(m["num_docs"] for m in markers)),
+                    shard_tokens=[m["num_tokens"] for m in markers],
+                    shard_docs=[m["num_docs"] for m in markers])
+    write_bytes_atomic(root, MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+class _RangeFile:
+    """A remote flat array read by byte range (no local copy of the file)."""
+
+    def __init__(self, path, dtype: np.dtype, length: int):
+        self._path, self._dtype, self._length = path, dtype, length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, _ = index.indices(self._length)
+        size = self._dtype.itemsize
+        with self._path.open("rb") as f:
+            f.seek(start * size)
+            data = f.read(max(stop - start, 0) * size)
+        return np.frombuffer(data, self._dtype)
+
+
+class TokenStore:
+    """One prepared split, opened for random access; cheap to pickle (it reopens its files)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        manifest = read_json(root, MANIFEST)
+        if manifest is None:
+            raise FileNotFoundError(f"no prepared token store at {root} (missing {MANIFEST}); "
+                                    "run `python -m jaxformer.data.prepare --config ...`")
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"token store {root} has format {manifest.get('format')}, this "
+                             f"version reads {FORMAT}; prepare it again")
+        self.manifest = manifest
+        self.vocab_size = int(manifest["vocab_size"])
+        self._dtype = np.dtype(manifest["dtype"])
+        self._shard_starts = np.concatenate([[0], np.cumsum(manifest["shard_tokens"])]).astype(np.int64)
+        self._open()
+
+    def _open(self) -> None:
+        self._tokens: dict[int, Any] = {}
+        self._docs: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._shard_starts[-1])
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.manifest["num_docs"])
+
+    def _shard_tokens(self, i: int):
+        if i not in self._tokens:
+            length = int(self.manifest["shard_tokens"][i])
+            if is_remote(self.root):
+                array = _RangeFile(_path(self.root, f"{shard_name(i)}.tokens"), self._dtype, length)
+            elif length == 0:
+                array = np.zeros(0, self._dtype)
+            else:
+                array = np.memmap(os.path.join(self.root, f"{shard_name(i)}.tokens"),
+                                  self._dtype, "r", shape=(length,))
+            self._tokens[i] = array
+        return self._tokens[i]
+
+    def _shard_docs(self, i: int) -> np.ndarray:
+        """Document starts of shard i: memory-mapped locally, a few whole shards cached remotely."""
+        if i in self._docs:
+            self._docs.move_to_end(i)
+            return self._docs[i]
+        count = int(self.manifest["shard_docs"][i])
+        if is_remote(self.root):
+            docs = np.frombuffer(_path(self.root, f"{shard_name(i)}.docs").read_bytes(), np.int64)
+        elif count == 0:
+            docs = np.zeros(0, np.int64)
+        else:
+            docs = np.memmap(os.path.join(self.root, f"{shard_name(i)}.docs"), np.int64, "r",
+                             shape=(count,))
+        self._docs[i] = docs
+        limit = _REMOTE_DOC_SHARDS_CACHED if is_remote(self.root) else len(self._shard_starts)
+        while len(self._docs) > limit:
+            self._docs.popitem(last=False)
+        return docs
+
+    def _shards_between(self, start: int, end: int) -> range:
+        first = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+        last = int(np.searchsorted(self._shard_starts, end, side="left"))
+        return range(max(first, 0), min(last, len(self._shard_starts) - 1))
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) as int32 (may span shards)."""
+        if not 0 <= start <= end <= self.num_tokens:
+            raise IndexError(f"token range [{start}, {end}) outside [0, {self.num_tokens})")
+        parts = []
+        for i in self._shards_between(start, end):
+            base = int(self._shard_starts[i])
+            lo, hi = max(start - base, 0), min(end, int(self._shard_starts[i + 1])) - base
+            if hi > lo:
+                parts.append(np.asarray(self._shard_tokens(i)[lo:hi]))
+        out = np.concatenate(parts) if parts else np.zeros(0, self._dtype)
+        return out.astype(np.int32)
+
+    def doc_starts(self, start: int, end: int) -> np.ndarray:
+        """Positions p, start < p < end, where a document begins."""
+        found = []
+        for i in self._shards_between(start, end):
+            base = int(self._shard_starts[i])
+            docs = self._shard_docs(i)
+            lo = int(np.searchsorted(docs, start - base, side="right"))
+            hi = int(np.searchsorted(docs, end - base, side="left"))
+            found.append(np.asarray(docs[lo:hi]) + base)
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+    def token_counts(self) -> np.ndarray:
+        """How often each id occurs in the split ([vocab] int64)."""
+        total = np.zeros(self.vocab_size, np.int64)
+        for i in range(int(self.manifest["num_shards"])):
+            total += np.frombuffer(_path(self.root, f"{shard_name(i)}.counts").read_bytes(),
+                                   np.int64)
+        return total
+
+
+class ArrayTokens:
+    """An in-memory token stream (tokens [N], document offsets [n_docs + 1]) as a TokenSource."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
+        self._tokens = np.asarray(tokens)
+        self._offsets = np.asarray(offsets, np.int64)
+        if self._tokens.ndim != 1 or self._offsets.ndim != 1 or len(self._offsets) < 2:
+            raise ValueError("tokens must be a flat [N] array and offsets [n_docs + 1] document starts")
+        if (self._offsets[0] != 0 or self._offsets[-1] != len(self._tokens)
+                or np.any(np.diff(self._offsets) < 0)):
+            raise ValueError("offsets must start at 0, be non-decreasing and end at len(tokens)")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._tokens)
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) as int32."""
+        return self._tokens[start:end].astype(np.int32)
+
+    def doc_starts(self, start: int, end: int) -> np.ndarray:
+        """Positions p, start < p < end, where a document begins."""
+        lo = int(np.searchsorted(self._offsets, start, side="right"))
+        hi = int(np.searchsorted(self._offsets, end, side="left"))
+        return self._offsets[lo:hi]
