@@ -101,6 +101,9 @@ def _read_yaml(path: str) -> dict[str, Any]:
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); save the "
+                          "file as UTF-8") from None
     except OSError as e:
         # OmegaConf.load raises a bare OSError when the document is a scalar.
         if not str(e).startswith("Invalid loaded object type"):

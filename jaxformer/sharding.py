@@ -101,7 +101,15 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
     """A mesh with Auto axis types over all (or the given) devices; across `cfg.slices` TPU
     slices it is a hybrid mesh whose data axis is split between (DCN) and within slices (ICI)."""
     devices = jax.devices() if devices is None else list(devices)
-    shape = resolve_shape(cfg.shape, len(devices))
+    try:
+        shape = resolve_shape(cfg.shape, len(devices))
+    except ValueError as err:
+        needed = math.prod(s for s in cfg.shape if s != -1)
+        if devices and devices[0].platform == "cpu" and needed > len(devices):
+            raise ValueError(f"{err}. On CPU, simulate {needed} devices by starting with "
+                             f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} (set "
+                             "before jax is imported)") from None
+        raise
     axis_types = (jax.sharding.AxisType.Auto,) * 3
     if cfg.slices == 1:
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)

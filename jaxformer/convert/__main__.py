@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from jaxformer.training import cli
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxformer.convert", description=__doc__,
@@ -28,27 +30,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="architecture to record for an encoder: masked_lm or classification")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     args = parser.parse_args(argv)
+    return convert_command(args)
 
+
+@cli.command(interrupted="the destination may be incomplete; rerun the command")
+def convert_command(args: argparse.Namespace) -> int:
+    """Runs a parsed command line; 0, or 2 with one `error:` line (CheckpointError, a bad
+    directory, a missing `hf` extra, ...)."""
+    for module in (("torch",) if args.command == "from-hf" else ()) + ("transformers",
+                                                                        "safetensors"):
+        cli.require(module, "hf", f"python -m jaxformer.convert {args.command}")
     from jaxformer import convert
     from jaxformer.convert import runs
-    try:
-        if args.command == "from-hf":
-            model, cfg = convert.from_hf(args.src)
-            if args.tokenizer:
-                with open(args.tokenizer, "rb") as f:
-                    spm = f.read()
-            else:
-                spm = runs.find_spm(args.src)
-            out = runs.save_run(model, cfg, args.dst, tokenizer_model=spm)
-            note = "" if spm else " (no tokenizer stored: give one in the data config to train)"
-            print(f"wrote {cfg.family} model to run directory {out}{note}")
+    if args.command == "from-hf":
+        model, cfg = convert.from_hf(args.src)
+        if args.tokenizer:
+            with open(args.tokenizer, "rb") as f:
+                spm = f.read()
         else:
-            model, cfg = runs.load_run(args.src, args.step)
-            out = convert.to_hf(model, cfg, args.dst, head=args.head, overwrite=args.overwrite)
-            print(f"wrote Hugging Face directory {out}")
-    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            spm = runs.find_spm(args.src)
+        out = runs.save_run(model, cfg, args.dst, tokenizer_model=spm)
+        note = "" if spm else " (no tokenizer stored: give one in the data config to train)"
+        print(f"wrote {cfg.family} model to run directory {out}{note}")
+    else:
+        model, cfg = runs.load_run(args.src, args.step)
+        out = convert.to_hf(model, cfg, args.dst, head=args.head, overwrite=args.overwrite)
+        print(f"wrote Hugging Face directory {out}")
     return 0
 
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
+import inspect
+import json
+import logging
 import os
-from typing import Any, Optional
+import re
+import shutil
+import sys
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -18,8 +28,125 @@ from jaxformer import sharding as shard_lib
 FORMAT_VERSION = 2
 
 
+# Unreadable checkpoints are moved here (inside the checkpoint directory, where orbax's step listing
+# ignores them) instead of being deleted.
+CORRUPT_DIR = "corrupt"
+ITEMS = ("meta", "state")
+REQUIRED_FILES = ("meta/metadata", "state/_METADATA")  # what every orbax >= 0.11 writes
+COMMIT_FILE = "commit_success.txt"  # orbax >= 0.12 writes it just before committing a save
+TMP_MARK = ".orbax-checkpoint-tmp"  # an uncommitted (interrupted) save: <step>.orbax-checkpoint-tmp
+# Test hook (never set it outside tests): every save is held open this many seconds just before
+# orbax commits it, so that a test can kill the process in the middle of an (asynchronous) save.
+TEST_SAVE_DELAY_ENV = "JAXFORMER_TEST_SAVE_DELAY"
+# Orbax errors that mean "another model", not "damaged files": never a reason to fall back.
+_MISMATCH = ("tree structures do not match", "is not compatible with the stored shape")
+# TensorStore's status line of a failed read: DATA_LOSS: ..., OUT_OF_RANGE: ..., NOT_FOUND: ...
+_STATUS = re.compile(r"^[ \t]*(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION|UNAVAILABLE|"
+                     r"ABORTED|INTERNAL|UNKNOWN): .*$", re.MULTILINE)
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit what the run asks for."""
+
+
+class _Unreadable(Exception):
+    """One checkpoint step cannot be read back (files missing, truncated or never committed)."""
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+def _reason(err: BaseException, limit: int = 300) -> str:
+    """One line saying why a read failed: TensorStore's status line (DATA_LOSS: ..., OUT_OF_RANGE:
+    ...) from deep in the chain when there is one, else the error's own first line."""
+    for e in _chain(err):
+        found = _STATUS.search(str(e))
+        if found:
+            return found.group(0).strip()[:limit]
+    e = _chain(err)[-1]
+    return f"{type(e).__name__}: {_first_line(e, limit)}"
+
+
+def _damaged(err: BaseException) -> bool:
+    """Whether a failed read looks like damaged files (rather than another model's state)."""
+    for e in _chain(err):
+        text = str(e)
+        if (isinstance(e, (OSError, json.JSONDecodeError)) or _STATUS.search(text)
+                or "was not found in the checkpoint" in text
+                or "Encountered error while reading" in text):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_read_failures():
+    """A failed restore leaves orbax's other pending reads to die one traceback each (through
+    sys.unraisablehook, sys.excepthook from TensorStore's callback threads, and asyncio's
+    'exception was never retrieved'); the caller reports one line instead."""
+    hooks = sys.unraisablehook, sys.excepthook
+    loggers = [logging.getLogger(name) for name in ("asyncio", "absl")]
+    levels = [logger.level for logger in loggers]
+    sys.unraisablehook = lambda _unraisable: None
+    sys.excepthook = lambda *_exc_info: None
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except BaseException:
+        time.sleep(0.2)  # reads still in flight end (and are silenced) meanwhile
+        raise
+    finally:
+        gc.collect()
+        sys.unraisablehook, sys.excepthook = hooks
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every process (all hosts must pick the same checkpoint)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+_delay_installed = False
+
+
+def _install_test_save_delay() -> None:
+    """The TEST_SAVE_DELAY_ENV hook: sleeps in orbax's commit step (in the background thread of an
+    asynchronous save), after the data is written and before the temporary directory is renamed."""
+    global _delay_installed
+    seconds = float(os.environ.get(TEST_SAVE_DELAY_ENV) or 0)
+    if _delay_installed or seconds <= 0:
+        return
+    from orbax.checkpoint._src.path import atomicity  # private: this is only a test hook
+    for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+        original = cls.finalize
+        if inspect.iscoroutinefunction(original):
+            async def finalize(self, *args, _original=original, **kwargs):
+                import asyncio
+                await asyncio.sleep(seconds)
+                return await _original(self, *args, **kwargs)
+        else:
+            def finalize(self, *args, _original=original, **kwargs):
+                time.sleep(seconds)
+                return _original(self, *args, **kwargs)
+        cls.finalize = finalize
+    _delay_installed = True
+
+
+_reported: set[str] = set()  # step directories whose damage this process has explained already
 
 
 def _is_key(x: Any) -> bool:
@@ -52,14 +179,25 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 class Checkpointer:
-    """An orbax CheckpointManager for one run directory."""
+    """An orbax CheckpointManager for one run directory.
+
+    Reading the newest checkpoint (`read_meta()`, `restore_state()` without a step, and
+    `restore_newest()` when a run resumes) falls back to the next older step when a step cannot be
+    read back: files missing or truncated, or a save that never committed. Each such step is
+    reported in one line on stderr; `restore_newest(set_aside=True)` also moves it to
+    `checkpoints/corrupt/` (never deletes it) so that the run can save that step again. When no
+    step reads, it is a CheckpointError and nothing is moved.
+    """
 
     def __init__(self, run_dir: str, *, keep: int = 3, async_save: bool = True,
                  create: bool = True):
-        directory = checkpoint_dir(run_dir)
+        """`keep` newest checkpoints are kept, and never fewer than two: the newest is not read
+        back after saving, so the one before it stays as the fallback."""
+        self.directory = directory = checkpoint_dir(run_dir)
         if not create and not os.path.isdir(directory):
             raise CheckpointError(f"no checkpoints in {run_dir} (expected {directory})")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+        _install_test_save_delay()
+        options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 2), create=create,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(directory, options=options)
 
@@ -83,10 +221,67 @@ class Checkpointer:
             state=ocp.args.StandardSave(storable), meta=ocp.args.JsonSave(meta)))
 
     def read_meta(self, step: Optional[int] = None) -> dict:
-        """The JSON part (step, data state, config, tokenizer) of a checkpoint."""
-        step = self._resolve(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = dict(restored["meta"])
+        """The JSON part (step, data state, config, tokenizer) of a checkpoint: of `step`, or of
+        the newest one whose metadata reads."""
+        if step is not None:
+            return self._one(self._resolve(step), self._read_meta)
+        return self._newest(self._read_meta)[1]
+
+    def restore_state(self, abstract_state: nnx.State, mesh: jax.sharding.Mesh,
+                      rules, step: Optional[int] = None, *, partial: bool = False) -> nnx.State:
+        """Restores onto `mesh` (any shape): arrays land with the shardings the rules give there.
+
+        With partial=True only the leaves present in `abstract_state` are read (e.g. the model
+        parameters of a checkpoint that also holds optimizer state). Without `step`, the newest
+        checkpoint whose arrays read.
+        """
+        def read(s):
+            return self._restore_arrays(s, abstract_state, mesh, rules, partial)
+        if step is not None:
+            return self._one(self._resolve(step), read)
+        return self._newest(read)[1]
+
+    def restore_newest(self, abstract_state: nnx.State, mesh: jax.sharding.Mesh, rules, *,
+                       set_aside: bool = True) -> tuple[nnx.State, dict]:
+        """(state, metadata) of the newest checkpoint that reads completely, for resuming a run.
+
+        With `set_aside`, newer steps that do not read are moved to `checkpoints/corrupt/` and
+        interrupted saves (`<step>.orbax-checkpoint-tmp`) are removed, so the run saves those
+        steps again; each is reported in one line.
+        """
+        def read(s):
+            meta = self._read_meta(s)
+            return self._restore_arrays(s, abstract_state, mesh, rules, False), meta
+        return self._newest(read, set_aside=set_aside)[1]
+
+    # ------------------------------------------------------------------ reading one step
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _commit_problem(self, step: int) -> Optional[str]:
+        """Why `step` is not a complete, committed checkpoint as far as its files show, or None."""
+        path = self._step_dir(step)
+        for item in ITEMS:
+            if not os.path.isdir(os.path.join(path, item)):
+                return f"its {item}/ directory is missing"
+        for name in REQUIRED_FILES:
+            if not os.path.isfile(os.path.join(path, name)):
+                return f"its {name} is missing"
+        # Orbax >= 0.12 marks each item and then the step as committed; older ones mark nothing.
+        marked = [os.path.exists(os.path.join(path, item, COMMIT_FILE)) for item in ITEMS]
+        if any(marked) and not os.path.exists(os.path.join(path, COMMIT_FILE)):
+            return f"its commit marker {COMMIT_FILE} is missing (the save never finished)"
+        return None
+
+    def _read_meta(self, step: int) -> dict:
+        try:
+            with _quiet_read_failures():
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = dict(restored["meta"])
+        except Exception as err:  # any way the files can fail to read
+            raise _Unreadable(f"its metadata does not read ({_reason(err)})") from err
         version = meta.get("format_version", 1)
         if version != FORMAT_VERSION:
             raise CheckpointError(
@@ -94,17 +289,17 @@ class Checkpointer:
                 f"{version}; this jaxformer reads format {FORMAT_VERSION} (parameters stacked over "
                 "layers, per-head attention kernels). Load it with the jaxformer release that "
                 "wrote it, or start a new run.dir")
-        meta["tokenizer"] = base64.b64decode(meta["tokenizer"])
+        try:
+            meta["tokenizer"] = base64.b64decode(meta["tokenizer"])
+            stored_step = int(meta["step"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise _Unreadable(f"its metadata is incomplete ({type(err).__name__}: {err})") from err
+        if stored_step != step:
+            raise _Unreadable(f"its metadata is of step {stored_step}")
         return meta
 
-    def restore_state(self, abstract_state: nnx.State, mesh: jax.sharding.Mesh,
-                      rules, step: Optional[int] = None, *, partial: bool = False) -> nnx.State:
-        """Restores onto `mesh` (any shape): arrays land with the shardings the rules give there.
-
-        With partial=True only the leaves present in `abstract_state` are read (e.g. the model
-        parameters of a checkpoint that also holds optimizer state).
-        """
-        step = self._resolve(step)
+    def _restore_arrays(self, step: int, abstract_state: nnx.State, mesh, rules,
+                        partial: bool) -> nnx.State:
         shardings = shard_lib.state_shardings(abstract_state, mesh, rules)
         pure_abstract = nnx.to_pure_dict(jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -114,20 +309,111 @@ class Checkpointer:
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True) if partial else ocp.args.StandardRestore(target)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"checkpoint at step {step} does not match this model: "
-                                  f"{str(err).splitlines()[0][:300]}") from err
+            with _quiet_read_failures():
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
+        except Exception as err:
+            text = "\n".join(str(e) for e in _chain(err))
+            if any(marker in text for marker in _MISMATCH) or (
+                    isinstance(err, (ValueError, KeyError, TypeError)) and not _damaged(err)):
+                raise CheckpointError(f"checkpoint at step {step} does not match this model: "
+                                      f"{_first_line(err)}") from err
+            raise _Unreadable(f"its arrays do not read ({_reason(err)})") from err
         state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
         nnx.replace_by_pure_dict(state, _from_storable(restored["state"], pure_abstract))
         return state
 
-    def _resolve(self, step: Optional[int]) -> int:
+    def _one(self, step: int, read: Callable[[int], Any]) -> Any:
+        """read(step) of the step asked for by name: no fallback, a clear error if it is damaged."""
+        problem = self._commit_problem(step)
+        if problem is None:
+            try:
+                return read(step)
+            except _Unreadable as err:
+                problem = str(err)
+        raise CheckpointError(f"the checkpoint at step {step} in {self.directory} is unreadable: "
+                              f"{problem}")
+
+    # ------------------------------------------------------------------ falling back
+
+    def _newest(self, read: Callable[[int], Any], *, set_aside: bool = False) -> tuple[int, Any]:
+        """(step, read(step)) of the newest step that reads; the damaged newer ones reported."""
+        steps = self.steps
+        if not steps:
+            raise CheckpointError(f"no finished checkpoint in {self.directory}")
+        damaged: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            problem, result = self._commit_problem(step), None
+            if problem is None:
+                try:
+                    result = read(step)
+                except _Unreadable as err:
+                    problem = str(err)
+            if not _everywhere(problem is None):
+                damaged.append((step, problem or "it does not read on another host"))
+                continue
+            self._handle_damaged(damaged, step, set_aside)
+            return step, result
+        # Nothing reads: a systematic problem as likely as damage, so nothing is moved.
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {why}" for s, why in damaged)
+            + ". Nothing was moved or deleted; fix or move away the damaged steps, or start a "
+              "new run.dir")
+
+    def _handle_damaged(self, damaged: list[tuple[int, str]], good: int, set_aside: bool) -> None:
+        lead = jax.process_index() == 0
+        going_on = f"resuming from step {good}" if set_aside else f"reading step {good} instead"
+        for step, why in damaged:
+            path = self._step_dir(step)
+            said = path in _reported
+            _reported.add(path)
+            if set_aside:
+                where = self._set_aside(step) if lead else "corrupt/"
+                line = (f"moved the unreadable checkpoint of step {step} to {where}" if said else
+                        f"the checkpoint at step {step} in {self.directory} is unreadable: {why}; "
+                        f"moved it to {where}")
+            elif said:
+                continue
+            else:
+                line = f"the checkpoint at step {step} in {self.directory} is unreadable: {why}"
+            if lead:
+                print(f"[checkpoint] {line}; {going_on}", file=sys.stderr, flush=True)
+        if not set_aside:
+            return
+        for name in self._interrupted_saves():
+            if lead:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                print(f"[checkpoint] the save of step {name.split('.')[0]} was interrupted before "
+                      f"it committed; removed its partial {name} ({going_on})",
+                      file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("jaxformer_checkpoint_set_aside")
+        self.manager.reload()  # orbax must not see the moved steps (it skips saves <= its latest)
+
+    def _set_aside(self, step: int) -> str:
+        """Moves a damaged step out of orbax's sight into corrupt/; returns where it went."""
+        folder = os.path.join(self.directory, CORRUPT_DIR)
+        os.makedirs(folder, exist_ok=True)
+        base = os.path.join(folder, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+        dest, n = base, 1
+        while os.path.exists(dest):
+            dest, n = f"{base}-{n}", n + 1
+        os.rename(self._step_dir(step), dest)
+        return dest
+
+    def _interrupted_saves(self) -> list[str]:
+        """Names of orbax's temporary directories of saves that never committed."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if TMP_MARK in n and n.split(".")[0].isdigit())
+
+    def _resolve(self, step: int) -> int:
         steps = self.steps
         if not steps:
             raise CheckpointError(f"no finished checkpoint in {self.manager.directory}")
-        if step is None:
-            return steps[-1]
         if step not in steps:
             raise CheckpointError(f"no checkpoint at step {step}; available steps: "
                                   f"{', '.join(map(str, steps))}")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional, Sequence
 
-from jaxformer.config import ConfigError, config_from_dict, load_config, read_yaml
+from jaxformer.config import ConfigError, config_from_dict, config_to_dict, load_config, read_yaml
 from jaxformer.data.config import DataConfig
 from jaxformer.models.config import PRESETS, ModelConfig, preset
 from jaxformer.sharding import MeshConfig
@@ -60,7 +61,8 @@ class CheckpointConfig:
     every: int = 100
     """Steps between checkpoints (the last step is always saved)."""
     keep: int = 3
-    """Keep the newest K checkpoints."""
+    """Keep the newest K checkpoints (at least 2 stay on disk, so a damaged newest one can fall
+    back to the one before)."""
     async_save: bool = True
     """Write checkpoints in the background while training continues."""
 
@@ -122,10 +124,125 @@ def load_experiment(yaml_path: Optional[str] = None,
                 raise ConfigError(f"model.preset: {err}") from None
         base = {"model": dataclasses.asdict(preset(name))}
     cfg = load_config(ExperimentConfig, yaml_path, overrides, base=base)
+    check_experiment(cfg)
+    return cfg
+
+
+def check_experiment(cfg: ExperimentConfig) -> None:
+    """Checks between sections, made before any work (tokenizer, token caches, run directory),
+    each naming the override that fixes it."""
     if cfg.objective not in OBJECTIVE_OF_FAMILY.values():
         raise ConfigError(f"data.objective={cfg.data.objective!r} is not one of auto, "
                           f"{', '.join(OBJECTIVE_OF_FAMILY.values())}")
-    return cfg
+    # Span corruption makes encoder and decoder inputs; the other objectives one sequence.
+    if (cfg.objective == "span_corruption") != (cfg.model.family == "encoder_decoder"):
+        raise ConfigError(f"data.objective={cfg.data.objective} does not fit a "
+                          f"model.family={cfg.model.family} model; set data.objective=auto "
+                          f"({OBJECTIVE_OF_FAMILY[cfg.model.family]})")
+    check_schedule(cfg.optimizer, cfg.train.steps)
+    data, model = cfg.data, cfg.model
+    if model.position in ("learned", "sinusoidal") and model.max_len < data.seq_len:
+        raise ConfigError(f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len} "
+                          f"(the {model.position} position table); set data.seq_len=<="
+                          f"{model.max_len} or model.max_len={data.seq_len}")
+    if cfg.objective == "span_corruption":
+        from jaxformer.data.objectives import span_corruption_raw_length
+        try:
+            span_corruption_raw_length(data.seq_len, data.target_len, data.noise_density,
+                                       data.mean_noise_span)
+        except ValueError as err:
+            raise ConfigError(f"{err}; raise data.target_len or data.seq_len") from None
+    if data.tokenizer_path and not os.path.isfile(data.tokenizer_path):
+        raise ConfigError(f"data.tokenizer_path={data.tokenizer_path!r} is not a file; give an "
+                          "existing sentencepiece .model, or data.tokenizer_path='' to train one")
+
+
+def check_schedule(optimizer: OptimizerConfig, steps: int) -> None:
+    """The learning-rate schedule fits the run (the checks make_schedule makes, made early)."""
+    warmup = optimizer.warmup_steps
+    if warmup > steps and optimizer.schedule != "inverse_sqrt":
+        raise ConfigError(f"optimizer.warmup_steps={warmup} exceeds train.steps={steps} (the run "
+                          f"would end before its peak learning rate); set optimizer.warmup_steps"
+                          f"=<={steps} (e.g. optimizer.warmup_steps={steps // 10}) or "
+                          f"train.steps=>={warmup}")
+    if optimizer.schedule == "warmup_stable_decay":
+        decay_steps = max(round(optimizer.decay_fraction * steps), 1)
+        if steps - decay_steps < warmup:
+            raise ConfigError(
+                f"optimizer.warmup_steps={warmup} overlaps the decay phase of warmup_stable_decay "
+                f"(the last {decay_steps} of train.steps={steps}); set optimizer.warmup_steps=<="
+                f"{steps - decay_steps} or lower optimizer.decay_fraction")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: which settings may differ from the ones the checkpoint was trained with.
+
+# How long the run goes on, how it is watched, where it lives and how it is laid out on devices:
+# none of these changes what the saved steps computed. (train.steps also re-spreads the schedule
+# over the new length, which is what extending a run means.)
+RESUME_CHANGEABLE = (
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.nonfinite",
+    "train.loss_chunk_size", "train.peak_flops", "train.sample_prompt", "train.sample_tokens",
+    "checkpoint.", "mesh.", "run.", "model.remat", "model.attention_impl", "model.scan_layers",
+    "data.data_dir", "data.tokens_dir", "data.prepare_workers", "data.prefetch",
+    "data.prefetch_threads", "task.data_dir",
+)
+# Filled in when the run is prepared (from the checkpoint's tokenizer and task) and compared
+# then; the preset is only the name the model fields started from.
+_RESOLVED_LATER = ("model.vocab_size", "model.num_labels", "model.preset")
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix[:-1]: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def _changeable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_CHANGEABLE)
+
+
+def resume_changes(stored: dict[str, Any], cfg: Any) -> tuple[list[tuple[str, Any, Any]],
+                                                              list[tuple[str, Any, Any]]]:
+    """([(key, checkpoint value, new value)] that may change on resume, [those that may not]),
+    comparing the config stored in a checkpoint with the one asked for now."""
+    old, new = _flat(stored), _flat(config_to_dict(cfg))
+    allowed, refused = [], []
+    for key, value in new.items():
+        if key not in old or key in _RESOLVED_LATER or key == "run.dir" or old[key] == value:
+            continue  # run.dir is where the run was found: always the one in use
+        (allowed if _changeable(key) else refused).append((key, old[key], value))
+    return allowed, refused
+
+
+def check_resume(cfg: Any, stored: dict[str, Any], step: int, run_dir: str) -> str:
+    """Refuses (ConfigError) a resume that would silently train a different run; returns a line
+    naming the changeable settings that differ from the checkpoint's ('' when none)."""
+    allowed, refused = resume_changes(stored, cfg)
+    if refused:
+        kind = ("a different model" if any(k.startswith("model.") for k, _, _ in refused)
+                else "different settings")
+        shown = "; ".join(f"{k} {o!r} -> {n!r}" for k, o, n in refused[:8])
+        more = f"; and {len(refused) - 8} more" if len(refused) > 8 else ""
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint (step {step}) of a run trained with {kind}: {shown}"
+            f"{more}. Resuming it so would silently make a different run: use a new run.dir, or "
+            "drop these overrides to resume the run as it was (changeable on resume: "
+            "train.steps, train.log_every/eval_every/eval_batches, checkpoint.*, mesh.*, "
+            "model.remat/attention_impl/scan_layers)")
+    steps = cfg.train.steps
+    if steps < step:
+        raise ConfigError(f"train.steps={steps} is below step {step}, where the checkpoint in "
+                          f"{run_dir} already is; give train.steps=>={step} to resume (more "
+                          "steps extend the run), or use a new run.dir")
+    if not allowed:
+        return ""
+    return ("[resume] settings changed since the checkpoint: "
+            + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in allowed)
+            + "; config.yaml now records them")
 
 
 def experiment_from_dict(data: dict[str, Any]) -> ExperimentConfig:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
-import sys
 from typing import Any, Optional
 
 import numpy as np
 
-from jaxformer.config import ConfigError
-from jaxformer.training.checkpoint import Checkpointer, CheckpointError
+from jaxformer.training import cli
+from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.metrics import read_metrics
 from jaxformer.training.task_metrics import until_eos
 
@@ -119,31 +119,32 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli.command(interrupted="no report written")
 def run_eval(run_dir: str, step: Optional[int], split: Optional[str], out: Optional[str],
              plot: bool, prompt: Optional[str], num_batches: Optional[int] = None,
              int8: bool = False) -> int:
-    """Evaluates and reports; 0 on success, 2 with one clear message on bad input."""
-    errors = (CheckpointError, ConfigError, ValueError, FileNotFoundError)
+    """Evaluates and reports; 0 on success, 2 with one clear message on bad input.
+
+    Everything an option needs (matplotlib for --plot, a directory for --out) is checked before
+    any evaluation, and the finished report is written before the plot is drawn.
+    """
+    curves = os.path.join(os.path.abspath(run_dir), "curves.png")
+    if plot:
+        cli.require("matplotlib", "plot", "--plot")
+        Checkpointer(run_dir, create=False)  # a wrong RUN_DIR is named as such first
+        if not read_metrics(run_dir):
+            raise ValueError(f"--plot: {run_dir} has no metrics.jsonl to plot")
+    if out:
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(errno.ENOENT, "--out: no such directory", parent)
+    trainer = open_run(run_dir, step, split)
     try:
-        trainer = open_run(run_dir, step, split)
-        report: dict[str, Any] = dict(run_dir=os.path.abspath(run_dir),
-                                      step=trainer.start_step, family=trainer.cfg.model.family)
-        report["metrics"] = trainer.evaluate(num_batches)
-        if int8:
-            report["int8"] = evaluate_int8(trainer, num_batches)
-        samples = []
-        if prompt is not None:
-            samples.append(dict(prompt=prompt, output=generate_text(trainer, prompt)))
-        elif trainer.cfg.model.family == "decoder" and not hasattr(trainer, "kind"):
-            samples = [dict(prompt=p, output=generate_text(trainer, p, 24))
-                       for p in SAMPLE_PROMPTS]
-        report["samples"] = samples
-        if plot:
-            report["plot"] = plot_curves(run_dir, os.path.join(os.path.abspath(run_dir),
-                                                               "curves.png"))
-    except errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        report = _evaluate(trainer, run_dir, num_batches, int8, prompt)
+    finally:
+        trainer.close()
+    if out:
+        write_report(report, out)
     print(f"{report['run_dir']} at step {report['step']} ({report['family']})")
     print(format_table(report["metrics"]))
     if "int8" in report:
@@ -151,10 +152,40 @@ def run_eval(run_dir: str, step: Optional[int], split: Optional[str], out: Optio
         print(format_table(report["int8"]))
     for sample in report["samples"]:
         print(f"\n--- {sample['prompt']!r}\n{sample['prompt']}{sample['output']}")
-    if "plot" in report:
-        print(f"\ncurves written to {report['plot']}")
     if out:
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        print(f"report written to {out}")
+        print(f"\nreport written to {out}")
+    if plot:
+        report["plot"] = plot_curves(run_dir, curves)
+        print(f"curves written to {report['plot']}")
+        if out:  # now with the plot's path
+            write_report(report, out)
     return 0
+
+
+def _evaluate(trainer, run_dir: str, num_batches: Optional[int], int8: bool,
+              prompt: Optional[str]) -> dict[str, Any]:
+    report: dict[str, Any] = dict(run_dir=os.path.abspath(run_dir), step=trainer.start_step,
+                                  family=trainer.cfg.model.family)
+    report["metrics"] = trainer.evaluate(num_batches)
+    if int8:
+        report["int8"] = evaluate_int8(trainer, num_batches)
+    samples = []
+    if prompt is not None:
+        samples.append(dict(prompt=prompt, output=generate_text(trainer, prompt)))
+    elif trainer.cfg.model.family == "decoder" and not hasattr(trainer, "kind"):
+        samples = [dict(prompt=p, output=generate_text(trainer, p, 24)) for p in SAMPLE_PROMPTS]
+    report["samples"] = samples
+    return report
+
+
+def write_report(report: dict[str, Any], path: str) -> None:
+    """Writes the report as JSON atomically: a failed write leaves any earlier report whole."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

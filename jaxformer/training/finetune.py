@@ -16,9 +16,9 @@ from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task
 from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.models.config import ModelConfig
 from jaxformer.sharding import MeshConfig
-from jaxformer.training import task_metrics
+from jaxformer.training import cli, task_metrics
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError
-from jaxformer.training.config import CheckpointConfig, RunConfig, TrainConfig
+from jaxformer.training.config import CheckpointConfig, RunConfig, TrainConfig, check_schedule
 from jaxformer.training.loop import EVAL_SEED, Trainer, build_state, run_to_exit_status
 from jaxformer.training.optimizer import OptimizerConfig, make_optimizer, path_names
 
@@ -62,7 +62,29 @@ def load_finetune(from_dir: str, from_step: Optional[int], yaml_path: Optional[s
     base = {"model": meta["config"]["model"],
             "finetune": {"from_dir": os.path.abspath(from_dir), "from_step": meta["step"]}}
     cfg = load_config(FinetuneExperiment, yaml_path, overrides, base=base)
+    check_finetune(cfg)
     return cfg, meta
+
+
+def check_finetune(cfg: FinetuneExperiment) -> None:
+    """Checks between sections, made before any data is read or anything written."""
+    check_schedule(cfg.optimizer, cfg.train.steps)
+    kind = cfg.task.resolved().kind
+    needed = FAMILY_OF_KIND[kind]
+    if cfg.model.family != needed:
+        raise CheckpointError(
+            f"task {cfg.task.name!r} ({kind}) needs a model of family {needed!r}, but the "
+            f"checkpoint in {cfg.finetune.from_dir} holds a {cfg.model.family!r} model")
+    model = cfg.model
+    if model.position in ("learned", "sinusoidal"):
+        lengths = [("task.max_input_len", cfg.task.max_input_len)]
+        if kind == "text2text":
+            lengths.append(("task.max_target_len", cfg.task.max_target_len))
+        for key, length in lengths:
+            if length > model.max_len:
+                raise ConfigError(f"{key}={length} exceeds the checkpoint's model.max_len="
+                                  f"{model.max_len} (its {model.position} position table); set "
+                                  f"{key}=<={model.max_len}")
 
 
 class FinetuneTrainer(Trainer):
@@ -174,21 +196,24 @@ def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh,
     return fresh
 
 
+@cli.command(interrupted=cli.RESUME_HINT)
 def run_finetune(from_dir: str, from_step: Optional[int], config_path: Optional[str],
                  overrides: Sequence[str]) -> int:
-    """What `finetune.py` does; 0 on success, 2 with one message on bad input."""
-    import sys
-    errors = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
-    try:
-        cfg, meta = load_finetune(from_dir, from_step, config_path, overrides)
-        trainer = FinetuneTrainer(cfg, meta)
-    except errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """What `finetune.py` does; 0 on success, 2 with one message on bad input, 3, 75 and 130
+    as `run_training`."""
+    cfg, meta = load_finetune(from_dir, from_step, config_path, overrides)
+    trainer = FinetuneTrainer(cfg, meta)
     status, result = run_to_exit_status(trainer)
     if status:
         return status
     val = result.get("validation") or {}
-    print(f"\n[done] fine-tuned {result['steps']} steps in {trainer.run_dir}: " +
-          ", ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
+    if cli.already_complete(trainer, result):
+        print(f"\n[done] {trainer.run_dir} was already complete at step {trainer.start_step} "
+              f"(train.steps={cfg.train.steps}): no training done; raise train.steps to extend "
+              f"it. Validation: {scores}")
+    else:
+        trained = result["steps"] - trainer.start_step
+        print(f"\n[done] fine-tuned to step {result['steps']} ({trained} step"
+              f"{'s' if trained != 1 else ''}) in {trainer.run_dir}: {scores}")
     return 0

@@ -18,11 +18,13 @@ from tqdm.auto import tqdm
 from jaxformer import models
 from jaxformer import sharding as shard_lib
 from jaxformer.config import config_to_dict, save_config
+from jaxformer.data import prefetch
+from jaxformer.data.mixture import MixtureBatcher
 from jaxformer.data.pipeline import Batcher, make_batcher
 from jaxformer.data.prepare import prepare_data
 from jaxformer.training import metrics as metrics_lib
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from jaxformer.training.config import ExperimentConfig
+from jaxformer.training.config import ExperimentConfig, check_resume
 from jaxformer.training.optimizer import make_optimizer, make_schedule
 from jaxformer.training.step import make_eval_step, make_train_step
 
@@ -135,6 +137,10 @@ class Trainer:
             existing = Checkpointer(self.run_dir, create=False)
             if read_only or existing.latest_step is not None:
                 meta = existing.read_meta(step)
+        if meta is not None and not read_only:  # before any work: this run, or a new run.dir
+            changed = check_resume(cfg, meta["config"], int(meta["step"]), self.run_dir)
+            if changed:
+                self.log(changed)
         self.cfg = cfg = self.prepare(cfg, meta)
         if meta is not None:
             mismatch = _model_mismatch(meta["config"]["model"], cfg.model)
@@ -157,9 +163,13 @@ class Trainer:
         self.graphdef, self.state = self.initial_state(cfg, tx)
         self.num_params = models.count_params(nnx.merge(self.graphdef, self.state)[0])
         self.start_step = 0
-        if meta is not None:
+        if meta is not None and step is not None:
             self.state = self.checkpointer.restore_state(self.state, self.mesh, cfg.mesh.rules,
                                                          int(meta["step"]))
+        elif meta is not None:  # the newest step that reads; damaged newer ones are set aside
+            self.state, meta = self.checkpointer.restore_newest(
+                self.state, self.mesh, cfg.mesh.rules, set_aside=not read_only)
+        if meta is not None:
             self.start_step = int(meta["step"])
             self.log(f"[resume] from step {self.start_step} of {self.run_dir}")
         step_kw = dict(rules=cfg.mesh.rules, mesh=self.mesh,
@@ -188,8 +198,10 @@ class Trainer:
 
     def prepare(self, cfg: ExperimentConfig, meta: Optional[dict]) -> ExperimentConfig:
         """Data, tokenizer and batchers; returns the config with the vocabulary resolved."""
-        self.log(f"[data] preparing {cfg.data.dataset} (tokenizer, token caches)")
-        self.data = prepare_data(cfg.data, self.run_dir,
+        self.log(f"[data] preparing {', '.join(s.dataset for s in cfg.data.sources())} "
+                 "(tokenizer, token shards)")
+        self.data = prepare_data(cfg.data, self.run_dir, show_progress=self.show_progress,
+                                 log=self.log,
                                  tokenizer_model=None if meta is None else meta["tokenizer"])
         self.tokenizer = self.data.tokenizer
         model_cfg = dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
@@ -197,15 +209,19 @@ class Trainer:
             raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len="
                              f"{model_cfg.max_len}")
         cfg = dataclasses.replace(cfg, model=model_cfg)
-        self.batcher = make_batcher(cfg.data, self.data.train_tokens, self.data.train_offsets,
-                                    self.data.special_ids, cfg.train.seed, cfg.objective)
+        special, sources = self.data.special_ids, self.data.sources
+        batchers = [make_batcher(cfg.data, s.train, special, cfg.train.seed, cfg.objective,
+                                 source_index=i) for i, s in enumerate(sources)]
+        self.batcher = batchers[0] if len(batchers) == 1 else MixtureBatcher(
+            batchers, [s.weight for s in sources], cfg.train.seed)
         # Validation rows are spread over the whole split with a fixed seed, so every run (and
-        # every training seed) is measured on the same tokens.
-        self.eval_batcher = make_batcher(cfg.data, self.data.eval_tokens, self.data.eval_offsets,
-                                         self.data.special_ids, EVAL_SEED, cfg.objective)
+        # every training seed) is measured on the same tokens; each source is measured alone.
+        self.eval_batchers = {s.name: make_batcher(cfg.data, s.eval, special, EVAL_SEED,
+                                                   cfg.objective, source_index=i)
+                              for i, s in enumerate(sources)}
         self.token_bytes = metrics_lib.token_byte_lengths(self.tokenizer)
-        self.unigram_log_probs = metrics_lib.unigram_log_probs(self.data.train_tokens,
-                                                               model_cfg.vocab_size)
+        self.unigram_log_probs = metrics_lib.unigram_log_probs_from_counts(
+            self.data.train_token_counts())
         return cfg
 
     def make_tx(self, cfg):
@@ -218,29 +234,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
 
-    def global_batch(self, batcher: Batcher, step: int) -> tuple[dict, dict]:
+    def global_batch(self, batcher: Batcher | MixtureBatcher, step: int) -> tuple[dict, dict]:
         """(host numpy rows of this process, the sharded global batch) for a step."""
         local = batcher.batch(step, jax.process_index(), jax.process_count())
         return local, shard_lib.shard_batch(local, self.mesh, self.rules)
 
     def evaluate(self, num_batches: Optional[int] = None) -> dict[str, float]:
-        """Validation loss, accuracy, perplexity and bits per byte over the first batches."""
+        """Validation loss, accuracy, perplexity and bits per byte over the first batches of each
+        source; with several sources, also each one's as '<source>/<metric>'."""
         num_batches = num_batches or self.cfg.train.eval_batches
-        # Stay within one pass over the validation split.
-        num_batches = max(1, min(num_batches, self.eval_batcher.stream.rows_per_epoch
-                                 // self.batch_size_of(self.cfg)))
-        totals = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0, byte_sum=0.0)
-        targets_seen = []
-        for i in range(num_batches):
-            local, batch = self.global_batch(self.eval_batcher, i)
-            sums, _ = self.eval_step(self.state, batch)
-            sums = jax.device_get(sums)  # replicated scalars: readable on every host
-            for k, v in sums.items():
-                totals[k] += float(v)
-            weights = local["loss_weights"] > 0
-            totals["byte_sum"] += float(self.token_bytes[local["targets"][weights]].sum())
-            targets_seen.append(local["targets"][weights])
-        summary = metrics_lib.summarize_eval(totals)
+        overall = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0, byte_sum=0.0)
+        summary, targets_seen = {}, []
+        for name, batcher in self.eval_batchers.items():
+            totals = dict.fromkeys(overall, 0.0)
+            # Stay within one pass over the validation split.
+            count = max(1, min(num_batches, batcher.stream.rows_per_epoch
+                               // self.batch_size_of(self.cfg)))
+            for i in range(count):
+                local, batch = self.global_batch(batcher, i)
+                sums, _ = self.eval_step(self.state, batch)
+                sums = jax.device_get(sums)  # replicated scalars: readable on every host
+                for k, v in sums.items():
+                    totals[k] += float(v)
+                weights = local["loss_weights"] > 0
+                totals["byte_sum"] += float(self.token_bytes[local["targets"][weights]].sum())
+                targets_seen.append(local["targets"][weights])
+            for k, v in totals.items():
+                overall[k] += v
+            if len(self.eval_batchers) > 1:
+                summary.update({f"{name}/{k}": v
+                                for k, v in metrics_lib.summarize_eval(totals).items()})
+        summary = dict(metrics_lib.summarize_eval(overall), **summary)
         if targets_seen:
             summary["unigram_loss"] = float(
                 -self.unigram_log_probs[np.concatenate(targets_seen)].mean())
@@ -306,10 +330,16 @@ class Trainer:
                     "train.z_loss=1e-4, or set train.nonfinite=skip to skip such steps")
             bar.write(f"[skip] step {step}: loss or gradients not finite; update not applied")
 
+        host_batches = prefetch.ahead(
+            lambda s: self.batcher.batch(s, jax.process_index(), jax.process_count()),
+            self.start_step, stop, threads=cfg.data.prefetch_threads, buffer=cfg.data.prefetch)
+        next_batch = None
         with _stop_signals(signals):
             for step in range(self.start_step, stop):
-                _, batch = self.global_batch(self.batcher, step)
+                batch = next_batch if next_batch is not None else self._on_devices(next(host_batches))
                 self.state, device_metrics = self.train_step(self.state, batch)
+                # The step runs asynchronously; meanwhile the next batch goes onto the devices.
+                next_batch = self._on_devices(next(host_batches)) if step + 1 < stop else None
                 done = step + 1
                 # Checked one step late, like the metrics, so the device never waits for it.
                 if last_flag is not None:
@@ -351,6 +381,9 @@ class Trainer:
             last_eval = self.evaluate()
         self.checkpointer.wait()
         return dict(train=last_train, validation=last_eval, steps=stop, skipped_steps=skipped)
+
+    def _on_devices(self, local: dict) -> dict:
+        return shard_lib.shard_batch(local, self.mesh, self.rules)
 
     def _stop_requested(self, signals: list) -> bool:
         """Whether any process got a stop signal; all hosts agree, so all save the same step."""

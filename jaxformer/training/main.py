@@ -9,34 +9,21 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from jaxformer.config import ConfigError
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError)
+from jaxformer.training import cli
 
 
+@cli.command(interrupted=cli.RESUME_HINT)
 def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
-    """Loads the config, trains, prints validation vs unigram loss and a sample; 0 on success."""
-    from jaxformer.training.checkpoint import CheckpointError
+    """Loads the config, trains, prints validation vs unigram loss and a sample; 0 on success,
+    2 on bad input (one `error:` line, nothing written), 3 on a non-finite step, 75 when stopped
+    by SIGTERM/SIGINT (state saved), 130 on Ctrl-C outside the training loop."""
     from jaxformer.training.config import load_experiment
 
-    errors = USER_ERRORS + (CheckpointError,)
-    if config_path is not None and not os.path.exists(config_path):
-        print(f"error: config file {config_path!r} does not exist", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_experiment(config_path, overrides)
-    except errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_experiment(config_path, overrides)  # every check that needs no data, first
     logging.getLogger("absl").setLevel(logging.WARNING)
     start = time.perf_counter()
-    try:
-        from jaxformer.training.loop import Trainer
-        trainer = Trainer(cfg)
-    except errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from jaxformer.training.loop import run_to_exit_status
+    from jaxformer.training.loop import Trainer, run_to_exit_status
+    trainer = Trainer(cfg)
     status, result = run_to_exit_status(trainer)
     if status == 0:
         _report(trainer, result, time.perf_counter() - start)
@@ -45,8 +32,15 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
 
 def _report(trainer, result: dict, seconds: float) -> None:
     val = result.get("validation") or {}
-    print(f"\n[done] {result['steps']} steps in {seconds / 60:.1f} min; run directory "
-          f"{trainer.run_dir}")
+    if cli.already_complete(trainer, result):
+        print(f"\n[done] {trainer.run_dir} was already complete at step {trainer.start_step} "
+              f"(train.steps={trainer.cfg.train.steps}): no training done; raise train.steps to "
+              "extend it")
+    else:
+        trained = result["steps"] - trainer.start_step
+        print(f"\n[done] trained to step {result['steps']} ({trained} step"
+              f"{'s' if trained != 1 else ''} in {seconds / 60:.1f} min); run directory "
+              f"{trainer.run_dir}")
     if val:
         print(f"[done] validation loss {val['loss']:.4f} nats/token (perplexity "
               f"{val['perplexity']:.1f}, {val.get('bits_per_byte', float('nan')):.3f} bits/byte) "
@@ -58,6 +52,7 @@ def _report(trainer, result: dict, seconds: float) -> None:
         print(f"[sample] greedy continuation of {prompt!r}:\n{prompt}{text}")
 
 
+@cli.command()
 def run_compile_only(config_path: Optional[str], overrides: Sequence[str], topology: str,
                      slices: Optional[int] = None, as_json: bool = False) -> int:
     """Compiles the train step for a TPU topology and reports per-chip memory.
@@ -70,15 +65,8 @@ def run_compile_only(config_path: Optional[str], overrides: Sequence[str], topol
     from jaxformer.training import compile_only
     from jaxformer.training.config import load_experiment
 
-    if config_path is not None and not os.path.exists(config_path):
-        print(f"error: config file {config_path!r} does not exist", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_experiment(config_path, overrides)
-        report = compile_only.compile_train_step(cfg, topology, slices)
-    except USER_ERRORS + (compile_only.LibtpuMissingError,) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_experiment(config_path, overrides)
+    report = compile_only.compile_train_step(cfg, topology, slices)
     text = compile_only.format_report(report)
     if as_json:  # the human lines go to stderr so the last stdout line is the JSON object
         print(text, file=sys.stderr)
