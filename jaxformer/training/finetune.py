@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxformer import models
 from jaxformer.config import ConfigError, load_config
+from jaxformer.data.config import DataConfig
 from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task
 from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.models.config import ModelConfig
@@ -126,6 +127,11 @@ class FinetuneTrainer(Trainer):
         self.eval_batcher = TaskBatcher(cfg.task, evaluation, self.tokenizer, EVAL_SEED,
                                         shuffle=False)
         return cfg
+
+    def prefetch_options(self) -> dict[str, int]:
+        """Task batches are made ahead like pretraining ones, with the data section's defaults."""
+        defaults = DataConfig()
+        return dict(threads=defaults.prefetch_threads, buffer=defaults.prefetch)
 
     def make_tx(self, cfg: FinetuneExperiment):
         tx = make_optimizer(cfg.optimizer, cfg.train.steps)

@@ -224,6 +224,10 @@ class Trainer:
             self.data.train_token_counts())
         return cfg
 
+    def prefetch_options(self) -> dict[str, int]:
+        """Background threads and batches made ahead for the training input."""
+        return dict(threads=self.cfg.data.prefetch_threads, buffer=self.cfg.data.prefetch)
+
     def make_tx(self, cfg):
         """The optax transformation."""
         return make_optimizer(cfg.optimizer, cfg.train.steps)
@@ -332,7 +336,7 @@ class Trainer:
 
         host_batches = prefetch.ahead(
             lambda s: self.batcher.batch(s, jax.process_index(), jax.process_count()),
-            self.start_step, stop, threads=cfg.data.prefetch_threads, buffer=cfg.data.prefetch)
+            self.start_step, stop, **self.prefetch_options())
         next_batch = None
         with _stop_signals(signals):
             for step in range(self.start_step, stop):
