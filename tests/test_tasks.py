@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from jaxformer.data import corpus, task_builders
 from jaxformer.data.task_builders import extract_functions
-from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task
+from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task, tokenize_task_fields
 
 # 3.13 dropped lib2to3 and distutils: its stdlib has only 11 packages with files in both splits.
 MIN_CLASSES = 12 if sys.version_info < (3, 13) else 11
@@ -374,3 +374,24 @@ def test_out_of_range_labels_are_an_error(stdlib_tokenizer):
     batcher = TaskBatcher(cfg, examples, stdlib_tokenizer, 0)
     with pytest.raises(ValueError, match=r"label -1 .* outside \[0, 2\)"):
         batcher.batch(0)
+
+
+@pytest.mark.parametrize("name", ["code_package", "code_docstring", "code_completion"])
+def test_batches_from_token_stores_equal_encoding_per_batch(task_data_dir, stdlib_tokenizer,
+                                                            tmp_path, name):
+    cfg = TaskConfig(name=name, data_dir=task_data_dir, max_input_len=48, max_target_len=12,
+                     batch_size=4, max_examples=40)
+    ex = load_task(cfg, "validation")
+    fields = tokenize_task_fields(cfg, ex, stdlib_tokenizer, show_progress=False,
+                                  log=lambda _: None)
+    resolved = cfg.resolved()
+    assert set(fields) == {k for k in (resolved.input_key, resolved.target_key) if k}
+    stored = TaskBatcher(cfg, ex, stdlib_tokenizer, seed=3, token_fields=fields)
+    encoded = TaskBatcher(cfg, ex, stdlib_tokenizer, seed=3)
+    for step in (0, 11):  # 11: past one epoch of 40 examples
+        a, b = stored.batch(step), encoded.batch(step)
+        for k in b:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # tokenized once: a second call opens the same stores without encoding anything
+    again = tokenize_task_fields(cfg, ex, stdlib_tokenizer, show_progress=False, log=pytest.fail)
+    assert {k: s.root for k, s in again.items()} == {k: s.root for k, s in fields.items()}

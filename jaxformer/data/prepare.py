@@ -148,13 +148,20 @@ def _tokenize_shard(root: str, index: int, first: int, last: int, info: dict,
 
 def tokenize_split(cfg: DataConfig, source: SourceConfig, split: str, tokenizer: Tokenizer, *,
                    workers: Optional[int] = None, show_progress: bool = True,
-                   log: Callable[[str], None] = print) -> ts.TokenStore:
-    """Tokenizes one split into its store (only the shards not already complete) and opens it."""
+                   log: Callable[[str], None] = print,
+                   texts: Optional[Sequence[str]] = None) -> ts.TokenStore:
+    """Tokenizes one split into its store (only the shards not already complete) and opens it.
+
+    `texts` (random access, e.g. one field of a task's examples) replaces reading the source's
+    text feature; it is tokenized in this process.
+    """
     root = store_dir(cfg, source, split, tokenizer)
     if ts.read_json(root, ts.MANIFEST) is not None:
         return ts.TokenStore(root)
-    texts = text_source(source.dataset, split, source.data_dir, source.text_key,
-                        source.max_documents)
+    given = texts
+    if texts is None:
+        texts = text_source(source.dataset, split, source.data_dir, source.text_key,
+                            source.max_documents)
     num_docs, per = len(texts), cfg.docs_per_shard
     ranges = [(i, first, min(first + per, num_docs))
               for i, first in enumerate(range(0, num_docs, per))]
@@ -165,7 +172,8 @@ def tokenize_split(cfg: DataConfig, source: SourceConfig, split: str, tokenizer:
                for i, a, b in ranges}
     todo = [r for r in ranges if markers[r[0]] is None]
     done_docs = sum(b - a for i, a, b in ranges if markers[i] is not None)
-    workers = min(workers or cfg.prepare_workers or os.cpu_count() or 1, len(todo))
+    workers = 1 if given is not None else min(
+        workers or cfg.prepare_workers or os.cpu_count() or 1, len(todo))
     log(f"[data] tokenizing {source.dataset} {split}: {num_docs} documents in {len(ranges)} "
         f"shards ({len(ranges) - len(todo)} already done) with {max(workers, 1)} worker(s) "
         f"into {root}")
@@ -174,7 +182,10 @@ def tokenize_split(cfg: DataConfig, source: SourceConfig, split: str, tokenizer:
                disable=not show_progress or not todo, dynamic_ncols=True)
     try:
         if workers <= 1:
-            _init_worker(source, split, tokenizer.serialized_model())
+            if given is None:
+                _init_worker(source, split, tokenizer.serialized_model())
+            else:
+                _WORKER.update(texts=given, tokenizer=tokenizer)
             for i, a, b in todo:
                 markers[i] = _tokenize_shard(root, i, a, b, info, progress=bar.update)
         else:

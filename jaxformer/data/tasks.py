@@ -24,13 +24,15 @@ import collections
 import dataclasses
 import importlib
 import math
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxformer.data import corpus
+from jaxformer.data.config import DataConfig, SourceConfig
 from jaxformer.data.task_builders import BUILDERS, build_task_dataset
+from jaxformer.data.token_store import TokenSource
 from jaxformer.data.tokenizer import Tokenizer
 
 KINDS = ("classification", "text2text", "completion")
@@ -128,6 +130,38 @@ class TaskExamples(corpus.RandomAccessView):
         return {k: corpus.python_value(record[k]) for k in self.keys}
 
 
+class _TextField(Sequence):
+    """One text feature of task examples, as a random-access sequence of str."""
+
+    def __init__(self, examples: Sequence[Mapping[str, Any]], key: str):
+        self._examples, self._key = examples, key
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return str(self._examples[index][self._key])
+
+
+def tokenize_task_fields(cfg: TaskConfig, examples: TaskExamples, tokenizer: Tokenizer, *,
+                         show_progress: bool = True,
+                         log: Callable[[str], None] = print) -> dict[str, TokenSource]:
+    """The split's text fields tokenized once into token stores (example i is document i), kept
+    beside the TFDS data and reused by later runs with the same tokenizer."""
+    from jaxformer.data import prepare  # pylint: disable=g-import-not-at-top
+    cfg = cfg.resolved()
+    data = DataConfig(data_dir=cfg.data_dir)
+    stores: dict[str, TokenSource] = {}
+    for key in (cfg.input_key, cfg.target_key):
+        if key:
+            source = SourceConfig(dataset=cfg.name, text_key=key, data_dir=cfg.data_dir,
+                                  max_documents=cfg.max_examples)
+            stores[key] = prepare.tokenize_split(data, source, examples.split, tokenizer,
+                                                 texts=_TextField(examples, key),
+                                                 show_progress=show_progress, log=log)
+    return stores
+
+
 def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     try:
         return tfds.builder(name, data_dir=data_dir, try_gcs=False)
@@ -196,8 +230,12 @@ class TaskBatcher:
     """batch(step) -> dict of arrays for one task: a pure function of (seed, step), sliced per process."""
 
     def __init__(self, cfg: TaskConfig, examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
-                 seed: int, shuffle: bool = True):
+                 seed: int, shuffle: bool = True,
+                 token_fields: Optional[Mapping[str, TokenSource]] = None):
+        """`token_fields` maps a text key to a token store holding example i's ids (then EOS) as
+        document i, tokenized once (jaxformer.data.prepare); other text keys are encoded per batch."""
         self.cfg = cfg.resolved()
+        self.token_fields = dict(token_fields or {})
         if len(examples) == 0:
             raise ValueError("a task batcher needs at least one example")
         if seed < 0:
@@ -264,13 +302,13 @@ class TaskBatcher:
         return {k: v[0] for k, v in self._rows([index], [1.0]).items()}
 
     def _rows(self, indices: list[int], weights: list[float]) -> dict[str, np.ndarray]:
-        cfg, tok = self.cfg, self.tokenizer
+        cfg = self.cfg
         items = [self.examples[i] for i in indices]
-        inputs = tok.encode_batch([str(item[cfg.input_key]) for item in items])
+        inputs = self._token_ids(cfg.input_key, indices, items)
         if cfg.kind == "classification":
             rows = [self._classification(ids, item[cfg.label_key]) for ids, item in zip(inputs, items)]
         else:
-            targets = tok.encode_batch([str(item[cfg.target_key]) for item in items])
+            targets = self._token_ids(cfg.target_key, indices, items)
             make = self._text2text if cfg.kind == "text2text" else self._completion
             rows = [make(a, b) for a, b in zip(inputs, targets)]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
@@ -279,6 +317,13 @@ class TaskBatcher:
         if "loss_weights" in batch:
             batch["loss_weights"] = batch["loss_weights"] * w_B[:, None]
         return batch
+
+    def _token_ids(self, key: str, indices: list[int], items: list[Mapping[str, Any]]
+                   ) -> list[list[int]]:
+        store = self.token_fields.get(key)
+        if store is None:
+            return self.tokenizer.encode_batch([str(item[key]) for item in items])
+        return [store.document(i)[:-1].tolist() for i in indices]
 
     def _classification(self, ids: list[int], label: Any) -> dict[str, np.ndarray]:
         L = self.cfg.max_input_len

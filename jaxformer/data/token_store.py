@@ -160,6 +160,7 @@ class TokenStore:
         self.vocab_size = int(manifest["vocab_size"])
         self._dtype = np.dtype(manifest["dtype"])
         self._shard_starts = np.concatenate([[0], np.cumsum(manifest["shard_tokens"])]).astype(np.int64)
+        self._shard_first_doc = np.concatenate([[0], np.cumsum(manifest["shard_docs"])]).astype(np.int64)
         self._open()
 
     def _open(self) -> None:
@@ -240,6 +241,18 @@ class TokenStore:
             hi = int(np.searchsorted(docs, end - base, side="left"))
             found.append(np.asarray(docs[lo:hi]) + base)
         return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+    def document(self, index: int) -> np.ndarray:
+        """The tokens of document `index` (in stored order, its EOS included) as int32."""
+        if not 0 <= index < self.num_docs:
+            raise IndexError(f"document {index} outside [0, {self.num_docs})")
+        shard = int(np.searchsorted(self._shard_first_doc, index, side="right")) - 1
+        local = index - int(self._shard_first_doc[shard])
+        docs = self._shard_docs(shard)
+        end = (int(docs[local + 1]) if local + 1 < len(docs)
+               else int(self.manifest["shard_tokens"][shard]))
+        base = int(self._shard_starts[shard])
+        return self.tokens(base + int(docs[local]), base + end)
 
     def token_counts(self) -> np.ndarray:
         """How often each id occurs in the split ([vocab] int64)."""

@@ -13,7 +13,7 @@ from flax import nnx
 from jaxformer import models
 from jaxformer.config import ConfigError, load_config
 from jaxformer.data.config import DataConfig
-from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task
+from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task, tokenize_task_fields
 from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.models.config import ModelConfig
 from jaxformer.sharding import MeshConfig
@@ -123,9 +123,14 @@ class FinetuneTrainer(Trainer):
             model_cfg = dataclasses.replace(model_cfg, num_labels=train.num_labels)
         self.label_names = getattr(train, "label_names", None)
         cfg = dataclasses.replace(cfg, model=model_cfg)
-        self.batcher = TaskBatcher(cfg.task, train, self.tokenizer, cfg.train.seed)
+        # Text fields are tokenized once into token stores, as pretraining corpora are.
+        fields = [tokenize_task_fields(cfg.task, split, self.tokenizer, log=self.log,
+                                       show_progress=self.show_progress)
+                  for split in (train, evaluation)]
+        self.batcher = TaskBatcher(cfg.task, train, self.tokenizer, cfg.train.seed,
+                                   token_fields=fields[0])
         self.eval_batcher = TaskBatcher(cfg.task, evaluation, self.tokenizer, EVAL_SEED,
-                                        shuffle=False)
+                                        shuffle=False, token_fields=fields[1])
         return cfg
 
     def prefetch_options(self) -> dict[str, int]:
