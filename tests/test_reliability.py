@@ -105,3 +105,66 @@ def test_stop_signal_saves_the_current_step_and_the_rerun_resumes(quiet_override
                            env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"[resume] from step {saved}" in rerun.stdout
+
+
+def test_spike_check_skips_only_updates_far_above_the_running_means():
+    from jaxformer import models
+    from jaxformer.training.step import make_train_step, spike_guard
+    import optax
+    cfg = models.ModelConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32,
+                             max_len=16)
+    model = models.create(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)))
+    rng = np.random.default_rng(0)
+    x = rng.integers(3, 64, (4, 9)).astype(np.int32)
+    batch = dict(inputs=x[:, :-1], targets=x[:, 1:], loss_weights=np.ones((4, 8), np.float32),
+                 segment_ids=np.ones((4, 8), np.int32),
+                 positions=np.tile(np.arange(8, dtype=np.int32), (4, 1)))
+    step = make_train_step(graphdef, spike_factor=2.0, spike_window=10, spike_warmup=3)
+    params = lambda s: jax.tree.leaves(nnx.state(nnx.merge(graphdef, s)[0], nnx.Param))
+    before = [np.asarray(p) for p in params(state)]
+    # Means far below this batch's loss, after the warm-up: a spike, so nothing moves.
+    low = spike_guard(dict(loss=1e-3, grad_norm=1e3, count=5))
+    same, metrics = step(jax.tree.map(jnp_copy, state), batch, low)
+    assert float(metrics["spike"]) == 1.0 and float(metrics["nonfinite"]) == 0.0
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, params(same)))
+    as_floats = lambda g: {k: float(v) for k, v in g.items()}
+    assert as_floats(metrics["guard"]) == as_floats(low)  # a skipped update leaves the means
+    # Still warming up (count < 3): applied, and folded into the means.
+    warming = spike_guard(dict(loss=1e-3, grad_norm=1e-3, count=1))
+    moved, metrics = step(jax.tree.map(jnp_copy, state), batch, warming)
+    assert float(metrics["spike"]) == 0.0 and float(metrics["guard"]["count"]) == 2.0
+    assert not all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, params(moved)))
+    loss = float(metrics["loss"])
+    assert float(metrics["guard"]["loss"]) == pytest.approx(1e-3 + (loss - 1e-3) / 2, rel=1e-6)
+
+
+def jnp_copy(x):
+    return x.copy() if hasattr(x, "copy") else x
+
+
+def test_spike_skipping_is_logged_and_resumes_bit_exactly(quiet_overrides, tmp_path):
+    # A factor just above 1 after one averaged update makes skips likely within a few steps.
+    knobs = ["train.steps=6", "checkpoint.every=3", "train.spike_factor=1.02",
+             "train.spike_warmup=1", "train.spike_window=4"]
+    straight = str(tmp_path / "straight")
+    trainer = Trainer(load_experiment(None, quiet_overrides + knobs + [f"run.dir={straight}"]),
+                      show_progress=False, log=lambda _: None)
+    result = trainer.run()
+    trainer.close()
+    rows = [r for r in _metrics(straight) if r["split"] == "train"]
+    assert result["spike_steps"] >= 1 and rows[-1]["spike_steps"] == result["spike_steps"]
+    assert sum(r["spike"] for r in rows) == result["spike_steps"]
+
+    resumed = str(tmp_path / "resumed")
+    cfg = load_experiment(None, quiet_overrides + knobs + [f"run.dir={resumed}"])
+    first = Trainer(cfg, show_progress=False, log=lambda _: None)
+    first.run(until=3)
+    first.close()
+    second = Trainer(cfg, show_progress=False, log=lambda _: None)
+    second.run()
+    second.close()
+    strip = lambda r: {k: v for k, v in r.items()
+                       if k not in ("step_seconds", "tokens_per_second", "mfu")}
+    assert [strip(r) for r in _metrics(resumed) if r["split"] == "train"] == \
+        [strip(r) for r in rows]

@@ -34,6 +34,13 @@ class TrainConfig:
     z_loss: float = 0.0
     """Weight of the z-loss (mean squared log-normaliser of the logits) added to the training
     loss; 0 disables it. Logged as z_loss."""
+    spike_factor: float = 0.0
+    """Skip an update whose loss or gradient norm exceeds this multiple of its running mean
+    (counted and logged as spike_steps; the running means are checkpointed); 0 disables."""
+    spike_window: int = 100
+    """Updates the running means reach back over."""
+    spike_warmup: int = 20
+    """Updates averaged before spikes are checked."""
     loss_chunk_size: int = 512
     """Positions per chunk of the cross-entropy, so [batch, length, vocab] logits never exist
     at once; 0 computes the whole logits (same loss within float rounding)."""
@@ -50,6 +57,11 @@ class TrainConfig:
             raise ValueError("train.log_every must be >= 1; eval_every and eval_batches >= 0")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.nonfinite={self.nonfinite!r} is not one of stop, skip")
+        if self.spike_factor and self.spike_factor <= 1.0:
+            raise ValueError(f"train.spike_factor must be > 1 (or 0 to disable), got "
+                             f"{self.spike_factor}")
+        if self.spike_window < 1 or self.spike_warmup < 0:
+            raise ValueError("train.spike_window must be >= 1 and train.spike_warmup >= 0")
         if self.z_loss < 0 or self.loss_chunk_size < 0:
             raise ValueError("train.z_loss and train.loss_chunk_size must be >= 0")
 

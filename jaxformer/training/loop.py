@@ -26,7 +26,7 @@ from jaxformer.training import metrics as metrics_lib
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from jaxformer.training.config import ExperimentConfig, check_resume
 from jaxformer.training.optimizer import make_optimizer, make_schedule
-from jaxformer.training.step import make_eval_step, make_train_step
+from jaxformer.training.step import make_eval_step, make_train_step, spike_guard
 
 
 EVAL_SEED = 0
@@ -177,7 +177,16 @@ class Trainer:
         self.train_step = make_train_step(
             self.graphdef, cfg.optimizer.grad_accum_steps,
             shard_lib.state_shardings(self.state, self.mesh, cfg.mesh.rules),
-            z_loss=cfg.train.z_loss, **step_kw)
+            z_loss=cfg.train.z_loss, spike_factor=cfg.train.spike_factor,
+            spike_window=cfg.train.spike_window, spike_warmup=cfg.train.spike_warmup, **step_kw)
+        # Running means for spike skipping travel with the checkpoint, so a resumed run skips
+        # exactly the updates the uninterrupted one would.
+        stored = (meta or {}).get("data", {})
+        self.spike_guard = (spike_guard(stored.get("spike_guard"))
+                            if cfg.train.spike_factor else None)
+        # Skipped-update counts continue across a resume, as the logged metrics would.
+        self.skipped_steps = int(stored.get("skipped_steps", 0))
+        self.spike_steps = int(stored.get("spike_steps", 0))
         self.eval_step = make_eval_step(self.graphdef, **step_kw)
         self.is_lead = jax.process_index() == 0
         self.writer = metrics_lib.MetricsWriter(self.run_dir,
@@ -278,7 +287,15 @@ class Trainer:
         """Starts an (asynchronous) checkpoint of the state after `step` updates."""
         self.checkpointer.save(step, self.state, config=config_to_dict(self.cfg),
                                tokenizer_model=self.tokenizer.serialized_model(),
-                               data_state=dict(seed=self.cfg.train.seed, step=step))
+                               data_state=self._data_state(step))
+
+    def _data_state(self, step: int) -> dict:
+        state = dict(seed=self.cfg.train.seed, step=step, skipped_steps=self.skipped_steps,
+                     spike_steps=self.spike_steps)
+        if self.spike_guard is not None:
+            state["spike_guard"] = {k: float(v) for k, v in
+                                    jax.device_get(self.spike_guard).items()}
+        return state
 
     # ------------------------------------------------------------------ the loop
 
@@ -319,14 +336,22 @@ class Trainer:
             last_train = values
 
         signals: list[str] = []
-        skipped, last_flag = 0, None  # (step, device flag of a non-finite update), read late
+        last_flag = None  # (step, device flags of a skipped update), read one step late
+        checked = [self.start_step]  # steps up to here are counted (a step is checked once)
 
         def check_finite(item):
-            nonlocal skipped
-            step, flag = item
+            step, flag, spike = item
+            if step <= checked[0]:
+                return
+            checked[0] = step
+            if spike is not None and float(jax.device_get(spike)):
+                self.spike_steps += 1
+                bar.write(f"[skip] step {step}: loss or gradient norm above "
+                          f"train.spike_factor={cfg.train.spike_factor} x its running mean; "
+                          "update not applied")
             if float(jax.device_get(flag)) == 0.0:
                 return
-            skipped += 1
+            self.skipped_steps += 1
             if cfg.train.nonfinite == "stop":
                 raise NonFiniteStep(
                     f"loss or gradients were NaN/Inf at step {step}; that update was not applied "
@@ -341,19 +366,27 @@ class Trainer:
         with _stop_signals(signals):
             for step in range(self.start_step, stop):
                 batch = next_batch if next_batch is not None else self._on_devices(next(host_batches))
-                self.state, device_metrics = self.train_step(self.state, batch)
+                if self.spike_guard is None:
+                    self.state, device_metrics = self.train_step(self.state, batch)
+                else:
+                    self.state, device_metrics = self.train_step(self.state, batch,
+                                                                 self.spike_guard)
+                    self.spike_guard = device_metrics.pop("guard")
                 # The step runs asynchronously; meanwhile the next batch goes onto the devices.
                 next_batch = self._on_devices(next(host_batches)) if step + 1 < stop else None
                 done = step + 1
                 # Checked one step late, like the metrics, so the device never waits for it.
                 if last_flag is not None:
                     check_finite(last_flag)
-                last_flag = (done, device_metrics["nonfinite"])
+                last_flag = (done, device_metrics["nonfinite"], device_metrics.get("spike"))
                 if pending is not None:
                     flush(pending)
                     pending = None
                 if done % cfg.train.log_every == 0 or done == stop:
-                    pending = (done, dict(device_metrics, skipped_steps=skipped))
+                    counts = dict(skipped_steps=self.skipped_steps)
+                    if self.spike_guard is not None:
+                        counts["spike_steps"] = self.spike_steps
+                    pending = (done, dict(device_metrics, **counts))
                 bar.update(1)
                 if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total:
                     if pending is not None:
@@ -384,7 +417,8 @@ class Trainer:
             self.log(f"[resume] {self.run_dir} is already at step {self.start_step}")
             last_eval = self.evaluate()
         self.checkpointer.wait()
-        return dict(train=last_train, validation=last_eval, steps=stop, skipped_steps=skipped)
+        return dict(train=last_train, validation=last_eval, steps=stop,
+                    skipped_steps=self.skipped_steps, spike_steps=self.spike_steps)
 
     def _on_devices(self, local: dict) -> dict:
         return shard_lib.shard_batch(local, self.mesh, self.rules)

@@ -82,13 +82,20 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
 def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
                     state_sharding: Any = None, *, rules: Optional[Sequence[Rule]] = None,
                     mesh: Optional[Mesh] = None, loss_chunk_size: int = 0,
-                    z_loss: float = 0.0) -> Callable:
+                    z_loss: float = 0.0, spike_factor: float = 0.0, spike_window: int = 100,
+                    spike_warmup: int = 20) -> Callable:
     """A jitted `(state, batch) -> (state, metrics)`; gradients are averaged per target token.
 
     `state_sharding` (e.g. `sharding.state_shardings(state, mesh, rules)`) pins the new state to
     the layout of the old one instead of whatever the compiler would propagate; `rules` (with
     `mesh`) constrain the activations by the same logical-axis table as the parameters. An update
     whose loss or gradients are not finite is not applied (metrics["nonfinite"] is 1 then).
+
+    Given a `guard` (`spike_guard()`: running means of loss and gradient norm), the step is
+    `(state, batch, guard) -> (state, metrics)` with the updated guard in metrics["guard"]: once
+    `spike_warmup` updates are averaged, an update whose loss or gradient norm exceeds
+    `spike_factor` times its running mean (over about `spike_window` updates) is not applied
+    either (metrics["spike"] is 1) and leaves the means as they were.
     """
 
     def sum_loss(model, batch):
@@ -96,7 +103,7 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
         return sums["loss_sum"] + sums.get("z_loss_sum", 0.0), sums
 
     @_with_rules(rules, mesh)
-    def train_step(state: Any, batch: Batch):
+    def train_step(state: Any, batch: Batch, guard: Optional[dict] = None):
         model, optimizer = nnx.merge(graphdef, state)
         grad_fn = nnx.grad(sum_loss, has_aux=True)
         if grad_accum_steps == 1:
@@ -128,6 +135,17 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
         grad_norm = optax.tree.norm(grads)
         loss = sums["loss_sum"] / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        apply = finite
+        if guard is not None:
+            warm = guard["count"] >= spike_warmup
+            spike = finite & warm & ((loss > spike_factor * guard["loss"])
+                                     | (grad_norm > spike_factor * guard["grad_norm"]))
+            apply = finite & ~spike
+            rate = 1.0 / jnp.minimum(guard["count"] + 1.0, float(spike_window))
+            seen = dict(loss=guard["loss"] + rate * (loss - guard["loss"]),
+                        grad_norm=guard["grad_norm"] + rate * (grad_norm - guard["grad_norm"]),
+                        count=guard["count"] + 1.0)
+            guard = jax.tree.map(lambda new, old: jnp.where(apply, new, old), seen, guard)
 
         def apply_update(state):
             model, optimizer = nnx.merge(graphdef, state)
@@ -135,16 +153,24 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
             return nnx.state((model, optimizer))
 
         # cond, not select: a skipped step costs no second copy of the state.
-        new_state = jax.lax.cond(finite, apply_update, lambda state: state,
+        new_state = jax.lax.cond(apply, apply_update, lambda state: state,
                                  nnx.state((model, optimizer)))
         metrics = dict(loss=loss, accuracy=sums["correct_sum"] / denom, grad_norm=grad_norm,
                        tokens=sums["weight_sum"], nonfinite=1.0 - finite.astype(jnp.float32))
         if "z_loss_sum" in sums:
             metrics["z_loss"] = sums["z_loss_sum"] / denom
+        if guard is not None:
+            metrics.update(spike=spike.astype(jnp.float32), guard=guard)
         return new_state, metrics
 
     out_shardings = None if state_sharding is None else (state_sharding, None)
     return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
+
+
+def spike_guard(stored: Optional[dict] = None) -> dict:
+    """The running means a spike-checking train step carries (fresh, or as saved)."""
+    stored = stored or {}
+    return {k: jnp.float32(stored.get(k, 0.0)) for k in ("loss", "grad_norm", "count")}
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, rules: Optional[Sequence[Rule]] = None,
