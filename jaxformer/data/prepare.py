@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from jaxformer.config import load_config, read_yaml
 from jaxformer.data import token_store as ts
 from jaxformer.data.config import DataConfig, SourceConfig
 from jaxformer.data.corpus import resolve_data_dir, text_source
@@ -242,12 +243,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. "
                         "data.tokens_dir=gs://bucket/tokens")
     args = parser.parse_args(argv)
-    from jaxformer.config import ConfigError  # pylint: disable=g-import-not-at-top
-    from jaxformer.training.config import load_experiment  # pylint: disable=g-import-not-at-top
+    # Only the data section matters here; other overrides (as given to train.py) are ignored.
+    overrides = [o[len("data."):] for o in args.overrides if o.startswith("data.")]
     try:
-        cfg = load_experiment(args.config, args.overrides)
-        data = prepare_data(cfg.data, "", workers=args.workers)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+        section = read_yaml(args.config).get("data") or {} if args.config else {}
+        cfg = load_config(DataConfig, None, overrides, base=section)
+        data = prepare_data(cfg, "", workers=args.workers)
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
