@@ -65,10 +65,15 @@ class MeshConfig:
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1
+    heartbeat_timeout: int = 100
+    """Seconds without a heartbeat after which the other processes of a multi-process run
+    declare a process dead and stop (JAX: 'another task died'); rerun all to resume."""
 
     def __post_init__(self) -> None:
         if self.slices < 1:
             raise ValueError(f"mesh.slices must be >= 1, got {self.slices}")
+        if self.heartbeat_timeout < 1:
+            raise ValueError(f"mesh.heartbeat_timeout must be >= 1, got {self.heartbeat_timeout}")
         if len(self.shape) != 3:
             raise ValueError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {self.shape}")
         if list(self.shape).count(-1) > 1 or any(s == 0 or s < -1 for s in self.shape):
@@ -199,9 +204,9 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> None:
                                               "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
     if not (explicit or detected):
         return
-    kwargs = {}
+    kwargs: dict = dict(heartbeat_timeout_seconds=cfg.heartbeat_timeout)
     if cfg.coordinator_address:
-        kwargs = dict(coordinator_address=cfg.coordinator_address,
+        kwargs.update(coordinator_address=cfg.coordinator_address,
                       num_processes=cfg.num_processes, process_id=cfg.process_id)
     try:
         jax.distributed.initialize(**kwargs)

@@ -15,12 +15,19 @@ def main() -> None:
     import jax
 
     if int(num_processes) > 1:
-        jax.distributed.initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id))
+        jax.distributed.initialize(
+            f"127.0.0.1:{port}", int(num_processes), int(process_id),
+            heartbeat_timeout_seconds=int(os.environ.get("JAXFORMER_TEST_HEARTBEAT", "100")))
     from jaxformer.training.config import load_experiment
     from jaxformer.training.loop import Trainer
 
     cfg = load_experiment(None, overrides + [f"run.dir={run_dir}", "mesh.distributed=never"])
     trainer = Trainer(cfg, show_progress=False, log=lambda _: None)
+    pause = float(os.environ.get("JAXFORMER_TEST_STEP_SLEEP", "0"))
+    if pause:  # slow steps down, so a test can kill a process in the middle of the run
+        import time
+        step_fn = trainer.train_step
+        trainer.train_step = lambda *args: (time.sleep(pause), step_fn(*args))[1]
     until = os.environ.get("JAXFORMER_TEST_UNTIL")  # stop (and checkpoint) after this step
     trainer.run(until=int(until) if until else None)
     trainer.close()

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,15 +20,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(num_processes, devices_each, run_dir, overrides, until=None):
+def _start(num_processes, devices_each, run_dir, overrides, **env_extra):
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if until is not None:
-        env["JAXFORMER_TEST_UNTIL"] = str(until)
-    procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(num_processes), str(i),
-                               str(devices_each), run_dir, *overrides],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for i in range(num_processes)]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **{k: str(v) for k, v in env_extra.items()})
+    return [subprocess.Popen([sys.executable, WORKER, str(port), str(num_processes), str(i),
+                              str(devices_each), run_dir, *overrides],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for i in range(num_processes)]
+
+
+def _launch(num_processes, devices_each, run_dir, overrides, until=None):
+    extra = {} if until is None else {"JAXFORMER_TEST_UNTIL": until}
+    procs = _start(num_processes, devices_each, run_dir, overrides, **extra)
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
@@ -63,3 +68,37 @@ def test_resuming_on_fewer_devices_and_more_processes_sees_the_same_batches(
     assert sorted(got) == [1, 2, 3, 4]
     for step in expected:  # other device counts reduce in another order: float rounding only
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killing_one_process_stops_the_other_and_rerunning_both_resumes(
+        stdlib_data_dir, stdlib_tokenizer, tmp_path):
+    tokenizer_path = str(tmp_path / "tok.model")
+    stdlib_tokenizer.save(tokenizer_path)
+    overrides = ["model.preset=gpt-tiny", f"data.data_dir={stdlib_data_dir}",
+                 f"data.tokenizer_path={tokenizer_path}", "data.seq_len=32", "data.batch_size=8",
+                 "train.steps=6", "train.log_every=1", "train.eval_every=0",
+                 "train.eval_batches=1", "optimizer.warmup_steps=1", "checkpoint.async_save=false",
+                 "checkpoint.every=2", "mesh.shape=[-1,1,1]", "train.sample_prompt=''"]
+    reference = str(tmp_path / "reference")
+    _launch(2, 2, reference, overrides)
+
+    killed = str(tmp_path / "killed")
+    procs = _start(2, 2, killed, overrides, JAXFORMER_TEST_HEARTBEAT=5,
+                   JAXFORMER_TEST_STEP_SLEEP=1.0)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(killed, "checkpoints", "2")):
+        assert time.time() < deadline and procs[1].poll() is None, "step 2 was never saved"
+        time.sleep(0.2)
+    procs[1].kill()  # SIGKILL: no handler runs, as when a host dies
+    started = time.time()
+    survivor = procs[0].communicate(timeout=240)[0]
+    procs[1].communicate()
+    assert procs[0].returncode != 0
+    assert "another task died" in survivor, survivor[-3000:]
+    assert time.time() - started < 120  # detected by the heartbeat, not a hang
+
+    _launch(2, 2, killed, overrides)  # rerun both: resumes from the last checkpoint
+    expected, got = _losses(reference), _losses(killed)
+    assert sorted(got) == list(range(1, 7))
+    assert got == expected  # same processes and devices: bit for bit
