@@ -462,3 +462,15 @@ def test_tfds_corpus_with_a_document_that_is_not_utf8(run_overrides, tmp_path, c
         assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
     else:
         assert status == 0 and Checkpointer(run_dir, create=False).latest_step == 1
+
+
+def test_convert_without_the_hf_extra_names_it(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("torch", "transformers") else
+                        real(name, *a))
+    assert _convert(["from-hf", str(tmp_path), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the torch package: pip install -e '.[hf]'" in err
+    assert not (tmp_path / "run").exists()

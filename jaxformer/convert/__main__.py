@@ -7,6 +7,8 @@ to-hf:   a jaxformer run directory's latest (or --step) checkpoint -> a save_pre
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -37,12 +39,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def convert_command(args: argparse.Namespace) -> int:
     """Runs a parsed command line; 0, or 2 with one `error:` line (CheckpointError, a bad
     directory, a missing `hf` extra, ...)."""
-    for module in (("torch",) if args.command == "from-hf" else ()) + ("transformers",
-                                                                        "safetensors"):
-        cli.require(module, "hf", f"python -m jaxformer.convert {args.command}")
     from jaxformer import convert
     from jaxformer.convert import runs
+
+    def require_hf(*modules: str) -> None:
+        # Checked after the paths, so a wrong path is reported the same with or without the extra.
+        for module in modules:
+            cli.require(module, "hf", f"python -m jaxformer.convert {args.command}")
+
     if args.command == "from-hf":
+        if not os.path.isdir(args.src):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory (expected a Hugging Face "
+                                     "save_pretrained directory)", args.src)
+        require_hf("torch", "transformers", "safetensors")
         model, cfg = convert.from_hf(args.src)
         if args.tokenizer:
             with open(args.tokenizer, "rb") as f:
@@ -54,6 +63,7 @@ def convert_command(args: argparse.Namespace) -> int:
         print(f"wrote {cfg.family} model to run directory {out}{note}")
     else:
         model, cfg = runs.load_run(args.src, args.step)
+        require_hf("transformers", "safetensors")
         out = convert.to_hf(model, cfg, args.dst, head=args.head, overwrite=args.overwrite)
         print(f"wrote Hugging Face directory {out}")
     return 0
