@@ -22,6 +22,9 @@ from jaxformer import sharding as shard_lib
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError
 
+# Subprocess runs of train.py (about 2 min in all): CI runs them once, on its Python 3.11 leg.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 6, 2  # checkpoints at steps 2, 4 and 6
 TIMING = ("tokens_per_second", "step_seconds", "mfu")  # wall-clock figures: never reproducible
