@@ -15,11 +15,13 @@ from jaxformer.data import prepare as prep
 from jaxformer.data import token_store as ts
 from jaxformer.data.config import DataConfig, SourceConfig
 from jaxformer.data.mixture import MixtureBatcher, rows_per_source
+from jaxformer.data.objectives import SpecialIds
 from jaxformer.data.pipeline import make_batcher
 from jaxformer.data.standin import build_standin
 from jaxformer.training.main import run_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECIAL = SpecialIds(vocab_size=300, pad=0, eos=1, mask=2, sentinels=tuple(range(200, 300)))
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,6 @@ def test_mixture_rows_follow_the_weights_and_are_a_function_of_step():
     tokens_a = ts.ArrayTokens(np.arange(4000) % 300, np.array([0, 4000]))
     tokens_b = ts.ArrayTokens(np.full(3000, 299), np.array([0, 3000]))
     cfg = DataConfig(seq_len=16, batch_size=8, objective="causal_lm")
-    from tests.test_pipeline import SPECIAL
     make = lambda: MixtureBatcher([make_batcher(cfg, tokens_a, SPECIAL, 1),
                                    make_batcher(cfg, tokens_b, SPECIAL, 1, source_index=1)],
                                   [3, 1], seed=1)
