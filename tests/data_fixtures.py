@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: the stdlib corpus and a small tokenizer (built once per session),
 and the overrides of a tiny training run on them."""
 
+import hashlib
 import os
 
 import pytest
@@ -41,3 +42,26 @@ def tiny_overrides(stdlib_data_dir, stdlib_tokenizer, tmp_path) -> list[str]:
     stdlib_tokenizer.save(tokenizer_path)
     return TINY_RUN + [f"data.data_dir={stdlib_data_dir}", f"data.tokenizer_path={tokenizer_path}",
                        f"data.vocab_size={stdlib_tokenizer.vocab_size}"]
+
+
+def snapshot(directory) -> dict:
+    """{relative path: sha256} of every file below directory (to show nothing was touched)."""
+    out = {}
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def train_interrupted(cfg, until: int) -> None:
+    """Trains `cfg` to step `until` (checkpointing there), then resumes it in a new Trainer."""
+    from jaxformer.training.loop import Trainer
+    first = Trainer(cfg, show_progress=False, log=lambda _: None)
+    first.run(until=until)
+    first.close()
+    second = Trainer(cfg, show_progress=False, log=lambda _: None)
+    assert second.start_step == until
+    second.run()
+    second.close()

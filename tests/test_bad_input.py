@@ -2,7 +2,6 @@
 nothing already saved lost; Ctrl-C; reruns of existing runs. The rows of docs/reliability.md."""
 
 import errno
-import hashlib
 import importlib.util
 import json
 import os
@@ -13,7 +12,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from data_fixtures import TINY_RUN
+from data_fixtures import TINY_RUN, snapshot
 from jaxformer.training import cli
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.config import load_experiment
@@ -33,17 +32,6 @@ def _script(name):
 def _convert(argv):
     from jaxformer.convert.__main__ import main
     return main(argv)
-
-
-def _snapshot(directory):
-    """{relative path: sha256} of every file below directory."""
-    out = {}
-    for dirpath, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def _one_error_line(err):
@@ -180,13 +168,13 @@ def test_unreadable_checkpoint_is_one_line(entry, finished_run, run_overrides, t
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
     monkeypatch.setattr(Checkpointer, "read_meta", unreadable)
-    before = _snapshot(finished_run)
+    before = snapshot(finished_run)
     argv = {"train": [f"run.dir={finished_run}"] + run_overrides,
             "finetune": ["--from", finished_run, f"run.dir={tmp_path / 'ft'}"],
             "eval": [finished_run]}[entry]
     assert _script(f"{entry}.py")(argv) == 2
     assert f"Permission denied: '{path}'" in _one_error_line(capsys.readouterr().err)
-    assert _snapshot(finished_run) == before and not os.path.exists(tmp_path / "ft")
+    assert snapshot(finished_run) == before and not os.path.exists(tmp_path / "ft")
 
 
 def test_a_bug_keeps_its_traceback():
@@ -276,12 +264,12 @@ def test_eval_out_in_a_missing_directory_fails_before_evaluating(finished_run, t
 def test_rerun_with_settings_that_change_the_run_is_refused(run_copy, run_overrides, changes,
                                                             keys, capsys):
     from jaxformer.training.main import run_training
-    before = _snapshot(run_copy)
+    before = snapshot(run_copy)
     assert run_training(None, run_overrides + [f"run.dir={run_copy}"] + changes) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert all(k in line for k in keys), line
     assert "new run.dir" in line
-    assert _snapshot(run_copy) == before  # config.yaml, checkpoints, metrics untouched
+    assert snapshot(run_copy) == before  # config.yaml, checkpoints, metrics untouched
 
 
 def test_rerun_extending_the_run_reports_the_changes_and_records_them(run_copy, run_overrides,
@@ -386,10 +374,10 @@ def test_full_disk_while_checkpointing_keeps_earlier_checkpoints(run_overrides, 
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
     import jaxformer.config as config_lib
     monkeypatch.setattr(config_lib, "open", _raise_oserror(errno.EROFS), raising=False)
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     assert run_training(None, overrides) == 2
     assert "Read-only file system" in _one_error_line(capsys.readouterr().err)
-    assert _snapshot(run_dir) == before
+    assert snapshot(run_dir) == before
 
     assert Checkpointer(run_dir, create=False).read_meta()["step"] == 1  # still resumable
 

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from data_fixtures import train_interrupted
 from flax import nnx
 
 from jaxformer.training.checkpoint import Checkpointer
@@ -158,12 +159,7 @@ def test_spike_skipping_is_logged_and_resumes_bit_exactly(quiet_overrides, tmp_p
 
     resumed = str(tmp_path / "resumed")
     cfg = load_experiment(None, quiet_overrides + knobs + [f"run.dir={resumed}"])
-    first = Trainer(cfg, show_progress=False, log=lambda _: None)
-    first.run(until=3)
-    first.close()
-    second = Trainer(cfg, show_progress=False, log=lambda _: None)
-    second.run()
-    second.close()
+    train_interrupted(cfg, until=3)
     strip = lambda r: {k: v for k, v in r.items()
                        if k not in ("step_seconds", "tokens_per_second", "mfu")}
     assert [strip(r) for r in _metrics(resumed) if r["split"] == "train"] == \

@@ -1,7 +1,6 @@
 """Pretraining end to end: sharding equivalence, bit-exact resume, resharding restore, bad input."""
 
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -9,6 +8,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from data_fixtures import snapshot, train_interrupted
 from flax import nnx
 
 from jaxformer import models
@@ -124,13 +124,7 @@ def test_interrupted_run_resumes_bit_exactly(tiny_overrides, tmp_path):
 
     resumed = str(tmp_path / "resumed")
     cfg = load_experiment(None, tiny_overrides + steps + [f"run.dir={resumed}"])
-    first = Trainer(cfg, show_progress=False, log=lambda _: None)
-    first.run(until=3)
-    first.close()
-    second = Trainer(cfg, show_progress=False, log=lambda _: None)
-    assert second.start_step == 3
-    second.run()
-    second.close()
+    train_interrupted(cfg, until=3)
     expected, got = train_losses(straight), train_losses(resumed)
     assert sorted(got) == list(range(1, 7))
     assert got == expected  # bit for bit: the same floats, not just close ones
@@ -138,16 +132,6 @@ def test_interrupted_run_resumes_bit_exactly(tiny_overrides, tmp_path):
 
 
 # ------------------------------------------------------------------ bad input
-
-
-def _snapshot(directory):
-    digest = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                digest[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return digest
 
 
 def test_bad_input_ends_with_one_clear_message(tiny_overrides, tmp_path, capsys):
@@ -171,12 +155,12 @@ def test_bad_input_ends_with_one_clear_message(tiny_overrides, tmp_path, capsys)
 def test_run_dir_of_another_model_is_refused_and_left_intact(tiny_overrides, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     assert run_training(None, tiny_overrides + ["train.steps=2", f"run.dir={run_dir}"]) == 0
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     code = run_training(None, tiny_overrides + ["train.steps=4", "model.d_model=128",
                                                 f"run.dir={run_dir}"])
     assert code == 2
     assert "different model" in capsys.readouterr().err
-    assert _snapshot(run_dir) == before
+    assert snapshot(run_dir) == before
 
 
 # ------------------------------------------------------------------ the three shipped configs
