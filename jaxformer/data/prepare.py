@@ -113,7 +113,7 @@ def resolve_tokenizer(cfg: DataConfig, work_dir: str, *, tokenizer_model: Option
 def store_dir(cfg: DataConfig, source: SourceConfig, split: str, tokenizer: Tokenizer) -> str:
     """The token store of one split, keyed by everything its contents depend on."""
     key = _digest(hashlib.sha256(tokenizer.serialized_model()).hexdigest(), source.dataset, split,
-                  source.text_key, source.max_documents, cfg.docs_per_shard)
+                  source.text_key, source.max_documents, cfg.docs_per_shard, ts.FORMAT)
     name = source.dataset.replace("/", "_").replace(":", "_")
     return str(ts._path(tokens_root(cfg), f"{name}-{split}-{key}"))  # pylint: disable=protected-access
 

@@ -3,6 +3,7 @@
 One split of a corpus is a directory:
 
     manifest.json              written last: the split is complete (dtype, shard sizes, totals)
+    counts                     int64 token histogram [vocab] of the whole split
     shard-00000.json           written after the shard's data files: the shard is complete
     shard-00000.tokens         flat tokens (uint16, or uint32 for vocabularies over 65536)
     shard-00000.docs           int64 start of each document within the shard
@@ -22,7 +23,7 @@ from typing import Any, Optional, Protocol, Sequence
 import numpy as np
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: the split's summed token histogram in `counts`
 _REMOTE_DOC_SHARDS_CACHED = 8
 
 
@@ -116,7 +117,16 @@ def complete_shard(root: str, index: int, expect: dict[str, Any]) -> Optional[di
 
 def write_manifest(root: str, markers: Sequence[dict[str, Any]], vocab_size: int,
                    info: dict[str, Any]) -> None:
-    """Seals a split: after this, readers may open it."""
+    """Seals a split: after this, readers may open it.
+
+    The split's token histogram is summed here, once, so opening a store reads one small file
+    rather than one per shard.
+    """
+    total = np.zeros(vocab_size, np.int64)
+    for m in markers:
+        total += np.frombuffer(
+            _path(root, f"{shard_name(m['index'])}.counts").read_bytes(), np.int64)
+    write_bytes_atomic(root, "counts", total.tobytes())
     manifest = dict(info, format=FORMAT, vocab_size=vocab_size, dtype=token_dtype(vocab_size).name,
                     num_shards=len(markers),
                     num_tokens=int(sum(m["num_tokens"] for m in markers)),
@@ -256,11 +266,7 @@ class TokenStore:
 
     def token_counts(self) -> np.ndarray:
         """How often each id occurs in the split ([vocab] int64)."""
-        total = np.zeros(self.vocab_size, np.int64)
-        for i in range(int(self.manifest["num_shards"])):
-            total += np.frombuffer(_path(self.root, f"{shard_name(i)}.counts").read_bytes(),
-                                   np.int64)
-        return total
+        return np.frombuffer(_path(self.root, "counts").read_bytes(), np.int64).copy()
 
 
 class ArrayTokens:
