@@ -11,7 +11,7 @@ from flax import nnx
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.config import load_experiment
 from jaxformer.training.evaluate import run_eval
-from jaxformer.training.finetune import FinetuneTrainer, load_finetune, run_finetune
+from jaxformer.training.finetune import Finetuning, load_finetune, run_finetune
 from jaxformer.training.loop import Trainer
 
 QUIET = dict(show_progress=False, log=lambda _: None)
@@ -51,8 +51,8 @@ def finetune_overrides(data_dir, run_dir, steps):
 def test_restored_weights_equal_the_pretrained_ones(pretrained, stdlib_data_dir, tmp_path):
     cfg, meta = load_finetune(pretrained["encoder"], None, "configs/finetune/code_package.yaml",
                               finetune_overrides(stdlib_data_dir, str(tmp_path / "ft"), 1))
-    trainer = FinetuneTrainer(cfg, meta, **QUIET)
-    assert sorted(trainer.new_parameters) == ["classifier.bias", "classifier.kernel"]
+    trainer = Trainer(cfg, Finetuning(meta), **QUIET)
+    assert sorted(trainer.workload.new_parameters) == ["classifier.bias", "classifier.kernel"]
     model, _ = nnx.merge(trainer.graphdef, trainer.state)
     pre_trainer = Trainer(_pretrain_cfg(pretrained["encoder"]), read_only=True, **QUIET)
     pre_model, _ = nnx.merge(pre_trainer.graphdef, pre_trainer.state)
@@ -60,7 +60,7 @@ def test_restored_weights_equal_the_pretrained_ones(pretrained, stdlib_data_dir,
     compared = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path[0] == "classifier":
-            assert var[...].shape[-1] == trainer.cfg.model.num_labels == len(trainer.label_names)
+            assert var[...].shape[-1] == trainer.cfg.model.num_labels == len(trainer.workload.label_names)
             continue
         np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(pre_params[path][...]))
         compared += 1
@@ -79,7 +79,7 @@ def test_freezing_keeps_embeddings_fixed(pretrained, stdlib_data_dir, tmp_path):
     cfg, meta = load_finetune(pretrained["decoder"], None,
                               "configs/finetune/code_completion.yaml",
                               overrides + ["finetune.freeze=[embed]"])
-    trainer = FinetuneTrainer(cfg, meta, **QUIET)
+    trainer = Trainer(cfg, Finetuning(meta), **QUIET)
     before = jax.device_get(nnx.to_pure_dict(nnx.state(trainer.state[0])))
     trainer.run()
     after = jax.device_get(nnx.to_pure_dict(nnx.state(trainer.state[0])))
@@ -96,7 +96,7 @@ def test_freeze_prefix_matching_nothing_is_an_error(pretrained, stdlib_data_dir,
                               "configs/finetune/code_completion.yaml",
                               overrides + ["finetune.freeze=[blocks.0]"])
     with pytest.raises(ValueError, match=r"\['blocks.0'\] match no parameter.*blocks.mlp"):
-        FinetuneTrainer(cfg, meta, **QUIET)
+        Trainer(cfg, Finetuning(meta), **QUIET)
 
 
 @pytest.mark.slow
@@ -107,11 +107,11 @@ def test_each_family_beats_chance_on_its_task(family, pretrained, stdlib_data_di
     config = f"configs/finetune/{TASK[family]}.yaml"
     cfg, meta = load_finetune(pretrained[family], None, config,
                               finetune_overrides(stdlib_data_dir, run_dir, 150))
-    trainer = FinetuneTrainer(cfg, meta, **QUIET)
+    trainer = Trainer(cfg, Finetuning(meta), **QUIET)
     result = trainer.run()["validation"]
     trainer.close()
     if family == "encoder":
-        labels = [ex["label"] for ex in trainer.eval_batcher.examples]
+        labels = [ex["label"] for ex in trainer.workload.eval_batcher.examples]
         majority = np.bincount(labels).max() / len(labels)
         chance = 1.0 / trainer.cfg.model.num_labels
         assert result["accuracy"] > max(majority, 2.5 * chance), (result, majority)

@@ -15,32 +15,32 @@ from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.metrics import read_metrics
 from jaxformer.training.task_metrics import until_eos
 
-SAMPLE_PROMPTS = ("def fibonacci(n):", "import os\n", "class Stack:\n")
-
 
 def open_run(run_dir: str, step: Optional[int], split: Optional[str]):
     """A read-only trainer (pretraining or fine-tuning, as the checkpoint says) at `step`."""
     meta = Checkpointer(run_dir, create=False).read_meta(step)
     stored = dict(meta["config"])
     stored["run"] = {"dir": os.path.abspath(run_dir)}
+    from jaxformer.training.loop import Trainer
     if "task" in stored:
         from jaxformer.config import config_from_dict
-        from jaxformer.training.finetune import FinetuneExperiment, FinetuneTrainer
+        from jaxformer.training.finetune import FinetuneExperiment, Finetuning
         cfg = config_from_dict(FinetuneExperiment, stored)
         if split:
             cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, eval_split=split))
-        return FinetuneTrainer(cfg, meta, read_only=True, step=meta["step"], show_progress=False)
-    from jaxformer.training.config import experiment_from_dict
-    from jaxformer.training.loop import Trainer
-    cfg = experiment_from_dict(stored)
-    if split:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split=split))
-    return Trainer(cfg, read_only=True, step=meta["step"], show_progress=False)
+        workload = Finetuning(meta)
+    else:
+        from jaxformer.training.config import experiment_from_dict
+        from jaxformer.training.pretraining import Pretraining
+        cfg = experiment_from_dict(stored)
+        if split:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split=split))
+        workload = Pretraining()
+    return Trainer(cfg, workload, read_only=True, step=meta["step"], show_progress=False)
 
 
 def generate_text(trainer, prompt: str, max_new_tokens: int = 48) -> str:
     """Greedy continuation (decoder) or output (encoder-decoder) for a text prompt."""
-    from flax import nnx
     from jaxformer.inference import generate
 
     family = trainer.cfg.model.family
@@ -48,8 +48,7 @@ def generate_text(trainer, prompt: str, max_new_tokens: int = 48) -> str:
         raise ValueError("an encoder-only model does not generate text")
     tok = trainer.tokenizer
     ids = tok.encode(prompt)
-    model, _ = nnx.merge(trainer.graphdef, trainer.state)
-    model.eval()
+    model = trainer.model()
     if family == "decoder":
         # Shorten the continuation to fit the context; a prompt that alone overflows it is left
         # to generate's error, which names both lengths.
@@ -64,21 +63,11 @@ def generate_text(trainer, prompt: str, max_new_tokens: int = 48) -> str:
 
 def evaluate_int8(trainer, num_batches: Optional[int] = None) -> dict[str, float]:
     """The same evaluation with int8 weights, plus weight bytes before and after."""
-    from flax import nnx
     from jaxformer.inference import param_bytes, quantize_model
-    from jaxformer.training.step import make_eval_step
 
-    model, _ = nnx.merge(trainer.graphdef, trainer.state)
+    model = trainer.model()
     quantized = quantize_model(model)
-    graphdef, state = nnx.split((quantized, None))
-    float_step, float_state = trainer.eval_step, trainer.state
-    trainer.eval_step, trainer.state = make_eval_step(
-        graphdef, rules=trainer.rules, mesh=trainer.mesh,
-        loss_chunk_size=trainer.cfg.train.loss_chunk_size), state
-    try:
-        metrics = trainer.evaluate(num_batches)
-    finally:
-        trainer.eval_step, trainer.state = float_step, float_state
+    metrics = trainer.evaluate(num_batches, model=quantized)
     metrics.update(weight_bytes_float=float(param_bytes(model)),
                    weight_bytes_int8=float(param_bytes(quantized)))
     return metrics
@@ -172,8 +161,9 @@ def _evaluate(trainer, run_dir: str, num_batches: Optional[int], int8: bool,
     samples = []
     if prompt is not None:
         samples.append(dict(prompt=prompt, output=generate_text(trainer, prompt)))
-    elif trainer.cfg.model.family == "decoder" and not hasattr(trainer, "kind"):
-        samples = [dict(prompt=p, output=generate_text(trainer, p, 24)) for p in SAMPLE_PROMPTS]
+    else:
+        samples = [dict(prompt=p, output=generate_text(trainer, p, 24))
+                   for p in trainer.workload.sample_prompts(trainer.cfg)]
     report["samples"] = samples
     return report
 

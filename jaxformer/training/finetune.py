@@ -12,7 +12,6 @@ from flax import nnx
 
 from jaxformer import models
 from jaxformer.config import ConfigError, load_config
-from jaxformer.data.config import DataConfig
 from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task, tokenize_task_fields
 from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.models.config import ModelConfig
@@ -20,8 +19,10 @@ from jaxformer.sharding import MeshConfig
 from jaxformer.training import cli, task_metrics
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError
 from jaxformer.training.config import CheckpointConfig, RunConfig, TrainConfig, check_schedule
-from jaxformer.training.loop import EVAL_SEED, Trainer, build_state, run_to_exit_status
+from jaxformer.training.loop import Trainer, run_to_exit_status
 from jaxformer.training.optimizer import OptimizerConfig, make_optimizer, path_names
+from jaxformer.training.pretraining import EVAL_SEED
+from jaxformer.training.workload import Evaluator, RunEnv, Workload
 
 FAMILY_OF_KIND = {"classification": "encoder", "text2text": "encoder_decoder",
                   "completion": "decoder"}
@@ -88,23 +89,25 @@ def check_finetune(cfg: FinetuneExperiment) -> None:
                                   f"{key}=<={model.max_len}")
 
 
-class FinetuneTrainer(Trainer):
-    """The pretraining loop with task batches, a task head and pretrained weights."""
+class Finetuning(Workload):
+    """A task's batches and metrics, a task head and pretrained weights, frozen parts."""
 
-    def __init__(self, cfg: FinetuneExperiment, pretrained_meta: dict, **kwargs):
+    def __init__(self, pretrained_meta: dict):
+        """`pretrained_meta`: read_meta of the checkpoint the weights (and tokenizer) come from."""
         self.pretrained_meta = pretrained_meta
-        super().__init__(cfg, **kwargs)
+        self.new_parameters: list[str] = []
+        """Paths that kept their fresh initialisation (a new or resized task head)."""
 
-    @staticmethod
-    def batch_size_of(cfg) -> int:
+    def batch_size(self, cfg: FinetuneExperiment) -> int:
         return cfg.task.batch_size
 
-    def tokens_per_step(self) -> int:
-        task = self.cfg.task
+    def tokens_per_step(self, cfg: FinetuneExperiment) -> int:
+        task = cfg.task
         return task.batch_size * (task.max_target_len if self.kind == "text2text"
                                   else task.max_input_len)
 
-    def prepare(self, cfg: FinetuneExperiment, meta: Optional[dict]) -> FinetuneExperiment:
+    def prepare(self, cfg: FinetuneExperiment, meta: Optional[dict],
+                env: RunEnv) -> FinetuneExperiment:
         source = meta if meta is not None else self.pretrained_meta
         if not source["tokenizer"]:
             raise CheckpointError(f"{cfg.finetune.from_dir} stores no tokenizer (a converted "
@@ -124,8 +127,8 @@ class FinetuneTrainer(Trainer):
         self.label_names = getattr(train, "label_names", None)
         cfg = dataclasses.replace(cfg, model=model_cfg)
         # Text fields are tokenized once into token stores, as pretraining corpora are.
-        fields = [tokenize_task_fields(cfg.task, split, self.tokenizer, log=self.log,
-                                       show_progress=self.show_progress)
+        fields = [tokenize_task_fields(cfg.task, split, self.tokenizer, log=env.log,
+                                       show_progress=env.show_progress)
                   for split in (train, evaluation)]
         self.batcher = TaskBatcher(cfg.task, train, self.tokenizer, cfg.train.seed,
                                    token_fields=fields[0])
@@ -133,12 +136,8 @@ class FinetuneTrainer(Trainer):
                                         shuffle=False, token_fields=fields[1])
         return cfg
 
-    def prefetch_options(self) -> dict[str, int]:
-        """Task batches are made ahead like pretraining ones, with the data section's defaults."""
-        defaults = DataConfig()
-        return dict(threads=defaults.prefetch_threads, buffer=defaults.prefetch)
-
-    def make_tx(self, cfg: FinetuneExperiment):
+    def optimizer(self, cfg: FinetuneExperiment):
+        """The pretraining optimizer, with `finetune.freeze` prefixes' updates set to zero."""
         tx = make_optimizer(cfg.optimizer, cfg.train.steps)
         if not cfg.finetune.freeze:
             return tx
@@ -164,21 +163,18 @@ class FinetuneTrainer(Trainer):
             return tree
         return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
-    def initial_state(self, cfg: FinetuneExperiment, tx):
-        graphdef, state = build_state(cfg.model, tx, self.mesh, cfg.mesh.rules, cfg.train.seed)
-        self.new_parameters: list[str] = []
-        if self.resuming:  # this run's own checkpoint replaces the whole state next
-            return graphdef, state
-        model, optimizer = nnx.merge(graphdef, state)
+    def initialize(self, model: nnx.Module, cfg: FinetuneExperiment, env: RunEnv) -> None:
+        """Copies the pretrained parameters in; the task head (if new) keeps its initialisation."""
         self.new_parameters = load_pretrained_params(
-            model, cfg.finetune.from_dir, self.pretrained_meta, self.mesh, cfg.mesh.rules)
+            model, cfg.finetune.from_dir, self.pretrained_meta, env.mesh, env.rules)
         if self.new_parameters:
-            self.log("[finetune] newly initialised: " + ", ".join(self.new_parameters))
-        return nnx.split((model, optimizer))
+            env.log("[finetune] newly initialised: " + ", ".join(self.new_parameters))
 
-    def evaluate(self, num_batches: Optional[int] = None) -> dict[str, float]:
+    def evaluate(self, evaluator: Evaluator, cfg: FinetuneExperiment,
+                 num_batches: Optional[int]) -> dict[str, float]:
         """Task metrics over the whole validation split (or its first batches)."""
-        return task_metrics.evaluate_task(self, num_batches)
+        return task_metrics.evaluate_task(evaluator, self.kind, self.eval_batcher,
+                                          self.tokenizer, cfg.task.max_target_len, num_batches)
 
 
 def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh,
@@ -213,7 +209,7 @@ def run_finetune(from_dir: str, from_step: Optional[int], config_path: Optional[
     """What `finetune.py` does; 0 on success, 2 with one message on bad input, 3, 75 and 130
     as `run_training`."""
     cfg, meta = load_finetune(from_dir, from_step, config_path, overrides)
-    trainer = FinetuneTrainer(cfg, meta)
+    trainer = Trainer(cfg, Finetuning(meta))
     status, result = run_to_exit_status(trainer)
     if status:
         return status

@@ -1,4 +1,5 @@
-"""The pretraining loop: data, sharded state, jitted steps, metrics, validation, checkpoints."""
+"""The training loop: sharded state, jitted steps, metrics, validation and checkpoints, for any
+workload (pretraining or fine-tuning)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,15 @@ from jaxformer import models
 from jaxformer import sharding as shard_lib
 from jaxformer.config import config_to_dict, save_config
 from jaxformer.data import prefetch
-from jaxformer.data.mixture import MixtureBatcher
-from jaxformer.data.pipeline import Batcher, make_batcher
-from jaxformer.data.prepare import prepare_data
 from jaxformer.training import metrics as metrics_lib
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from jaxformer.training.config import ExperimentConfig, check_resume
-from jaxformer.training.optimizer import make_optimizer, make_schedule
+from jaxformer.training.config import check_resume
+from jaxformer.training.optimizer import make_schedule
+from jaxformer.training.pretraining import Pretraining
 from jaxformer.training.step import make_eval_step, make_train_step, spike_guard
+from jaxformer.training.workload import Evaluator, RunEnv, Workload
 
 
-EVAL_SEED = 0
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run saved its state; rerunning the command resumes it
 
 
@@ -119,18 +118,21 @@ def _model_mismatch(stored: dict, wanted: models.ModelConfig) -> list[str]:
 
 
 class Trainer:
-    """Holds one run's pieces; `run()` trains from the latest checkpoint (or scratch) to the end."""
+    """One run: mesh, sharded state, jitted steps, the loop, checkpoints and metrics, for any
+    workload (pretraining by default, or fine-tuning); `run()` trains from the latest checkpoint
+    (or scratch) to the end."""
 
-    def __init__(self, cfg: ExperimentConfig, *, show_progress: bool = True,
+    def __init__(self, cfg, workload: Optional[Workload] = None, *, show_progress: bool = True,
                  log: Callable[[str], None] = print, read_only: bool = False,
                  step: Optional[int] = None):
         """Builds everything; `read_only` (evaluation) writes nothing and needs a checkpoint."""
+        self.workload = workload = workload if workload is not None else Pretraining()
         self.log, self.show_progress = log, show_progress
         shard_lib.maybe_initialize_distributed(cfg.mesh)
         self.mesh = shard_lib.make_mesh(cfg.mesh)
         self.rules = cfg.mesh.rules
-        check_batch_size(self.batch_size_of(cfg), cfg.optimizer.grad_accum_steps, self.mesh,
-                         self.rules)
+        self.batch_size = workload.batch_size(cfg)
+        check_batch_size(self.batch_size, cfg.optimizer.grad_accum_steps, self.mesh, self.rules)
         self.run_dir = os.path.abspath(cfg.run.dir)
         meta = None
         if read_only or os.path.isdir(checkpoint_dir(self.run_dir)):
@@ -141,7 +143,9 @@ class Trainer:
             changed = check_resume(cfg, meta["config"], int(meta["step"]), self.run_dir)
             if changed:
                 self.log(changed)
-        self.cfg = cfg = self.prepare(cfg, meta)
+        self.env = RunEnv(self.run_dir, self.mesh, self.rules, log, show_progress)
+        self.cfg = cfg = workload.prepare(cfg, meta, self.env)
+        self.tokenizer = workload.tokenizer
         if meta is not None:
             mismatch = _model_mismatch(meta["config"]["model"], cfg.model)
             if mismatch:
@@ -149,7 +153,7 @@ class Trainer:
                     f"{self.run_dir} holds a checkpoint of a different model ("
                     + "; ".join(mismatch[:4]) + "); use another run.dir or move that one away")
         self.schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-        tx = self.make_tx(cfg)
+        tx = workload.optimizer(cfg)
         # Only now, with the input checked, may the run directory be created or written.
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save,
@@ -157,10 +161,14 @@ class Trainer:
         if not read_only and jax.process_index() == 0:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
-        self.resuming = meta is not None
         self.log(f"[model] {cfg.model.family} {cfg.model.preset or ''} on mesh "
                  f"{dict(self.mesh.shape)}")
-        self.graphdef, self.state = self.initial_state(cfg, tx)
+        self.graphdef, self.state = build_state(cfg.model, tx, self.mesh, cfg.mesh.rules,
+                                                cfg.train.seed)
+        if meta is None:  # a resumed run's own checkpoint replaces the whole state instead
+            model, optimizer = nnx.merge(self.graphdef, self.state)
+            workload.initialize(model, cfg, self.env)
+            self.graphdef, self.state = nnx.split((model, optimizer))
         self.num_params = models.count_params(nnx.merge(self.graphdef, self.state)[0])
         self.start_step = 0
         if meta is not None and step is not None:
@@ -192,96 +200,24 @@ class Trainer:
         self.writer = metrics_lib.MetricsWriter(self.run_dir,
                                                 enabled=self.is_lead and not read_only)
 
-    # ------------------------------------------------------------------ hooks (pretraining)
-
-    @staticmethod
-    def batch_size_of(cfg) -> int:
-        """Global batch size in rows."""
-        return cfg.data.batch_size
-
-    def tokens_per_step(self) -> int:
-        """Target tokens a step trains on (for tokens/s and MFU)."""
-        cfg = self.cfg
-        length = cfg.data.target_len if cfg.objective == "span_corruption" else cfg.data.seq_len
-        return cfg.data.batch_size * length
-
-    def prepare(self, cfg: ExperimentConfig, meta: Optional[dict]) -> ExperimentConfig:
-        """Data, tokenizer and batchers; returns the config with the vocabulary resolved."""
-        self.log(f"[data] preparing {', '.join(s.dataset for s in cfg.data.sources())} "
-                 "(tokenizer, token shards)")
-        self.data = prepare_data(cfg.data, self.run_dir, show_progress=self.show_progress,
-                                 log=self.log,
-                                 tokenizer_model=None if meta is None else meta["tokenizer"])
-        self.tokenizer = self.data.tokenizer
-        model_cfg = dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
-        if model_cfg.position in ("learned", "sinusoidal") and model_cfg.max_len < cfg.data.seq_len:
-            raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len="
-                             f"{model_cfg.max_len}")
-        cfg = dataclasses.replace(cfg, model=model_cfg)
-        special, sources = self.data.special_ids, self.data.sources
-        batchers = [make_batcher(cfg.data, s.train, special, cfg.train.seed, cfg.objective,
-                                 source_index=i) for i, s in enumerate(sources)]
-        self.batcher = batchers[0] if len(batchers) == 1 else MixtureBatcher(
-            batchers, [s.weight for s in sources], cfg.train.seed)
-        # Validation rows are spread over the whole split with a fixed seed, so every run (and
-        # every training seed) is measured on the same tokens; each source is measured alone.
-        self.eval_batchers = {s.name: make_batcher(cfg.data, s.eval, special, EVAL_SEED,
-                                                   cfg.objective, source_index=i)
-                              for i, s in enumerate(sources)}
-        self.token_bytes = metrics_lib.token_byte_lengths(self.tokenizer)
-        self.unigram_log_probs = metrics_lib.unigram_log_probs_from_counts(
-            self.data.train_token_counts())
-        return cfg
-
-    def prefetch_options(self) -> dict[str, int]:
-        """Background threads and batches made ahead for the training input."""
-        return dict(threads=self.cfg.data.prefetch_threads, buffer=self.cfg.data.prefetch)
-
-    def make_tx(self, cfg):
-        """The optax transformation."""
-        return make_optimizer(cfg.optimizer, cfg.train.steps)
-
-    def initial_state(self, cfg, tx):
-        """(graphdef, state) before any resume: fresh, sharded on the mesh."""
-        return build_state(cfg.model, tx, self.mesh, cfg.mesh.rules, cfg.train.seed)
-
     # ------------------------------------------------------------------ pieces
 
-    def global_batch(self, batcher: Batcher | MixtureBatcher, step: int) -> tuple[dict, dict]:
-        """(host numpy rows of this process, the sharded global batch) for a step."""
-        local = batcher.batch(step, jax.process_index(), jax.process_count())
-        return local, shard_lib.shard_batch(local, self.mesh, self.rules)
+    def evaluate(self, num_batches: Optional[int] = None,
+                 model: Optional[nnx.Module] = None) -> dict[str, float]:
+        """The workload's validation metrics of the trained state, or of another `model` of the
+        same task (e.g. its int8 copy) on the same batches."""
+        if model is None:
+            evaluator = Evaluator(self.env, self.eval_step, self.state, self.graphdef)
+        else:
+            graphdef, state = nnx.split((model, None))
+            step = make_eval_step(graphdef, rules=self.rules, mesh=self.mesh,
+                                  loss_chunk_size=self.cfg.train.loss_chunk_size)
+            evaluator = Evaluator(self.env, step, state, graphdef)
+        return self.workload.evaluate(evaluator, self.cfg, num_batches)
 
-    def evaluate(self, num_batches: Optional[int] = None) -> dict[str, float]:
-        """Validation loss, accuracy, perplexity and bits per byte over the first batches of each
-        source; with several sources, also each one's as '<source>/<metric>'."""
-        num_batches = num_batches or self.cfg.train.eval_batches
-        overall = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0, byte_sum=0.0)
-        summary, targets_seen = {}, []
-        for name, batcher in self.eval_batchers.items():
-            totals = dict.fromkeys(overall, 0.0)
-            # Stay within one pass over the validation split.
-            count = max(1, min(num_batches, batcher.stream.rows_per_epoch
-                               // self.batch_size_of(self.cfg)))
-            for i in range(count):
-                local, batch = self.global_batch(batcher, i)
-                sums, _ = self.eval_step(self.state, batch)
-                sums = jax.device_get(sums)  # replicated scalars: readable on every host
-                for k, v in sums.items():
-                    totals[k] += float(v)
-                weights = local["loss_weights"] > 0
-                totals["byte_sum"] += float(self.token_bytes[local["targets"][weights]].sum())
-                targets_seen.append(local["targets"][weights])
-            for k, v in totals.items():
-                overall[k] += v
-            if len(self.eval_batchers) > 1:
-                summary.update({f"{name}/{k}": v
-                                for k, v in metrics_lib.summarize_eval(totals).items()})
-        summary = dict(metrics_lib.summarize_eval(overall), **summary)
-        if targets_seen:
-            summary["unigram_loss"] = float(
-                -self.unigram_log_probs[np.concatenate(targets_seen)].mean())
-        return summary
+    def model(self) -> nnx.Module:
+        """The trained model (evaluation mode), sharing the state's arrays."""
+        return Evaluator(self.env, self.eval_step, self.state, self.graphdef).model()
 
     def save(self, step: int) -> None:
         """Starts an (asynchronous) checkpoint of the state after `step` updates."""
@@ -306,10 +242,10 @@ class Trainer:
         """
         cfg, total = self.cfg, self.cfg.train.steps
         stop = total if until is None else min(until, total)
-        tokens_per_step = self.tokens_per_step()
+        tokens_per_step = self.workload.tokens_per_step(cfg)
         peak = cfg.train.peak_flops or metrics_lib.detect_peak_flops()
         flops_per_step = metrics_lib.flops_per_token(
-            cfg.model, self.num_params, tokens_per_step // self.batch_size_of(cfg)
+            cfg.model, self.num_params, tokens_per_step // self.batch_size
         ) * tokens_per_step
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
@@ -359,9 +295,10 @@ class Trainer:
                     "train.z_loss=1e-4, or set train.nonfinite=skip to skip such steps")
             bar.write(f"[skip] step {step}: loss or gradients not finite; update not applied")
 
+        batcher = self.workload.batcher
         host_batches = prefetch.ahead(
-            lambda s: self.batcher.batch(s, jax.process_index(), jax.process_count()),
-            self.start_step, stop, **self.prefetch_options())
+            lambda s: batcher.batch(s, jax.process_index(), jax.process_count()),
+            self.start_step, stop, **self.workload.prefetch_options(cfg))
         next_batch = None
         with _stop_signals(signals):
             for step in range(self.start_step, stop):

@@ -8,7 +8,9 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from jaxformer import sharding as shard_lib
+from jaxformer.data.tasks import TaskBatcher
+from jaxformer.data.tokenizer import Tokenizer
+from jaxformer.training.workload import Evaluator
 
 
 def classification_metrics(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
@@ -30,36 +32,39 @@ def text_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict[s
                 exact_match=100 * float(np.mean(exact)))
 
 
-def evaluate_task(trainer, num_batches: Optional[int] = None,
+def evaluate_task(evaluator: Evaluator, kind: str, batcher: TaskBatcher, tokenizer: Tokenizer,
+                  max_target_len: int, num_batches: Optional[int] = None,
                   max_generations: int = 64) -> dict[str, float]:
-    """Loss plus the task's metrics over the validation batches of a fine-tuning trainer."""
+    """Loss plus the task's metrics over a task's validation batches: accuracy and macro-F1
+    (classification), token accuracy and perplexity, and for text2text ROUGE-L/BLEU/exact match
+    of greedy outputs for the first `max_generations` examples."""
     totals = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0)
     labels, predictions, sources, references = [], [], [], []
     process = (jax.process_index(), jax.process_count())
-    for local in trainer.eval_batcher.eval_batches(num_batches, *process):
-        batch = shard_lib.shard_batch(local, trainer.mesh, trainer.rules)
-        sums, preds = trainer.eval_step(trainer.state, batch)
+    for local in batcher.eval_batches(num_batches, *process):
+        batch, sums, preds = evaluator(local)
         for k in totals:
             totals[k] += float(jax.device_get(sums[k]))
         # Every host computes the metrics of the whole global batch.
         rows = {k: _global(batch[k]) for k in ("example_weight", "labels", "encoder_inputs",
                                                "encoder_segment_ids", "targets") if k in batch}
         real = rows["example_weight"] > 0
-        if trainer.kind == "classification":
+        if kind == "classification":
             labels.extend(rows["labels"][real].tolist())
             predictions.extend(_global(preds)[real].tolist())
-        elif trainer.kind == "text2text" and len(sources) < max_generations:
+        elif kind == "text2text" and len(sources) < max_generations:
             sources.extend(zip(rows["encoder_inputs"][real], rows["encoder_segment_ids"][real]))
             references.extend(rows["targets"][real])
     weight = max(totals["weight_sum"], 1.0)
     result = dict(loss=totals["loss_sum"] / weight)
-    if trainer.kind == "classification":
+    if kind == "classification":
         result.update(classification_metrics(labels, predictions))
     else:
         result["token_accuracy"] = totals["correct_sum"] / weight
         result["perplexity"] = math.exp(min(result["loss"], 50.0))
-    if trainer.kind == "text2text" and sources:
-        result.update(_generation_metrics(trainer, sources[:max_generations],
+    if kind == "text2text" and sources:
+        result.update(_generation_metrics(evaluator.model(), tokenizer, max_target_len,
+                                          sources[:max_generations],
                                           references[:max_generations]))
     return result
 
@@ -72,17 +77,14 @@ def _global(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _generation_metrics(trainer, sources: list, references: list) -> dict[str, Any]:
-    from flax import nnx
+def _generation_metrics(model, tok: Tokenizer, max_target_len: int, sources: list,
+                        references: list) -> dict[str, Any]:
     from jaxformer.inference import generate
 
-    tok = trainer.tokenizer
-    model, _ = nnx.merge(trainer.graphdef, trainer.state)
-    model.eval()
     tokens = np.stack([s[0] for s in sources])
     mask = np.stack([s[1] > 0 for s in sources])
     out = np.asarray(generate(model, tokens, encoder_mask=mask,
-                              max_new_tokens=trainer.cfg.task.max_target_len,
+                              max_new_tokens=max_target_len,
                               method="greedy", eos_id=tok.eos_id))
     hypotheses = [tok.decode(until_eos(row, tok.eos_id)) for row in out]
     refs = [tok.decode(until_eos(row, tok.eos_id)) for row in references]

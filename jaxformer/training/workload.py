@@ -1,0 +1,104 @@
+"""What a Trainer trains on: the part of a run that differs between pretraining and fine-tuning.
+
+A `Trainer` owns the mesh, the sharded state, the jitted steps, the loop, checkpoints and metrics;
+a `Workload` supplies the rest: data and tokenizer, batch shape, tokens per step, the optimizer
+(e.g. with frozen parameters), initial parameters (e.g. from a pretrained checkpoint) and the
+evaluation. `Pretraining` (jaxformer.training.pretraining) and `Finetuning`
+(jaxformer.training.finetune) are the two built in; another project can write its own.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Optional
+
+import optax
+from flax import nnx
+
+from jaxformer import sharding as shard_lib
+from jaxformer.data.config import DataConfig
+from jaxformer.data.tokenizer import Tokenizer
+from jaxformer.training.optimizer import make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class RunEnv:
+    """Where and how a run happens, for a workload that prepares data or loads weights."""
+
+    run_dir: str
+    mesh: Any
+    rules: Any
+    log: Callable[[str], None] = print
+    show_progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """One model's evaluation step on the mesh: put host rows on the devices, get loss sums."""
+
+    env: RunEnv
+    step: Callable[[Any, dict], tuple]
+    """The jitted `(state, sharded batch) -> (sums, predictions)`."""
+    state: Any
+    graphdef: Any
+
+    def __call__(self, local: dict) -> tuple[dict, dict, Any]:
+        """(the sharded batch, its loss sums, its predictions) for this process's rows."""
+        batch = shard_lib.shard_batch(local, self.env.mesh, self.env.rules)
+        sums, predictions = self.step(self.state, batch)
+        return batch, sums, predictions
+
+    def model(self) -> nnx.Module:
+        """The evaluated model in evaluation mode (for generation metrics)."""
+        model = nnx.merge(self.graphdef, self.state)[0]
+        model.eval()
+        return model
+
+
+class Workload(abc.ABC):
+    """Data, optimizer, initial parameters and evaluation of one kind of run.
+
+    The Trainer calls `prepare` once, before it builds any state; until then only `batch_size`
+    is used (to check the mesh split before any data is read).
+    """
+
+    tokenizer: Tokenizer
+    batcher: Any
+    """Training batches: `.batch(step, process_index, process_count) -> dict of numpy rows`."""
+
+    @abc.abstractmethod
+    def batch_size(self, cfg: Any) -> int:
+        """Global batch size in rows."""
+
+    @abc.abstractmethod
+    def prepare(self, cfg: Any, meta: Optional[dict], env: RunEnv) -> Any:
+        """Reads data and builds the tokenizer and batchers; returns the config with what the data
+        decides (vocabulary size, number of labels) filled in. `meta` is the run's own
+        checkpoint's, when it has one."""
+
+    @abc.abstractmethod
+    def tokens_per_step(self, cfg: Any) -> int:
+        """Target tokens a step trains on (for tokens/s and MFU)."""
+
+    @abc.abstractmethod
+    def evaluate(self, evaluator: Evaluator, cfg: Any,
+                 num_batches: Optional[int]) -> dict[str, float]:
+        """Validation metrics of the evaluator's model."""
+
+    def prefetch_options(self, cfg: Any) -> dict[str, int]:
+        """Background threads and batches made ahead for the training input; default: the data
+        section's defaults."""
+        defaults = DataConfig()
+        return dict(threads=defaults.prefetch_threads, buffer=defaults.prefetch)
+
+    def optimizer(self, cfg: Any) -> optax.GradientTransformation:
+        """The optax transformation (AdamW/Adafactor with the config's schedule)."""
+        return make_optimizer(cfg.optimizer, cfg.train.steps)
+
+    def initialize(self, model: nnx.Module, cfg: Any, env: RunEnv) -> None:
+        """Changes a fresh (not resumed) run's initial parameters in place; default: none."""
+
+    def sample_prompts(self, cfg: Any) -> tuple[str, ...]:
+        """Prompts whose greedy continuations `eval.py` shows by default; default: none."""
+        return ()
