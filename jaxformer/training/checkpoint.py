@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import base64
-import contextlib
-import gc
-import inspect
-import json
-import logging
-import os
-import re
-import shutil
 import sys
+import os
+import shutil
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxformer import sharding as shard_lib
+from jaxformer.training.checkpoint_faults import (  # noqa: F401 (TEST_SAVE_DELAY_ENV: for tests)
+    MISMATCH, TEST_SAVE_DELAY_ENV, Unreadable, error_chain, everywhere, first_line,
+    install_test_save_delay, looks_damaged, quiet_read_failures, reason)
 
 # 2: blocks stacked on a leading `layers` axis, per-head attention kernels (1 had per-layer
 # blocks.{i} parameters and 2-D attention matrices).
@@ -35,115 +31,10 @@ ITEMS = ("meta", "state")
 REQUIRED_FILES = ("meta/metadata", "state/_METADATA")  # what every orbax >= 0.11 writes
 COMMIT_FILE = "commit_success.txt"  # orbax >= 0.12 writes it just before committing a save
 TMP_MARK = ".orbax-checkpoint-tmp"  # an uncommitted (interrupted) save: <step>.orbax-checkpoint-tmp
-# Test hook (never set it outside tests): every save is held open this many seconds just before
-# orbax commits it, so that a test can kill the process in the middle of an (asynchronous) save.
-TEST_SAVE_DELAY_ENV = "JAXFORMER_TEST_SAVE_DELAY"
-# Orbax errors that mean "another model", not "damaged files": never a reason to fall back.
-_MISMATCH = ("tree structures do not match", "is not compatible with the stored shape")
-# TensorStore's status line of a failed read: DATA_LOSS: ..., OUT_OF_RANGE: ..., NOT_FOUND: ...
-_STATUS = re.compile(r"^[ \t]*(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION|UNAVAILABLE|"
-                     r"ABORTED|INTERNAL|UNKNOWN): .*$", re.MULTILINE)
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit what the run asks for."""
-
-
-class _Unreadable(Exception):
-    """One checkpoint step cannot be read back (files missing, truncated or never committed)."""
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    while err is not None and err not in seen:
-        seen.append(err)
-        err = err.__cause__ or err.__context__
-    return seen
-
-
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return (lines[0] if lines else type(err).__name__)[:limit]
-
-
-def _reason(err: BaseException, limit: int = 300) -> str:
-    """One line saying why a read failed: TensorStore's status line (DATA_LOSS: ..., OUT_OF_RANGE:
-    ...) from deep in the chain when there is one, else the error's own first line."""
-    for e in _chain(err):
-        found = _STATUS.search(str(e))
-        if found:
-            return found.group(0).strip()[:limit]
-    e = _chain(err)[-1]
-    return f"{type(e).__name__}: {_first_line(e, limit)}"
-
-
-def _damaged(err: BaseException) -> bool:
-    """Whether a failed read looks like damaged files (rather than another model's state)."""
-    for e in _chain(err):
-        text = str(e)
-        if (isinstance(e, (OSError, json.JSONDecodeError)) or _STATUS.search(text)
-                or "was not found in the checkpoint" in text
-                or "Encountered error while reading" in text):
-            return True
-    return False
-
-
-@contextlib.contextmanager
-def _quiet_read_failures():
-    """A failed restore leaves orbax's other pending reads to die one traceback each (through
-    sys.unraisablehook, sys.excepthook from TensorStore's callback threads, and asyncio's
-    'exception was never retrieved'); the caller reports one line instead."""
-    hooks = sys.unraisablehook, sys.excepthook
-    loggers = [logging.getLogger(name) for name in ("asyncio", "absl")]
-    levels = [logger.level for logger in loggers]
-    sys.unraisablehook = lambda _unraisable: None
-    sys.excepthook = lambda *_exc_info: None
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    except BaseException:
-        time.sleep(0.2)  # reads still in flight end (and are silenced) meanwhile
-        raise
-    finally:
-        gc.collect()
-        sys.unraisablehook, sys.excepthook = hooks
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _everywhere(ok: bool) -> bool:
-    """Whether `ok` holds on every process (all hosts must pick the same checkpoint)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
-
-
-_delay_installed = False
-
-
-def _install_test_save_delay() -> None:
-    """The TEST_SAVE_DELAY_ENV hook: sleeps in orbax's commit step (in the background thread of an
-    asynchronous save), after the data is written and before the temporary directory is renamed."""
-    global _delay_installed
-    seconds = float(os.environ.get(TEST_SAVE_DELAY_ENV) or 0)
-    if _delay_installed or seconds <= 0:
-        return
-    from orbax.checkpoint._src.path import atomicity  # private: this is only a test hook
-    for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
-        original = cls.finalize
-        if inspect.iscoroutinefunction(original):
-            async def finalize(self, *args, _original=original, **kwargs):
-                import asyncio
-                await asyncio.sleep(seconds)
-                return await _original(self, *args, **kwargs)
-        else:
-            def finalize(self, *args, _original=original, **kwargs):
-                time.sleep(seconds)
-                return _original(self, *args, **kwargs)
-        cls.finalize = finalize
-    _delay_installed = True
 
 
 _reported: set[str] = set()  # step directories whose damage this process has explained already
@@ -196,7 +87,7 @@ class Checkpointer:
         self.directory = directory = checkpoint_dir(run_dir)
         if not create and not os.path.isdir(directory):
             raise CheckpointError(f"no checkpoints in {run_dir} (expected {directory})")
-        _install_test_save_delay()
+        install_test_save_delay()
         options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 2), create=create,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(directory, options=options)
@@ -276,12 +167,12 @@ class Checkpointer:
 
     def _read_meta(self, step: int) -> dict:
         try:
-            with _quiet_read_failures():
+            with quiet_read_failures():
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = dict(restored["meta"])
         except Exception as err:  # any way the files can fail to read
-            raise _Unreadable(f"its metadata does not read ({_reason(err)})") from err
+            raise Unreadable(f"its metadata does not read ({reason(err)})") from err
         version = meta.get("format_version", 1)
         if version != FORMAT_VERSION:
             raise CheckpointError(
@@ -293,9 +184,9 @@ class Checkpointer:
             meta["tokenizer"] = base64.b64decode(meta["tokenizer"])
             stored_step = int(meta["step"])
         except (KeyError, TypeError, ValueError) as err:
-            raise _Unreadable(f"its metadata is incomplete ({type(err).__name__}: {err})") from err
+            raise Unreadable(f"its metadata is incomplete ({type(err).__name__}: {err})") from err
         if stored_step != step:
-            raise _Unreadable(f"its metadata is of step {stored_step}")
+            raise Unreadable(f"its metadata is of step {stored_step}")
         return meta
 
     def _restore_arrays(self, step: int, abstract_state: nnx.State, mesh, rules,
@@ -309,15 +200,15 @@ class Checkpointer:
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True) if partial else ocp.args.StandardRestore(target)
         try:
-            with _quiet_read_failures():
+            with quiet_read_failures():
                 restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
         except Exception as err:
-            text = "\n".join(str(e) for e in _chain(err))
-            if any(marker in text for marker in _MISMATCH) or (
-                    isinstance(err, (ValueError, KeyError, TypeError)) and not _damaged(err)):
+            text = "\n".join(str(e) for e in error_chain(err))
+            if any(marker in text for marker in MISMATCH) or (
+                    isinstance(err, (ValueError, KeyError, TypeError)) and not looks_damaged(err)):
                 raise CheckpointError(f"checkpoint at step {step} does not match this model: "
-                                      f"{_first_line(err)}") from err
-            raise _Unreadable(f"its arrays do not read ({_reason(err)})") from err
+                                      f"{first_line(err)}") from err
+            raise Unreadable(f"its arrays do not read ({reason(err)})") from err
         state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
         nnx.replace_by_pure_dict(state, _from_storable(restored["state"], pure_abstract))
         return state
@@ -328,7 +219,7 @@ class Checkpointer:
         if problem is None:
             try:
                 return read(step)
-            except _Unreadable as err:
+            except Unreadable as err:
                 problem = str(err)
         raise CheckpointError(f"the checkpoint at step {step} in {self.directory} is unreadable: "
                               f"{problem}")
@@ -346,9 +237,9 @@ class Checkpointer:
             if problem is None:
                 try:
                     result = read(step)
-                except _Unreadable as err:
+                except Unreadable as err:
                     problem = str(err)
-            if not _everywhere(problem is None):
+            if not everywhere(problem is None):
                 damaged.append((step, problem or "it does not read on another host"))
                 continue
             self._handle_damaged(damaged, step, set_aside)

@@ -93,7 +93,8 @@ class Workload(abc.ABC):
         return dict(threads=defaults.prefetch_threads, buffer=defaults.prefetch)
 
     def optimizer(self, cfg: Any) -> optax.GradientTransformation:
-        """The optax transformation (AdamW/Adafactor with the config's schedule)."""
+        """The optax transformation (AdamW/Adafactor with the config's schedule). The logged
+        `learning_rate` is always cfg.optimizer's schedule, whatever this returns."""
         return make_optimizer(cfg.optimizer, cfg.train.steps)
 
     def initialize(self, model: nnx.Module, cfg: Any, env: RunEnv) -> None:
