@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxformer import sharding as shard_lib
 from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training.checkpoint_faults import TEST_SAVE_DELAY_ENV
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError
 
 # Subprocess runs of train.py (about 2 min in all): CI runs them once, on its Python 3.11 leg.
@@ -126,7 +127,7 @@ def test_kill_during_an_async_save_then_rerun_is_bit_identical(command, env, ref
     # The test hook holds each save open for 2 s before orbax commits it (renames its temporary
     # directory), while training goes on: the kill lands inside the background save of step 4.
     proc = subprocess.Popen(command + ["checkpoint.async_save=true", f"run.dir={run_dir}"],
-                            env={**env, ckpt_lib.TEST_SAVE_DELAY_ENV: "2"},
+                            env={**env, TEST_SAVE_DELAY_ENV: "2"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(proc, lambda: os.path.isdir(tmp_4) and _committed(run_dir) == [2],
               "the async save of step 4 to start")

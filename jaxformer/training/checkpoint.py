@@ -15,9 +15,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxformer import sharding as shard_lib
-from jaxformer.training.checkpoint_faults import (  # noqa: F401 (TEST_SAVE_DELAY_ENV: for tests)
-    MISMATCH, TEST_SAVE_DELAY_ENV, Unreadable, error_chain, everywhere, first_line,
-    install_test_save_delay, looks_damaged, quiet_read_failures, reason)
+from jaxformer.training.checkpoint_faults import (
+    MISMATCH, Unreadable, error_chain, everywhere, first_line, install_test_save_delay,
+    looks_damaged, quiet_read_failures, reason)
 
 # 2: blocks stacked on a leading `layers` axis, per-head attention kernels (1 had per-layer
 # blocks.{i} parameters and 2-D attention matrices).
