@@ -14,17 +14,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="split to evaluate (default: the run's)")
     parser.add_argument("--batches", type=int, default=None, help="evaluate only N batches")
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
-    parser.add_argument("--plot", action="store_true",
-                        help="write RUN_DIR/curves.png from metrics.jsonl")
-    parser.add_argument("--generate", default=None, metavar="PROMPT",
-                        help="generate a continuation (decoder) or output (encoder-decoder)")
-    parser.add_argument("--int8", action="store_true",
-                        help="also evaluate with int8 weights and report weight memory")
+    parser.add_argument(
+        "--plot", action="store_true", help="write RUN_DIR/curves.png from metrics.jsonl"
+    )
+    parser.add_argument(
+        "--generate",
+        default=None,
+        metavar="PROMPT",
+        help="generate a continuation (decoder) or output (encoder-decoder)",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also evaluate with int8 weights and report weight memory",
+    )
     args = parser.parse_args(argv)
 
     from jaxformer.training.evaluate import run_eval
-    return run_eval(args.run_dir, args.step, args.split, args.out, args.plot, args.generate,
-                    args.batches, args.int8)
+
+    return run_eval(
+        args.run_dir,
+        args.step,
+        args.split,
+        args.out,
+        args.plot,
+        args.generate,
+        args.batches,
+        args.int8,
+    )
 
 
 if __name__ == "__main__":

@@ -9,14 +9,19 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line and fine-tunes; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--from", dest="from_dir", required=True,
-                        help="run directory holding the checkpoint to start from")
+    parser.add_argument(
+        "--from",
+        dest="from_dir",
+        required=True,
+        help="run directory holding the checkpoint to start from",
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--config", default=None, help="fine-tuning YAML config")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
 
     from jaxformer.training.finetune import run_finetune
+
     return run_finetune(args.from_dir, args.step, args.config, args.overrides)
 
 

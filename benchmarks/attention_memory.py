@@ -20,15 +20,22 @@ def peak_bytes(implementation: str, length: int, heads: int, head_dim: int, chun
     shape = jax.ShapeDtypeStruct((1, length, heads, head_dim), jnp.float32)
 
     def loss(q, k, v):
-        out = dot_product_attention(q, k, v, is_causal=True, implementation=implementation,
-                                    q_chunk_size=chunk, kv_chunk_size=chunk)
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            implementation=implementation,
+            q_chunk_size=chunk,
+            kv_chunk_size=chunk,
+        )
         return jnp.sum(out * out)
 
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(
-        shape, shape, shape).compile()
+    compiled = (
+        jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
+    )
     stats = compiled.memory_analysis()
-    return (stats.temp_size_in_bytes + stats.argument_size_in_bytes
-            + stats.output_size_in_bytes)
+    return stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
 
 
 def main() -> None:
@@ -38,8 +45,10 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=512)
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].device_kind}; batch 1, {args.heads} heads, head_dim "
-          f"{args.head_dim}, float32, causal, forward + backward")
+    print(
+        f"device: {jax.devices()[0].device_kind}; batch 1, {args.heads} heads, head_dim "
+        f"{args.head_dim}, float32, causal, forward + backward"
+    )
     print(f"{'length':>7} {'plain MiB':>10} {'chunked MiB':>12} {'chunked MiB/1k tokens':>22}")
     for length in (1024, 2048, 4096, 8192, 16384):
         plain = peak_bytes("plain", length, args.heads, args.head_dim, args.chunk) / 2**20

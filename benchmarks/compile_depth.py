@@ -21,9 +21,18 @@ def main() -> None:
     parser.add_argument("--topology", default="v5e:2x2")
     parser.add_argument("--preset", default="llama-1b")
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 8, 32])
-    parser.add_argument("overrides", nargs="*", default=[
-        "model.dtype=bfloat16", "model.remat=full", "data.vocab_size=32000",
-        "data.seq_len=2048", "data.batch_size=16", "mesh.shape=[1,-1,1]"])
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=[
+            "model.dtype=bfloat16",
+            "model.remat=full",
+            "data.vocab_size=32000",
+            "data.seq_len=2048",
+            "data.batch_size=16",
+            "mesh.shape=[1,-1,1]",
+        ],
+    )
     args = parser.parse_args()
 
     from jaxformer.training.compile_only import compile_train_step
@@ -33,13 +42,21 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for depth in args.depths:
         for scan in (True, False):
-            cfg = load_experiment(None, [f"model.preset={args.preset}", *args.overrides,
-                                         f"model.num_layers={depth}",
-                                         f"model.scan_layers={str(scan).lower()}"])
+            cfg = load_experiment(
+                None,
+                [
+                    f"model.preset={args.preset}",
+                    *args.overrides,
+                    f"model.num_layers={depth}",
+                    f"model.scan_layers={str(scan).lower()}",
+                ],
+            )
             r = compile_train_step(cfg, args.topology)
-            print(f"| {depth} | {scan} | {r['lower_seconds']:.1f} | {r['compile_seconds']:.1f} | "
-                  f"{r['per_chip_bytes'] / 2**30:.2f} | {r.get('code_bytes', 0) / 2**20:.1f} |",
-                  flush=True)
+            print(
+                f"| {depth} | {scan} | {r['lower_seconds']:.1f} | {r['compile_seconds']:.1f} | "
+                f"{r['per_chip_bytes'] / 2**30:.2f} | {r.get('code_bytes', 0) / 2**20:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

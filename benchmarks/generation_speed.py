@@ -25,10 +25,10 @@ from jaxformer.inference import generate
 PROMPT = 16  # decoder prompt / encoder input length
 COMMON = dict(vocab_size=8192, d_model=256, num_layers=4, num_heads=8, d_ff=1024, max_len=1024)
 CONFIGS = {
-    "decoder (gpt-style)": models.ModelConfig(
-        **{**models.PRESETS["gpt-tiny"].__dict__, **COMMON}),
+    "decoder (gpt-style)": models.ModelConfig(**{**models.PRESETS["gpt-tiny"].__dict__, **COMMON}),
     "encoder-decoder (t5-style)": models.ModelConfig(
-        **{**models.PRESETS["t5-tiny"].__dict__, **COMMON, "head_dim": 32}),
+        **{**models.PRESETS["t5-tiny"].__dict__, **COMMON, "head_dim": 32}
+    ),
 }
 
 
@@ -52,7 +52,8 @@ def greedy_without_cache(graphdef, state, prompt_BxP, n):
         tok = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, start - 1 + i, 1, False), -1)
         out = out.at[:, i].set(tok.astype(jnp.int32))
         buffer = jax.lax.dynamic_update_index_in_dim(
-            buffer, tok.astype(jnp.int32), jnp.minimum(start + i, width - 1), 1)
+            buffer, tok.astype(jnp.int32), jnp.minimum(start + i, width - 1), 1
+        )
         return buffer, out
 
     return jax.lax.fori_loop(0, n, body, (buffer, jnp.zeros((b, n), jnp.int32)))[1]
@@ -74,9 +75,13 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), batch {args.batch}, "
-          f"prompt/encoder length {PROMPT}, best of {args.repeats}")
-    print(f"{'model':28s} {'new':>5s} {'cache tok/s':>12s} {'no-cache tok/s':>15s} {'speed-up':>9s}")
+    print(
+        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), batch {args.batch}, "
+        f"prompt/encoder length {PROMPT}, best of {args.repeats}"
+    )
+    print(
+        f"{'model':28s} {'new':>5s} {'cache tok/s':>12s} {'no-cache tok/s':>15s} {'speed-up':>9s}"
+    )
     for name, cfg in CONFIGS.items():
         with nnx.use_eager_sharding(False):
             model = models.create(cfg, rngs=nnx.Rngs(0))
@@ -84,12 +89,16 @@ def main():
         prompt = jax.random.randint(jax.random.key(0), (args.batch, PROMPT), 3, cfg.vocab_size)
         for n in args.lengths:
             cached, t_cache = timed(lambda: generate(model, prompt, max_new_tokens=n), args.repeats)
-            plain, t_plain = timed(lambda: greedy_without_cache(graphdef, state, prompt, n),
-                                   args.repeats)
+            plain, t_plain = timed(
+                lambda: greedy_without_cache(graphdef, state, prompt, n), args.repeats
+            )
             same = "" if cached.tolist() == plain.tolist() else "  (tokens differ!)"
             tokens = args.batch * n
-            print(f"{name:28s} {n:5d} {tokens / t_cache:12.0f} {tokens / t_plain:15.0f} "
-                  f"{t_plain / t_cache:8.1f}x{same}", flush=True)
+            print(
+                f"{name:28s} {n:5d} {tokens / t_cache:12.0f} {tokens / t_plain:15.0f} "
+                f"{t_plain / t_cache:8.1f}x{same}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

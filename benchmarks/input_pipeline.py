@@ -56,8 +56,16 @@ def build_stores(work: str, scales: list[int]) -> dict[int, str]:
         for copy in range(scale):  # one shard per copy, documents in a seeded order
             order = np.random.default_rng(copy).permutation(len(docs))
             shard = [docs[i] for i in order]
-            markers.append(ts.write_shard(root, copy, np.concatenate(shard),
-                                          np.array([len(d) for d in shard]), base.vocab_size, {}))
+            markers.append(
+                ts.write_shard(
+                    root,
+                    copy,
+                    np.concatenate(shard),
+                    np.array([len(d) for d in shard]),
+                    base.vocab_size,
+                    {},
+                )
+            )
         ts.write_manifest(root, markers, base.vocab_size, {})
     return roots
 
@@ -88,8 +96,9 @@ def measure(root: str, batches: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/jaxformer/bench_input"))
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--batches", type=int, default=200)
@@ -100,16 +109,21 @@ def main() -> None:
         return
     roots = build_stores(args.work, args.scales)
     for scale in args.scales:
-        out = subprocess.run([sys.executable, __file__, "--measure", roots[scale],
-                              "--batches", str(args.batches)], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure", roots[scale], "--batches", str(args.batches)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         result = json.loads(out.strip().splitlines()[-1])
         size_mib = result["tokens"] * 2 / 2**20
         print(f"\n== {scale}x: {result['tokens']:,} tokens ({size_mib:.0f} MiB of uint16 on disk)")
         for when in ("rss_open_kib", "rss_end_kib"):
             r = result[when]
-            print(f"  {when[:-4]}: RSS {r['VmRSS'] / 1024:.0f} MiB (anon {r['RssAnon'] / 1024:.0f},"
-                  f" file {r['RssFile'] / 1024:.0f}), peak {r['VmHWM'] / 1024:.0f} MiB")
+            print(
+                f"  {when[:-4]}: RSS {r['VmRSS'] / 1024:.0f} MiB (anon {r['RssAnon'] / 1024:.0f},"
+                f" file {r['RssFile'] / 1024:.0f}), peak {r['VmHWM'] / 1024:.0f} MiB"
+            )
         for key, value in result.items():
             if key.endswith("/s"):
                 print(f"  {key}: {value:,}")

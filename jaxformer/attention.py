@@ -59,8 +59,9 @@ def segment_mask(q_segment_ids_BxT: Array, kv_segment_ids_BxS: Optional[Array] =
     return (q_segment_ids_BxT[:, :, None] == kv[:, None, :])[:, None]
 
 
-def sliding_window_mask(q_len: int, kv_len: Optional[int] = None, *, window: int,
-                        causal: bool = True, offset: int = 0) -> Array:
+def sliding_window_mask(
+    q_len: int, kv_len: Optional[int] = None, *, window: int, causal: bool = True, offset: int = 0
+) -> Array:
     """[1, 1, T, S] mask letting query i see keys within `window` positions (looking back only if causal)."""
     kv_len = q_len if kv_len is None else kv_len
     dist = jnp.arange(q_len)[:, None] + offset - jnp.arange(kv_len)[None, :]
@@ -77,8 +78,9 @@ def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
     return functools.reduce(jnp.logical_and, present)
 
 
-def relative_position_buckets(relative_position: Array, *, bidirectional: bool,
-                              num_buckets: int = 32, max_distance: int = 128) -> Array:
+def relative_position_buckets(
+    relative_position: Array, *, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128
+) -> Array:
     """T5 buckets for relative_position = key_pos - query_pos: exact near zero, log-spaced far away."""
     bucket = jnp.zeros_like(relative_position)
     n = -relative_position
@@ -92,8 +94,9 @@ def relative_position_buckets(relative_position: Array, *, bidirectional: bool,
     is_small = n < max_exact
     # log-spaced buckets for distances from max_exact up to max_distance
     n_safe = jnp.maximum(n, 1).astype(jnp.float32)
-    large = max_exact + (jnp.log(n_safe / max_exact) / math.log(max_distance / max_exact)
-                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = max_exact + (
+        jnp.log(n_safe / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(jnp.int32)
     large = jnp.minimum(large, num_buckets - 1)
     return bucket + jnp.where(is_small, n, large)
 
@@ -101,13 +104,22 @@ def relative_position_buckets(relative_position: Array, *, bidirectional: bool,
 # ----------------------------------------------------------------------------- attention
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, *, bias: Optional[Array] = None,
-                          mask: Optional[Array] = None, is_causal: bool = False,
-                          segment_ids: Optional[Array] = None,
-                          kv_segment_ids: Optional[Array] = None,
-                          sliding_window: Optional[int] = None, scale: Optional[float] = None,
-                          implementation: str = "plain", q_chunk_size: int = 512,
-                          kv_chunk_size: int = 512) -> Array:
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    bias: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    is_causal: bool = False,
+    segment_ids: Optional[Array] = None,
+    kv_segment_ids: Optional[Array] = None,
+    sliding_window: Optional[int] = None,
+    scale: Optional[float] = None,
+    implementation: str = "plain",
+    q_chunk_size: int = 512,
+    kv_chunk_size: int = 512,
+) -> Array:
     """Scaled dot-product attention over [B, T, N, H] queries and [B, S, K, H] keys/values.
 
     `is_causal`, `segment_ids` (packed documents) and `sliding_window` are structural masks that the
@@ -118,16 +130,23 @@ def dot_product_attention(query: Array, key: Array, value: Array, *, bias: Optio
     """
     _check_shapes(query, key, value)
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"valid: {', '.join(IMPLEMENTATIONS)}")
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; "
+            f"valid: {', '.join(IMPLEMENTATIONS)}"
+        )
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    structure = dict(is_causal=is_causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                     sliding_window=sliding_window)
+    structure = dict(
+        is_causal=is_causal,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        sliding_window=sliding_window,
+    )
     if implementation == "auto":
         implementation, _ = select_implementation(query, key, bias=bias, mask=mask, **structure)
     if implementation == "cudnn":
-        return kernels.cudnn_attention(query, key, value, bias=bias, mask=mask, scale=scale,
-                                       **structure)
+        return kernels.cudnn_attention(
+            query, key, value, bias=bias, mask=mask, scale=scale, **structure
+        )
     if implementation == "splash":
         reason = kernels.splash_unsupported(query, key, bias=bias, mask=mask)
         if reason is not None:
@@ -136,16 +155,23 @@ def dot_product_attention(query: Array, key: Array, value: Array, *, bias: Optio
     if segment_ids is not None and kv_segment_ids is None:
         structure["kv_segment_ids"] = segment_ids
     if implementation == "chunked":
-        return _chunked_attention(query, key, value, bias, mask, scale, q_chunk_size, kv_chunk_size,
-                                  **structure)
+        return _chunked_attention(
+            query, key, value, bias, mask, scale, q_chunk_size, kv_chunk_size, **structure
+        )
     return _plain_attention(query, key, value, bias, mask, scale, **structure)
 
 
-def select_implementation(query: Array, key: Array, *, bias: Optional[Array] = None,
-                          mask: Optional[Array] = None, is_causal: bool = False,
-                          segment_ids: Optional[Array] = None,
-                          kv_segment_ids: Optional[Array] = None,
-                          sliding_window: Optional[int] = None) -> tuple[str, str]:
+def select_implementation(
+    query: Array,
+    key: Array,
+    *,
+    bias: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    is_causal: bool = False,
+    segment_ids: Optional[Array] = None,
+    kv_segment_ids: Optional[Array] = None,
+    sliding_window: Optional[int] = None,
+) -> tuple[str, str]:
     """The implementation "auto" runs for these inputs, and why: (name, reason).
 
     TPU: the Pallas splash kernel; NVIDIA GPU: cuDNN flash attention; otherwise, or when the kernel
@@ -161,33 +187,41 @@ def select_implementation(query: Array, key: Array, *, bias: Optional[Array] = N
         if fallback is None:
             return "splash", "TPU: Pallas splash attention"
     elif platform == "gpu":
-        fallback = kernels.cudnn_unsupported(query, bias=bias, sliding_window=sliding_window,
-                                             is_causal=is_causal)
+        fallback = kernels.cudnn_unsupported(
+            query, bias=bias, sliding_window=sliding_window, is_causal=is_causal
+        )
         if fallback is None:
             return "cudnn", "NVIDIA GPU: cuDNN flash attention"
     logits = query.shape[1] * key.shape[1]
     name = "chunked" if logits >= CHUNKED_MIN_LOGITS else "plain"
-    reason = (f"{query.shape[1]} x {key.shape[1]} logits per head "
-              f"{'>=' if name == 'chunked' else '<'} {CHUNKED_MIN_LOGITS}")
+    reason = (
+        f"{query.shape[1]} x {key.shape[1]} logits per head "
+        f"{'>=' if name == 'chunked' else '<'} {CHUNKED_MIN_LOGITS}"
+    )
     return name, reason if fallback is None else f"{fallback}; {reason}"
 
 
 def _check_shapes(query: Array, key: Array, value: Array) -> None:
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-        raise ValueError("attention expects [batch, length, heads, head_dim] arrays; got shapes "
-                         f"query {query.shape}, key {key.shape}, value {value.shape}")
+        raise ValueError(
+            "attention expects [batch, length, heads, head_dim] arrays; got shapes "
+            f"query {query.shape}, key {key.shape}, value {value.shape}"
+        )
     if key.shape != value.shape:
         raise ValueError(f"key {key.shape} and value {value.shape} must have the same shape")
     if query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
         raise ValueError(f"query {query.shape} and key {key.shape} differ in batch or head_dim")
     if query.shape[2] % key.shape[2]:
-        raise ValueError(f"query has {query.shape[2]} heads, not a multiple of the {key.shape[2]} "
-                         "key/value heads (GQA needs each K/V head to serve the same number of "
-                         "query heads)")
+        raise ValueError(
+            f"query has {query.shape[2]} heads, not a multiple of the {key.shape[2]} "
+            "key/value heads (GQA needs each K/V head to serve the same number of "
+            "query heads)"
+        )
 
 
-def _structural_mask(q_idx: Array, kv_idx: Array, *, is_causal, segment_ids, kv_segment_ids,
-                     sliding_window) -> Optional[Array]:
+def _structural_mask(
+    q_idx: Array, kv_idx: Array, *, is_causal, segment_ids, kv_segment_ids, sliding_window
+) -> Optional[Array]:
     """Mask [B or 1, 1, t, s] for query positions q_idx [t] and key positions kv_idx [s]."""
     mask = None
     if is_causal:
@@ -221,8 +255,9 @@ def _grouped_bias_or_mask(x: Optional[Array], num_kv_heads: int) -> Optional[Arr
 
 
 def _logits(q_BxTxKxGxH: Array, k_BxSxKxH: Array, scale: float) -> Array:
-    logits = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    )
     return logits * scale
 
 
@@ -234,12 +269,14 @@ def _plain_attention(query, key, value, bias, mask, scale, **structure) -> Array
         logits = logits + _grouped_bias_or_mask(bias, k).astype(jnp.float32)
     full_mask = combine_masks(
         _grouped_bias_or_mask(mask, k),
-        _grouped_bias_or_mask(_structural_mask(jnp.arange(t), jnp.arange(s), **structure), k))
+        _grouped_bias_or_mask(_structural_mask(jnp.arange(t), jnp.arange(s), **structure), k),
+    )
     if full_mask is not None:
         logits = jnp.where(full_mask, logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(value.dtype), value,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bkgts,bskh->btkgh", probs.astype(value.dtype), value, preferred_element_type=jnp.float32
+    )
     return out.reshape(b, t, n, h).astype(query.dtype)
 
 
@@ -254,12 +291,25 @@ def _kv_blocks(x: Optional[Array], axis: int, size: int) -> Optional[Array]:
     """Split a key-length axis into scan blocks: [..., S, ...] -> [S // size, ..., size, ...]."""
     if x is None:
         return None
-    x = x.reshape(x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:])
+    x = x.reshape(x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1 :])
     return jnp.moveaxis(x, axis, 0)
 
 
-def _chunked_attention(query, key, value, bias, mask, scale, q_chunk, kv_chunk, *, is_causal,
-                       segment_ids, kv_segment_ids, sliding_window) -> Array:
+def _chunked_attention(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    scale,
+    q_chunk,
+    kv_chunk,
+    *,
+    is_causal,
+    segment_ids,
+    kv_segment_ids,
+    sliding_window,
+) -> Array:
     """Online-softmax attention over [q_chunk, kv_chunk] blocks; memory linear in length.
 
     Key blocks that causality or the sliding window hide entirely from a query block are skipped
@@ -297,9 +347,13 @@ def _chunked_attention(query, key, value, bias, mask, scale, q_chunk, kv_chunk, 
     q_grouped = _grouped(query, k)
     g = n // k
     num_q, num_kv = (t + t_pad) // q_chunk, (s + s_pad) // kv_chunk
-    kv_xs = (jnp.arange(num_kv) * kv_chunk, _kv_blocks(key, 1, kv_chunk),
-             _kv_blocks(value, 1, kv_chunk), _kv_blocks(kv_valid, 0, kv_chunk),
-             _kv_blocks(kv_segment_ids, 1, kv_chunk))
+    kv_xs = (
+        jnp.arange(num_kv) * kv_chunk,
+        _kv_blocks(key, 1, kv_chunk),
+        _kv_blocks(value, 1, kv_chunk),
+        _kv_blocks(kv_valid, 0, kv_chunk),
+        _kv_blocks(kv_segment_ids, 1, kv_chunk),
+    )
     skip_blocks = is_causal or sliding_window is not None
 
     def visible(q_start, kv_start):
@@ -318,13 +372,18 @@ def _chunked_attention(query, key, value, bias, mask, scale, q_chunk, kv_chunk, 
     def attend_q_block(q_start):
         q_blk = jax.lax.dynamic_slice_in_dim(q_grouped, q_start, q_chunk, axis=1)
         q_idx = q_start + jnp.arange(q_chunk)
-        q_seg = None if segment_ids is None else jax.lax.dynamic_slice_in_dim(
-            segment_ids, q_start, q_chunk, axis=1)
+        q_seg = (
+            None
+            if segment_ids is None
+            else jax.lax.dynamic_slice_in_dim(segment_ids, q_start, q_chunk, axis=1)
+        )
         bias_q = _slice_tq(bias, q_start, q_chunk, 2)
         mask_q = _slice_tq(mask, q_start, q_chunk, 2)
         # A bias or mask broadcast over keys (size 1) is used whole in every block instead.
-        xs = kv_xs + tuple(None if x is None or x.shape[3] == 1 else _kv_blocks(x, 3, kv_chunk)
-                           for x in (bias_q, mask_q))
+        xs = kv_xs + tuple(
+            None if x is None or x.shape[3] == 1 else _kv_blocks(x, 3, kv_chunk)
+            for x in (bias_q, mask_q)
+        )
 
         # Rematerialised too, so a step saves only its carry for the backward pass rather than
         # [tq, sk] probabilities; a skipped block (whose cond must return the same residuals
@@ -339,16 +398,28 @@ def _chunked_attention(query, key, value, bias, mask, scale, q_chunk, kv_chunk, 
             if bias_blk is not None:
                 logits = logits + _grouped_bias_or_mask(bias_blk, k).astype(jnp.float32)
             blk_mask = combine_masks(
-                valid_blk[None, None, None, :], mask_q if mask_blk is None else mask_blk,
-                _structural_mask(q_idx, kv_idx, is_causal=is_causal, segment_ids=q_seg,
-                                 kv_segment_ids=kv_seg, sliding_window=sliding_window))
+                valid_blk[None, None, None, :],
+                mask_q if mask_blk is None else mask_blk,
+                _structural_mask(
+                    q_idx,
+                    kv_idx,
+                    is_causal=is_causal,
+                    segment_ids=q_seg,
+                    kv_segment_ids=kv_seg,
+                    sliding_window=sliding_window,
+                ),
+            )
             logits = jnp.where(_grouped_bias_or_mask(blk_mask, k), logits, _MASK_VALUE)
             m_new = jnp.maximum(m_prev, logits.max(axis=-1))
             correction = jnp.exp(m_prev - m_new)
             p = jnp.exp(logits - m_new[..., None])
             l_new = l_prev * correction + p.sum(axis=-1)
-            pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(value.dtype), v_blk,
-                            preferred_element_type=jnp.float32)
+            pv = jnp.einsum(
+                "bkgts,bskh->bkgth",
+                p.astype(value.dtype),
+                v_blk,
+                preferred_element_type=jnp.float32,
+            )
             acc_new = acc_prev * correction[..., None] + pv
             return m_new, l_new, acc_new
 
@@ -357,15 +428,18 @@ def _chunked_attention(query, key, value, bias, mask, scale, q_chunk, kv_chunk, 
                 return attend_kv_block(carry, x), None
             # A real conditional (the predicate depends only on loop indices, so it stays one under
             # vmap and autodiff): fully masked blocks cost no matmul, forward or backward.
-            return jax.lax.cond(visible(q_start, x[0]), attend_kv_block, lambda c, _: c,
-                                carry, x), None
+            return jax.lax.cond(
+                visible(q_start, x[0]), attend_kv_block, lambda c, _: c, carry, x
+            ), None
 
-        init = (jnp.full((b, k, g, q_chunk), -jnp.inf, jnp.float32),
-                jnp.zeros((b, k, g, q_chunk), jnp.float32),
-                jnp.zeros((b, k, g, q_chunk, h), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(kv_step, init, xs)
+        init = (
+            jnp.full((b, k, g, q_chunk), -jnp.inf, jnp.float32),
+            jnp.zeros((b, k, g, q_chunk), jnp.float32),
+            jnp.zeros((b, k, g, q_chunk, h), jnp.float32),
+        )
+        (_, denom, acc), _ = jax.lax.scan(kv_step, init, xs)
         # A row that sees no key gets 0 if every block was skipped, else uniform weights.
-        return acc / jnp.where(l == 0, 1.0, l)[..., None]  # [B, K, G, tq, H]
+        return acc / jnp.where(denom == 0, 1.0, denom)[..., None]  # [B, K, G, tq, H]
 
     blocks = jax.lax.map(attend_q_block, jnp.arange(num_q) * q_chunk)  # [nq, B, K, G, tq, H]
     out = jnp.transpose(blocks, (1, 0, 4, 2, 3, 5)).reshape(b, t + t_pad, n, h)

@@ -57,12 +57,15 @@ def cudnn_unsupported(query: Array, *, bias, sliding_window, is_causal) -> Optio
     return None
 
 
-def cudnn_attention(query, key, value, *, bias, mask, is_causal, segment_ids, kv_segment_ids,
-                    sliding_window, scale) -> Array:
+def cudnn_attention(
+    query, key, value, *, bias, mask, is_causal, segment_ids, kv_segment_ids, sliding_window, scale
+) -> Array:
     """cuDNN flash attention via `jax.nn.dot_product_attention`; masks travel as a [B?, 1, T, S] bias."""
     if current_platform() != "gpu":
-        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU, but JAX runs on "
-                         f"{current_platform()!r}; use 'plain', 'chunked' or 'auto'")
+        raise ValueError(
+            f"implementation='cudnn' needs an NVIDIA GPU, but JAX runs on "
+            f"{current_platform()!r}; use 'plain', 'chunked' or 'auto'"
+        )
     b, t, _, _ = query.shape
     s = key.shape[1]
     if segment_ids is not None:
@@ -80,9 +83,17 @@ def cudnn_attention(query, key, value, *, bias, mask, is_causal, segment_ids, kv
     window = None
     if sliding_window is not None:
         window = (sliding_window - 1, 0 if is_causal else sliding_window - 1)
-    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
-                                        is_causal=is_causal, local_window_size=window,
-                                        implementation="cudnn")
+    return jax.nn.dot_product_attention(
+        query,
+        key,
+        value,
+        bias=bias,
+        mask=mask,
+        scale=scale,
+        is_causal=is_causal,
+        local_window_size=window,
+        implementation="cudnn",
+    )
 
 
 # ----------------------------------------------------------------------------- Pallas splash (TPU)
@@ -99,16 +110,19 @@ def splash_unsupported(query: Array, key: Array, *, bias, mask) -> Optional[str]
     if bias is not None:
         return "splash attention takes no additive bias"
     if mask is not None:
-        return ("splash attention takes only structural masks (is_causal, sliding_window, "
-                "segment_ids), not an arbitrary mask array")
+        return (
+            "splash attention takes only structural masks (is_causal, sliding_window, "
+            "segment_ids), not an arbitrary mask array"
+        )
     t, s = query.shape[1], key.shape[1]
     if _block(t) is None or _block(s) is None:
         return f"splash needs lengths that are multiples of 128, not q_len={t}, kv_len={s}"
     return None
 
 
-def splash_attention(query, key, value, *, is_causal, segment_ids, kv_segment_ids, sliding_window,
-                     scale) -> Array:
+def splash_attention(
+    query, key, value, *, is_causal, segment_ids, kv_segment_ids, sliding_window, scale
+) -> Array:
     """Splash attention (check `splash_unsupported` first), one kernel call per example and shard.
 
     Rows that see no key at all (possible only with separate kv_segment_ids) are undefined here.
@@ -120,21 +134,33 @@ def splash_attention(query, key, value, *, is_causal, segment_ids, kv_segment_id
     k_BxKxSxH, v_BxKxSxH = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
-    run = functools.partial(_splash_local, is_causal=is_causal, sliding_window=sliding_window,
-                            q_len=t, kv_len=s)
+    run = functools.partial(
+        _splash_local, is_causal=is_causal, sliding_window=sliding_window, q_len=t, kv_len=s
+    )
     args = (q_BxNxTxH, k_BxKxSxH, v_BxKxSxH)
     if segment_ids is not None:
         args += (segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
     mesh = jax.sharding.get_abstract_mesh()
     # Axes an enclosing shard_map made manual are already split; map over the others only.
-    sizes = {} if mesh.empty else {
-        name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
-        if kind != jax.sharding.AxisType.Manual}
+    sizes = (
+        {}
+        if mesh.empty
+        else {
+            name: size
+            for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+            if kind != jax.sharding.AxisType.Manual
+        }
+    )
     if sizes:
         q_spec, kv_spec, seg_spec = _splash_specs(sizes, b, n, k)
-        run = jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec,
-                                                      seg_spec)[:len(args)],
-                            out_specs=q_spec, axis_names=set(sizes), check_vma=False)
+        run = jax.shard_map(
+            run,
+            mesh=mesh,
+            in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec)[: len(args)],
+            out_specs=q_spec,
+            axis_names=set(sizes),
+            check_vma=False,
+        )
     return run(*args).transpose(0, 2, 1, 3)
 
 
@@ -153,12 +179,25 @@ def _splash_specs(sizes: dict[str, int], b: int, n: int, k: int) -> tuple[P, P, 
             q_heads = kv_heads = SPLASH_HEAD_AXIS
         elif k == 1:  # MQA: every shard reads the one K/V head
             q_heads = SPLASH_HEAD_AXIS
-    return (P(batch_spec, q_heads, None, None), P(batch_spec, kv_heads, None, None),
-            P(batch_spec, None))
+    return (
+        P(batch_spec, q_heads, None, None),
+        P(batch_spec, kv_heads, None, None),
+        P(batch_spec, None),
+    )
 
 
-def _splash_local(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, q_seg_BxT=None, kv_seg_BxS=None, *,
-                  is_causal, sliding_window, q_len, kv_len):
+def _splash_local(
+    q_BxNxTxH,
+    k_BxKxSxH,
+    v_BxKxSxH,
+    q_seg_BxT=None,
+    kv_seg_BxS=None,
+    *,
+    is_causal,
+    sliding_window,
+    q_len,
+    kv_len,
+):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas TPU: load lazily
 
     shape = (q_len, kv_len)
@@ -170,14 +209,26 @@ def _splash_local(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, q_seg_BxT=None, kv_seg_BxS=No
     else:
         head_mask = sa.FullMask(shape)
     bq, bkv = _block(q_len), _block(kv_len)
-    blocks = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
-                           block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
-                           block_q_dq=bq, block_kv_dq=bkv)
+    blocks = sa.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
     # Built per shard, so the mask covers exactly the heads this shard holds.
-    kernel = sa.make_splash_mha(sa.MultiHeadMask([head_mask] * q_BxNxTxH.shape[1]),
-                                block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                                interpret=SPLASH_INTERPRET)
+    kernel = sa.make_splash_mha(
+        sa.MultiHeadMask([head_mask] * q_BxNxTxH.shape[1]),
+        block_sizes=blocks,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=SPLASH_INTERPRET,
+    )
     if q_seg_BxT is None:
         return jax.vmap(lambda q, k, v: kernel(q, k, v))(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH)
     return jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sa.SegmentIds(qs, ks)))(
-        q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, q_seg_BxT, kv_seg_BxS)
+        q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, q_seg_BxT, kv_seg_BxS
+    )

@@ -8,7 +8,8 @@ import enum
 import os
 import types
 import typing
-from typing import Any, Mapping, Sequence, TypeVar, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -21,8 +22,12 @@ class ConfigError(ValueError):
     """A configuration the user wrote is invalid; the message says where and why."""
 
 
-def load_config(schema: type[T], yaml_path: str | None = None, overrides: Sequence[str] = (),
-                base: Mapping[str, Any] | None = None) -> T:
+def load_config(
+    schema: type[T],
+    yaml_path: str | None = None,
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
+) -> T:
     """Defaults of schema, then `base`, the YAML file, dotted key=value overrides; validated, frozen."""
     cfg = _structured(schema)
     if base:
@@ -70,8 +75,10 @@ def _structured(schema: type) -> DictConfig:
     try:
         cfg = OmegaConf.structured(schema)
     except oc_errors.ValidationError as e:
-        raise TypeError(f"omegaconf cannot type the config schema {schema.__name__} ({str(e).splitlines()[0]}); "
-                        "nested or fixed-length tuple fields need omegaconf>=2.4") from e
+        raise TypeError(
+            f"omegaconf cannot type the config schema {schema.__name__} ({str(e).splitlines()[0]}); "
+            "nested or fixed-length tuple fields need omegaconf>=2.4"
+        ) from e
     _make_writable(cfg, schema)
     return cfg
 
@@ -95,23 +102,28 @@ def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found")
     try:
-        loaded = OmegaConf.load(path)  # OmegaConf's loader reads 1e-3 as a float; plain PyYAML does not
+        loaded = OmegaConf.load(
+            path
+        )  # OmegaConf's loader reads 1e-3 as a float; plain PyYAML does not
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); save the "
-                          "file as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"
+        ) from None
     except OSError as e:
         # OmegaConf.load raises a bare OSError when the document is a scalar.
         if not str(e).startswith("Invalid loaded object type"):
             raise ConfigError(f"cannot read config file {path!r}: {e}") from None
         loaded = None
     if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"{path}: the top level must be a mapping of config keys (key: value), "
-                          "not a list or a single value")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of config keys (key: value), "
+            "not a list or a single value"
+        )
     return OmegaConf.to_container(loaded, resolve=False)
 
 
@@ -185,7 +197,9 @@ def _close(leaf: str, keys: list[str], n: int) -> list[str]:
     by_leaf: dict[str, list[str]] = {}
     for k in keys:
         by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
-    return [k for m in difflib.get_close_matches(leaf, by_leaf, n=n, cutoff=0.6) for k in by_leaf[m]][:n]
+    return [
+        k for m in difflib.get_close_matches(leaf, by_leaf, n=n, cutoff=0.6) for k in by_leaf[m]
+    ][:n]
 
 
 def _wrong_type(schema: type, key: str, value: Any) -> str:
@@ -221,8 +235,10 @@ def _instantiate(schema: type[T], cfg: DictConfig) -> T:
     try:
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=False)
     except oc_errors.MissingMandatoryValue as e:
-        raise ConfigError(f"config key {e.full_key!r} has no value; set it in the YAML file "
-                          f"or with {e.full_key}=...") from None
+        raise ConfigError(
+            f"config key {e.full_key!r} has no value; set it in the YAML file "
+            f"or with {e.full_key}=..."
+        ) from None
     except oc_errors.InterpolationResolutionError as e:
         raise ConfigError(f"cannot resolve an interpolation: {str(e).splitlines()[0]}") from None
     return _convert(schema, data, "")
@@ -237,8 +253,11 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
         hints = _field_hints(hint)
-        kwargs = {name: _convert(h, value[name], f"{key}.{name}" if key else name)
-                  for name, h in hints.items() if name in value}
+        kwargs = {
+            name: _convert(h, value[name], f"{key}.{name}" if key else name)
+            for name, h in hints.items()
+            if name in value
+        }
         try:
             return hint(**kwargs)
         except (ValueError, TypeError) as e:
@@ -254,7 +273,9 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
                 raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
             items = [_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
         else:
-            items = [_convert(args[0] if args else Any, v, f"{key}[{i}]") for i, v in enumerate(value)]
+            items = [
+                _convert(args[0] if args else Any, v, f"{key}[{i}]") for i, v in enumerate(value)
+            ]
         return tuple(items) if origin is tuple else items
     if origin in (tuple, list):
         raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")

@@ -8,7 +8,8 @@ rather than a config object and need no mesh, so other projects can use them on 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,40 +47,99 @@ def ones_init(axes: tuple[Optional[str], ...]) -> Callable:
     return annotated(nnx.initializers.ones_init(), axes)
 
 
-def dense(in_features: int, out_features: int, axes: tuple[str, str], *, use_bias: bool,
-          std: float, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str, str],
+    *,
+    use_bias: bool,
+    std: float,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
     """nnx.Linear with a kernel annotated `axes` and a bias annotated with the output axis."""
-    return nnx.Linear(in_features, out_features, use_bias=use_bias,
-                      kernel_init=normal_init(std, axes), bias_init=zeros_init((axes[1],)),
-                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        kernel_init=normal_init(std, axes),
+        bias_init=zeros_init((axes[1],)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
 
 
-def projection(einsum: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[str, ...],
-               bias_shape: Optional[tuple[int, ...]], bias_axes: tuple[str, ...], *,
-               std: float, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.Einsum:
+def projection(
+    einsum: str,
+    kernel_shape: tuple[int, ...],
+    kernel_axes: tuple[str, ...],
+    bias_shape: Optional[tuple[int, ...]],
+    bias_axes: tuple[str, ...],
+    *,
+    std: float,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Einsum:
     """nnx.Einsum with annotated kernel (and optional bias): the per-head attention projections."""
-    return nnx.Einsum(einsum, kernel_shape, bias_shape, kernel_init=normal_init(std, kernel_axes),
-                      bias_init=zeros_init(bias_axes), dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs)
+    return nnx.Einsum(
+        einsum,
+        kernel_shape,
+        bias_shape,
+        kernel_init=normal_init(std, kernel_axes),
+        bias_init=zeros_init(bias_axes),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
 
 
-def embedding(num: int, features: int, axes: tuple[str, str], *, std: float, dtype: Dtype,
-              param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.Embed:
+def embedding(
+    num: int,
+    features: int,
+    axes: tuple[str, str],
+    *,
+    std: float,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Embed:
     """nnx.Embed whose table is annotated with logical axis names."""
-    return nnx.Embed(num, features, embedding_init=normal_init(std, axes), dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
+    return nnx.Embed(
+        num,
+        features,
+        embedding_init=normal_init(std, axes),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
 
 
-def norm(kind: str, features: int, *, eps: float, dtype: Dtype, param_dtype: Dtype,
-         rngs: nnx.Rngs) -> nnx.Module:
+def norm(
+    kind: str, features: int, *, eps: float, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
+) -> nnx.Module:
     """LayerNorm ('layernorm') or RMSNorm ('rmsnorm') over the embedding axis."""
     if kind == "rmsnorm":
-        return nnx.RMSNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                           scale_init=ones_init(("embed",)), rngs=rngs)
+        return nnx.RMSNorm(
+            features,
+            epsilon=eps,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_init=ones_init(("embed",)),
+            rngs=rngs,
+        )
     if kind == "layernorm":
-        return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                             scale_init=ones_init(("embed",)), bias_init=zeros_init(("embed",)),
-                             rngs=rngs)
+        return nnx.LayerNorm(
+            features,
+            epsilon=eps,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_init=ones_init(("embed",)),
+            bias_init=zeros_init(("embed",)),
+            rngs=rngs,
+        )
     raise ValueError(f"unknown norm {kind!r}; valid: layernorm, rmsnorm")
 
 
@@ -96,9 +156,19 @@ GATED = ("swiglu", "geglu")
 class Mlp(nnx.Module):
     """Position-wise feed-forward: act(x W_in) W_out, or act(x W_gate) * (x W_in) W_out when gated."""
 
-    def __init__(self, d_model: int, d_ff: int, *, activation: str, use_bias: bool,
-                 dropout_rate: float, std: float, dtype: Dtype, param_dtype: Dtype,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        activation: str,
+        use_bias: bool,
+        dropout_rate: float,
+        std: float,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+    ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
         kw = dict(use_bias=use_bias, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -145,61 +215,106 @@ class Attention(nnx.Module):
     cache (a pair of arrays passed in and returned) and attends over it.
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 use_bias: bool, scale_logits: bool = True, rope_theta: Optional[float] = None,
-                 implementation: str = "plain", std: float = 0.02, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        use_bias: bool,
+        scale_logits: bool = True,
+        rope_theta: Optional[float] = None,
+        implementation: str = "plain",
+        std: float = 0.02,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} is not a multiple of "
-                             f"num_kv_heads={num_kv_heads}")
+            raise ValueError(
+                f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+            )
         kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
 
         def in_proj(heads: int, name: str) -> nnx.Einsum:
-            return projection("BTD,DNH->BTNH", (d_model, heads, head_dim),
-                              ("embed", name, "head_dim"),
-                              (heads, head_dim) if use_bias else None, (name, "head_dim"), **kw)
+            return projection(
+                "BTD,DNH->BTNH",
+                (d_model, heads, head_dim),
+                ("embed", name, "head_dim"),
+                (heads, head_dim) if use_bias else None,
+                (name, "head_dim"),
+                **kw,
+            )
 
         self.query = in_proj(num_heads, "heads")
         self.key = in_proj(num_kv_heads, "kv_heads")
         self.value = in_proj(num_kv_heads, "kv_heads")
-        self.out = projection("BTNH,NHD->BTD", (num_heads, head_dim, d_model),
-                              ("heads", "head_dim", "embed"), (d_model,) if use_bias else None,
-                              ("embed",), **kw)
-        self.scale = head_dim ** -0.5 if scale_logits else 1.0
+        self.out = projection(
+            "BTNH,NHD->BTD",
+            (num_heads, head_dim, d_model),
+            ("heads", "head_dim", "embed"),
+            (d_model,) if use_bias else None,
+            ("embed",),
+            **kw,
+        )
+        self.scale = head_dim**-0.5 if scale_logits else 1.0
         self.rope_theta = rope_theta
         self.implementation = implementation
 
-    def project_kv(self, context_BxSxD: Array,
-                   kv_positions_BxS: Optional[Array] = None) -> tuple[Array, Array]:
+    def project_kv(
+        self, context_BxSxD: Array, kv_positions_BxS: Optional[Array] = None
+    ) -> tuple[Array, Array]:
         """Keys and values [B, S, K, H] of a context (computed once for cross-attention caches)."""
         b, s, _ = context_BxSxD.shape
         k_BxSxKxH, v_BxSxKxH = self.key(context_BxSxD), self.value(context_BxSxD)
         if self.rope_theta is not None:
-            k_BxSxKxH = positional.apply_rope(k_BxSxKxH, _positions(kv_positions_BxS, b, s),
-                                              theta=self.rope_theta)
+            k_BxSxKxH = positional.apply_rope(
+                k_BxSxKxH, _positions(kv_positions_BxS, b, s), theta=self.rope_theta
+            )
         names = ("batch", "length", "kv_heads", "head_dim")
         return constrain(k_BxSxKxH, names), constrain(v_BxSxKxH, names)
 
-    def __call__(self, x_BxTxD: Array, context_BxSxD: Optional[Array] = None,
-                 inputs: AttentionInputs = AttentionInputs(), *,
-                 kv: Optional[tuple[Array, Array]] = None) -> Array:
+    def __call__(
+        self,
+        x_BxTxD: Array,
+        context_BxSxD: Optional[Array] = None,
+        inputs: AttentionInputs = AttentionInputs(),
+        *,
+        kv: Optional[tuple[Array, Array]] = None,
+    ) -> Array:
         """Attends from x to the context (x itself when None) or to precomputed `kv`."""
         q_BxTxNxH = self._query(x_BxTxD, inputs.positions)
         if kv is None:
             source = x_BxTxD if context_BxSxD is None else context_BxSxD
             kv = self.project_kv(
-                source, inputs.positions if context_BxSxD is None else inputs.kv_positions)
+                source, inputs.positions if context_BxSxD is None else inputs.kv_positions
+            )
         k_BxSxKxH, v_BxSxKxH = kv
         out_BxTxNxH = attn_lib.dot_product_attention(
-            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=inputs.bias, mask=inputs.mask,
-            is_causal=inputs.is_causal, segment_ids=inputs.segment_ids,
-            kv_segment_ids=inputs.kv_segment_ids, sliding_window=inputs.sliding_window,
-            scale=self.scale, implementation=self.implementation)
+            q_BxTxNxH,
+            k_BxSxKxH,
+            v_BxSxKxH,
+            bias=inputs.bias,
+            mask=inputs.mask,
+            is_causal=inputs.is_causal,
+            segment_ids=inputs.segment_ids,
+            kv_segment_ids=inputs.kv_segment_ids,
+            sliding_window=inputs.sliding_window,
+            scale=self.scale,
+            implementation=self.implementation,
+        )
         return self.out(constrain(out_BxTxNxH, ("batch", "length", "heads", "head_dim")))
 
-    def decode(self, x_BxTxD: Array, cache: tuple[Array, Array], *, index: Array,
-               inputs: AttentionInputs = AttentionInputs()) -> tuple[Array, tuple[Array, Array]]:
+    def decode(
+        self,
+        x_BxTxD: Array,
+        cache: tuple[Array, Array],
+        *,
+        index: Array,
+        inputs: AttentionInputs = AttentionInputs(),
+    ) -> tuple[Array, tuple[Array, Array]]:
         """Causal self-attention of T new tokens against a preallocated K/V cache.
 
         `cache` is (keys, values), each [B, M, K, H]; the new tokens occupy slots index..index+T-1
@@ -219,25 +334,37 @@ class Attention(nnx.Module):
         k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
         window = inputs.sliding_window
-        written = (attn_lib.causal_mask(t, max_len, offset=index) if window is None else
-                   attn_lib.sliding_window_mask(t, max_len, window=window, offset=index))
+        written = (
+            attn_lib.causal_mask(t, max_len, offset=index)
+            if window is None
+            else attn_lib.sliding_window_mask(t, max_len, window=window, offset=index)
+        )
         # The cache's validity is an arbitrary mask, which the fused kernels do not all take:
         # chunked for a long prefill (linear memory), plain for the one-token steps.
         long = t * max_len >= attn_lib.CHUNKED_MIN_LOGITS
-        impl = ("chunked" if self.implementation == "chunked"
-                or (self.implementation == "auto" and long) else "plain")
+        impl = (
+            "chunked"
+            if self.implementation == "chunked" or (self.implementation == "auto" and long)
+            else "plain"
+        )
         out_BxTxNxH = attn_lib.dot_product_attention(
-            self._query(x_BxTxD, positions), k_cache, v_cache, bias=inputs.bias,
-            mask=attn_lib.combine_masks(written, inputs.mask), scale=self.scale,
-            implementation=impl)
+            self._query(x_BxTxD, positions),
+            k_cache,
+            v_cache,
+            bias=inputs.bias,
+            mask=attn_lib.combine_masks(written, inputs.mask),
+            scale=self.scale,
+            implementation=impl,
+        )
         return self.out(out_BxTxNxH), (k_cache, v_cache)
 
     def _query(self, x_BxTxD: Array, positions: Optional[Array]) -> Array:
         b, t, _ = x_BxTxD.shape
         q_BxTxNxH = self.query(x_BxTxD)
         if self.rope_theta is not None:
-            q_BxTxNxH = positional.apply_rope(q_BxTxNxH, _positions(positions, b, t),
-                                              theta=self.rope_theta)
+            q_BxTxNxH = positional.apply_rope(
+                q_BxTxNxH, _positions(positions, b, t), theta=self.rope_theta
+            )
         return constrain(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
 
 
@@ -250,19 +377,36 @@ def _positions(positions: Optional[Array], batch: int, length: int) -> Array:
 class RelativePositionBias(nnx.Module):
     """T5's learned per-head bias indexed by bucketed relative position."""
 
-    def __init__(self, num_heads: int, *, bidirectional: bool, num_buckets: int,
-                 max_distance: int, std: float, param_dtype: Dtype = jnp.float32,
-                 rngs: nnx.Rngs):
-        self.embedding = nnx.Param(normal_init(std, ("relpos", "heads"))(
-            rngs.params(), (num_buckets, num_heads), param_dtype))
+    def __init__(
+        self,
+        num_heads: int,
+        *,
+        bidirectional: bool,
+        num_buckets: int,
+        max_distance: int,
+        std: float,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.embedding = nnx.Param(
+            normal_init(std, ("relpos", "heads"))(
+                rngs.params(), (num_buckets, num_heads), param_dtype
+            )
+        )
         self.bidirectional, self.num_buckets, self.max_distance = (
-            bidirectional, num_buckets, max_distance)
+            bidirectional,
+            num_buckets,
+            max_distance,
+        )
 
     def __call__(self, q_positions_T: Array, kv_positions_S: Array) -> Array:
         """[1, N, T, S] float32 bias."""
         relative = kv_positions_S[None, :] - q_positions_T[:, None]
         buckets_TxS = attn_lib.relative_position_buckets(
-            relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
-            max_distance=self.max_distance)
+            relative,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
         bias_TxSxN = jnp.asarray(self.embedding[...], jnp.float32)[buckets_TxS]
         return jnp.transpose(bias_TxSxN, (2, 0, 1))[None]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Optional
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -19,7 +20,8 @@ Rule = Sequence[Optional[str]]
 """(logical name, mesh axis, mesh axis, ...): no mesh axis (or None) means replicated."""
 
 _ACTIVE: contextvars.ContextVar[Optional[tuple[tuple, Optional[Mesh]]]] = contextvars.ContextVar(
-    "jaxformer_axis_rules", default=None)
+    "jaxformer_axis_rules", default=None
+)
 
 
 def rule_table(rules: Sequence[Rule]) -> dict[str, tuple[str, ...]]:
@@ -32,9 +34,12 @@ def rule_table(rules: Sequence[Rule]) -> dict[str, tuple[str, ...]]:
     return table
 
 
-def logical_to_spec(names: Sequence[Optional[str]], rules: Sequence[Rule],
-                    mesh: Optional[Mesh] = None,
-                    shape: Optional[Sequence[int]] = None) -> PartitionSpec:
+def logical_to_spec(
+    names: Sequence[Optional[str]],
+    rules: Sequence[Rule],
+    mesh: Optional[Mesh] = None,
+    shape: Optional[Sequence[int]] = None,
+) -> PartitionSpec:
     """PartitionSpec for one array's logical axis names; an unknown name is an error.
 
     A mesh axis already used by an earlier dimension is skipped, as are mesh axes of size 1 and,
@@ -47,15 +52,22 @@ def logical_to_spec(names: Sequence[Optional[str]], rules: Sequence[Rule],
             spec.append(None)
             continue
         if name not in table:
-            raise ValueError(f"logical axis {name!r} has no sharding rule; add it to mesh.rules "
-                             f"(known: {', '.join(table)})")
-        axes = [a for a in table[name] if a not in used
-                and (mesh is None or a not in mesh.shape or mesh.shape[a] > 1)]
+            raise ValueError(
+                f"logical axis {name!r} has no sharding rule; add it to mesh.rules "
+                f"(known: {', '.join(table)})"
+            )
+        axes = [
+            a
+            for a in table[name]
+            if a not in used and (mesh is None or a not in mesh.shape or mesh.shape[a] > 1)
+        ]
         if mesh is not None:
             missing = [a for a in axes if a not in mesh.shape]
             if missing:
-                raise ValueError(f"sharding rule for {name!r} names mesh axes {missing} that the "
-                                 f"mesh {tuple(mesh.axis_names)} lacks")
+                raise ValueError(
+                    f"sharding rule for {name!r} names mesh axes {missing} that the "
+                    f"mesh {tuple(mesh.axis_names)} lacks"
+                )
         if shape is not None and mesh is not None:
             while axes and shape[i] % _size(mesh, axes):
                 axes.pop()  # drop the innermost axis until the dimension divides

@@ -9,7 +9,7 @@ its sharding survives. Pure JAX: no Flax, no config, so any JAX code can call it
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,9 @@ LogitsFn = Callable[[Array], Array]
 DEFAULT_CHUNK_SIZE = 256
 
 
-def _chunk_stats(logits_BxCxV: Array, targets_BxC: Array, weights_BxC: Array,
-                 z_loss: float) -> tuple[dict[str, Array], Array]:
+def _chunk_stats(
+    logits_BxCxV: Array, targets_BxC: Array, weights_BxC: Array, z_loss: float
+) -> tuple[dict[str, Array], Array]:
     """Weighted float32 sums for one block of logits, and its argmax predictions [B, C]."""
     logits_BxCxV = logits_BxCxV.astype(jnp.float32)
     weights_BxC = weights_BxC.astype(jnp.float32)
@@ -40,27 +41,40 @@ def _chunk_stats(logits_BxCxV: Array, targets_BxC: Array, weights_BxC: Array,
     predictions_BxC = jnp.argmax(logits_BxCxV, axis=-1).astype(jnp.int32)
     # Predictions are integers: no gradient flows through the accuracy count.
     correct_BxC = jax.lax.stop_gradient((predictions_BxC == targets_BxC).astype(jnp.float32))
-    sums = dict(loss_sum=jnp.sum(nll_BxC * weights_BxC),
-                weight_sum=jnp.sum(weights_BxC),
-                correct_sum=jnp.sum(correct_BxC * weights_BxC))
+    sums = dict(
+        loss_sum=jnp.sum(nll_BxC * weights_BxC),
+        weight_sum=jnp.sum(weights_BxC),
+        correct_sum=jnp.sum(correct_BxC * weights_BxC),
+    )
     if z_loss > 0.0:
         sums["z_loss_sum"] = z_loss * jnp.sum(jnp.square(log_normalizer_BxC) * weights_BxC)
     return sums, predictions_BxC
 
 
-def full_cross_entropy_sums(hidden_BxLxD: Array, logits_fn: LogitsFn, targets_BxL: Array,
-                            weights_BxL: Array, *, z_loss: float = 0.0,
-                            return_predictions: bool = False
-                            ) -> dict[str, Array] | tuple[dict[str, Array], Array]:
+def full_cross_entropy_sums(
+    hidden_BxLxD: Array,
+    logits_fn: LogitsFn,
+    targets_BxL: Array,
+    weights_BxL: Array,
+    *,
+    z_loss: float = 0.0,
+    return_predictions: bool = False,
+) -> dict[str, Array] | tuple[dict[str, Array], Array]:
     """Reference: the same sums from the whole [B, L, V] logits at once."""
     sums, predictions_BxL = _chunk_stats(logits_fn(hidden_BxLxD), targets_BxL, weights_BxL, z_loss)
     return (sums, predictions_BxL) if return_predictions else sums
 
 
-def cross_entropy_sums(hidden_BxLxD: Array, logits_fn: LogitsFn, targets_BxL: Array,
-                       weights_BxL: Array, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                       z_loss: float = 0.0, return_predictions: bool = False
-                       ) -> dict[str, Array] | tuple[dict[str, Array], Array]:
+def cross_entropy_sums(
+    hidden_BxLxD: Array,
+    logits_fn: LogitsFn,
+    targets_BxL: Array,
+    weights_BxL: Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    z_loss: float = 0.0,
+    return_predictions: bool = False,
+) -> dict[str, Array] | tuple[dict[str, Array], Array]:
     """Float32 sums loss_sum, weight_sum, correct_sum (+ z_loss_sum if z_loss > 0), chunked over L.
 
     `logits_fn(hidden_BxCxD) -> logits_BxCxV` may close over parameters (an NNX module's head
@@ -72,8 +86,14 @@ def cross_entropy_sums(hidden_BxLxD: Array, logits_fn: LogitsFn, targets_BxL: Ar
         raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
     batch, length, dim = hidden_BxLxD.shape
     if chunk_size >= length:
-        return full_cross_entropy_sums(hidden_BxLxD, logits_fn, targets_BxL, weights_BxL,
-                                       z_loss=z_loss, return_predictions=return_predictions)
+        return full_cross_entropy_sums(
+            hidden_BxLxD,
+            logits_fn,
+            targets_BxL,
+            weights_BxL,
+            z_loss=z_loss,
+            return_predictions=return_predictions,
+        )
     num_chunks = -(-length // chunk_size)
     pad = num_chunks * chunk_size - length
     if pad:
@@ -100,8 +120,9 @@ def cross_entropy_sums(hidden_BxLxD: Array, logits_fn: LogitsFn, targets_BxL: Ar
 
     names = ["loss_sum", "weight_sum", "correct_sum"] + (["z_loss_sum"] if z_loss > 0.0 else [])
     zeros = {name: jnp.zeros((), jnp.float32) for name in names}
-    totals, predictions_NxBxC = jax.lax.scan(step, zeros,
-                                             (hidden_NxBxCxD, targets_NxBxC, weights_NxBxC))
+    totals, predictions_NxBxC = jax.lax.scan(
+        step, zeros, (hidden_NxBxCxD, targets_NxBxC, weights_NxBxC)
+    )
     if not return_predictions:
         return totals
     predictions_BxL = jnp.swapaxes(predictions_NxBxC, 0, 1).reshape(batch, -1)[:, :length]

@@ -11,7 +11,8 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -20,10 +21,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer.logical import Rule, axis_rules, constrain, logical_to_spec
 
-__all__ = ["MESH_AXES", "DEFAULT_RULES", "MeshConfig", "make_mesh", "resolve_shape",
-           "logical_to_spec", "axis_rules", "constrain", "state_shardings", "batch_axes",
-           "batch_shards", "batch_sharding", "shard_batch", "create_sharded",
-           "maybe_initialize_distributed"]
+__all__ = [
+    "MESH_AXES",
+    "DEFAULT_RULES",
+    "MeshConfig",
+    "make_mesh",
+    "resolve_shape",
+    "logical_to_spec",
+    "axis_rules",
+    "constrain",
+    "state_shardings",
+    "batch_axes",
+    "batch_shards",
+    "batch_sharding",
+    "shard_batch",
+    "create_sharded",
+    "maybe_initialize_distributed",
+]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -75,17 +89,25 @@ class MeshConfig:
         if self.heartbeat_timeout < 1:
             raise ValueError(f"mesh.heartbeat_timeout must be >= 1, got {self.heartbeat_timeout}")
         if len(self.shape) != 3:
-            raise ValueError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {self.shape}")
+            raise ValueError(
+                f"mesh.shape must have 3 entries (data, fsdp, tensor), got {self.shape}"
+            )
         if list(self.shape).count(-1) > 1 or any(s == 0 or s < -1 for s in self.shape):
             raise ValueError(f"mesh.shape={self.shape}: sizes must be positive, at most one -1")
         if self.distributed not in ("auto", "always", "never"):
-            raise ValueError(f"mesh.distributed={self.distributed!r} is not one of auto, always, "
-                             "never")
+            raise ValueError(
+                f"mesh.distributed={self.distributed!r} is not one of auto, always, never"
+            )
         for rule in self.rules:
-            if (not rule or not isinstance(rule[0], str)
-                    or any(a is not None and a not in MESH_AXES for a in rule[1:])):
-                raise ValueError(f"mesh rule {list(rule)} must be [logical_name, mesh axes...] "
-                                 f"with mesh axes among {', '.join(MESH_AXES)} (or null)")
+            if (
+                not rule
+                or not isinstance(rule[0], str)
+                or any(a is not None and a not in MESH_AXES for a in rule[1:])
+            ):
+                raise ValueError(
+                    f"mesh rule {list(rule)} must be [logical_name, mesh axes...] "
+                    f"with mesh axes among {', '.join(MESH_AXES)} (or null)"
+                )
 
 
 def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -93,12 +115,16 @@ def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"mesh.shape={tuple(shape)} cannot fill {num_devices} devices: "
-                             f"{num_devices} is not divisible by {known}")
+            raise ValueError(
+                f"mesh.shape={tuple(shape)} cannot fill {num_devices} devices: "
+                f"{num_devices} is not divisible by {known}"
+            )
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices but "
-                         f"{num_devices} are available; use -1 for one axis to fill the rest")
+        raise ValueError(
+            f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices but "
+            f"{num_devices} are available; use -1 for one axis to fill the rest"
+        )
     return tuple(shape)
 
 
@@ -111,21 +137,27 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
     except ValueError as err:
         needed = math.prod(s for s in cfg.shape if s != -1)
         if devices and devices[0].platform == "cpu" and needed > len(devices):
-            raise ValueError(f"{err}. On CPU, simulate {needed} devices by starting with "
-                             f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} (set "
-                             "before jax is imported)") from None
+            raise ValueError(
+                f"{err}. On CPU, simulate {needed} devices by starting with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} (set "
+                "before jax is imported)"
+            ) from None
         raise
     axis_types = (jax.sharding.AxisType.Auto,) * 3
     if cfg.slices == 1:
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     data, fsdp, tensor = shape
     if data % cfg.slices:
-        raise ValueError(f"with mesh.slices={cfg.slices} the data axis must be a multiple of "
-                         f"{cfg.slices} (data parallel across slices), got mesh.shape="
-                         f"{tuple(cfg.shape)} -> {shape}; try mesh.shape=[{cfg.slices},-1,1]")
+        raise ValueError(
+            f"with mesh.slices={cfg.slices} the data axis must be a multiple of "
+            f"{cfg.slices} (data parallel across slices), got mesh.shape="
+            f"{tuple(cfg.shape)} -> {shape}; try mesh.shape=[{cfg.slices},-1,1]"
+        )
     from jax.experimental import mesh_utils
-    grid = mesh_utils.create_hybrid_device_mesh((data // cfg.slices, fsdp, tensor),
-                                                (cfg.slices, 1, 1), devices)
+
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (data // cfg.slices, fsdp, tensor), (cfg.slices, 1, 1), devices
+    )
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
@@ -139,6 +171,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[Rule]) -> Any:
     Leaves without names (RNG keys, step counters, scalars) are replicated. A dimension whose size
     the mesh axis does not divide is replicated instead, so odd vocabularies still work.
     """
+
     def one(var):
         value = var.get_value() if hasattr(var, "get_value") else var[...]
         names = var.get_metadata().get("out_sharding") if _is_variable(var) else None
@@ -160,19 +193,23 @@ def batch_shards(mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> int:
     return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2,
-                   rules: Sequence[Rule] = DEFAULT_RULES) -> NamedSharding:
+def batch_sharding(
+    mesh: Mesh, ndim: int = 2, rules: Sequence[Rule] = DEFAULT_RULES
+) -> NamedSharding:
     """Sharding of a batch array: rows by the `batch` rule, everything else replicated."""
     axes = batch_axes(mesh, rules)
     rows = None if not axes else axes if len(axes) > 1 else axes[0]
     return NamedSharding(mesh, PartitionSpec(rows, *([None] * (ndim - 1))))
 
 
-def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
-                rules: Sequence[Rule] = DEFAULT_RULES) -> dict[str, jax.Array]:
+def shard_batch(
+    local_batch: dict[str, np.ndarray], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
+) -> dict[str, jax.Array]:
     """Global arrays from this process's rows (`jax.make_array_from_process_local_data`)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, rules), v)
-            for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, rules), v)
+        for k, v in local_batch.items()
+    }
 
 
 def create_sharded(factory: Callable[[], Any], mesh: Mesh, rules: Sequence[Rule]) -> Any:
@@ -200,14 +237,24 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> None:
     if cfg.distributed == "never":
         return
     explicit = bool(cfg.coordinator_address) or cfg.distributed == "always"
-    detected = any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS",
-                                              "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
+    detected = any(
+        v in os.environ
+        for v in (
+            "TPU_WORKER_HOSTNAMES",
+            "SLURM_NTASKS",
+            "OMPI_COMM_WORLD_SIZE",
+            "JAX_COORDINATOR_ADDRESS",
+        )
+    )
     if not (explicit or detected):
         return
     kwargs: dict = dict(heartbeat_timeout_seconds=cfg.heartbeat_timeout)
     if cfg.coordinator_address:
-        kwargs.update(coordinator_address=cfg.coordinator_address,
-                      num_processes=cfg.num_processes, process_id=cfg.process_id)
+        kwargs.update(
+            coordinator_address=cfg.coordinator_address,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+        )
     try:
         jax.distributed.initialize(**kwargs)
     except RuntimeError as err:  # already initialised by the launcher

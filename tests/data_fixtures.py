@@ -30,9 +30,16 @@ def stdlib_tokenizer(stdlib_data_dir, tmp_path_factory) -> Tokenizer:
 
 
 # A tiny pretraining run: two-layer GPT, 8 rows of 32 tokens, every step logged, synchronous saves.
-TINY_RUN = ["model.preset=gpt-tiny", "data.seq_len=32", "data.batch_size=8", "train.log_every=1",
-            "train.eval_every=0", "train.eval_batches=1", "optimizer.warmup_steps=1",
-            "checkpoint.async_save=false"]
+TINY_RUN = [
+    "model.preset=gpt-tiny",
+    "data.seq_len=32",
+    "data.batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "optimizer.warmup_steps=1",
+    "checkpoint.async_save=false",
+]
 
 
 @pytest.fixture
@@ -40,8 +47,11 @@ def tiny_overrides(stdlib_data_dir, stdlib_tokenizer, tmp_path) -> list[str]:
     """TINY_RUN on the stdlib corpus with the shared tokenizer (saved into this test's tmp_path)."""
     tokenizer_path = os.path.join(tmp_path, "shared.model")
     stdlib_tokenizer.save(tokenizer_path)
-    return TINY_RUN + [f"data.data_dir={stdlib_data_dir}", f"data.tokenizer_path={tokenizer_path}",
-                       f"data.vocab_size={stdlib_tokenizer.vocab_size}"]
+    return TINY_RUN + [
+        f"data.data_dir={stdlib_data_dir}",
+        f"data.tokenizer_path={tokenizer_path}",
+        f"data.vocab_size={stdlib_tokenizer.vocab_size}",
+    ]
 
 
 def snapshot(directory) -> dict:
@@ -58,6 +68,7 @@ def snapshot(directory) -> dict:
 def train_interrupted(cfg, until: int) -> None:
     """Trains `cfg` to step `until` (checkpointing there), then resumes it in a new Trainer."""
     from jaxformer.training.loop import Trainer
+
     first = Trainer(cfg, show_progress=False, log=lambda _: None)
     first.run(until=until)
     first.close()

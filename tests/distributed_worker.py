@@ -16,8 +16,11 @@ def main() -> None:
 
     if int(num_processes) > 1:
         jax.distributed.initialize(
-            f"127.0.0.1:{port}", int(num_processes), int(process_id),
-            heartbeat_timeout_seconds=int(os.environ.get("JAXFORMER_TEST_HEARTBEAT", "100")))
+            f"127.0.0.1:{port}",
+            int(num_processes),
+            int(process_id),
+            heartbeat_timeout_seconds=int(os.environ.get("JAXFORMER_TEST_HEARTBEAT", "100")),
+        )
     from jaxformer.training.config import load_experiment
     from jaxformer.training.loop import Trainer
 
@@ -26,13 +29,17 @@ def main() -> None:
     pause = float(os.environ.get("JAXFORMER_TEST_STEP_SLEEP", "0"))
     if pause:  # slow steps down, so a test can kill a process in the middle of the run
         import time
+
         step_fn = trainer.train_step
         trainer.train_step = lambda *args: (time.sleep(pause), step_fn(*args))[1]
     until = os.environ.get("JAXFORMER_TEST_UNTIL")  # stop (and checkpoint) after this step
     trainer.run(until=int(until) if until else None)
     trainer.close()
-    print(f"process {jax.process_index()} of {jax.process_count()} done on "
-          f"{jax.device_count()} devices", flush=True)
+    print(
+        f"process {jax.process_index()} of {jax.process_count()} done on "
+        f"{jax.device_count()} devices",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

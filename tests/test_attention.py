@@ -11,8 +11,9 @@ import pytest
 from jaxformer import attention as A
 
 
-def naive_attention(q, k, v, *, mask=None, bias=None, causal=False, segments=None, window=None,
-                    scale=None):
+def naive_attention(
+    q, k, v, *, mask=None, bias=None, causal=False, segments=None, window=None, scale=None
+):
     """Loops over batch and heads in float64 numpy; masks written out element by element."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, n, h = q.shape
@@ -29,7 +30,11 @@ def naive_attention(q, k, v, *, mask=None, bias=None, causal=False, segments=Non
             full_mask[bi, ni, i, j] = False
         if segments is not None and segments[bi, i] != segments[bi, j]:
             full_mask[bi, ni, i, j] = False
-    full_bias = np.zeros((b, n, t, s)) if bias is None else np.broadcast_to(np.asarray(bias, np.float64), (b, n, t, s))
+    full_bias = (
+        np.zeros((b, n, t, s))
+        if bias is None
+        else np.broadcast_to(np.asarray(bias, np.float64), (b, n, t, s))
+    )
     for bi in range(b):
         for ni in range(n):
             kv_head = ni // (n // kh)  # query head ni reads K/V head ni // group
@@ -43,13 +48,18 @@ def naive_attention(q, k, v, *, mask=None, bias=None, causal=False, segments=Non
 
 def random_qkv(rng, b, t, s, n, k, h, dtype=jnp.float32):
     keys = jax.random.split(rng, 3)
-    return (jax.random.normal(keys[0], (b, t, n, h), dtype),
-            jax.random.normal(keys[1], (b, s, k, h), dtype),
-            jax.random.normal(keys[2], (b, s, k, h), dtype))
+    return (
+        jax.random.normal(keys[0], (b, t, n, h), dtype),
+        jax.random.normal(keys[1], (b, s, k, h), dtype),
+        jax.random.normal(keys[2], (b, s, k, h), dtype),
+    )
 
 
 CASES = [  # (batch, q_len, kv_len, heads, kv_heads, head_dim)
-    (2, 7, 7, 4, 4, 8), (1, 16, 16, 8, 2, 4), (3, 5, 9, 6, 1, 8), (2, 33, 33, 4, 2, 16),
+    (2, 7, 7, 4, 4, 8),
+    (1, 16, 16, 8, 2, 4),
+    (3, 5, 9, 6, 1, 8),
+    (2, 33, 33, 4, 2, 16),
 ]
 
 
@@ -78,8 +88,9 @@ def test_matches_naive_reference(implementation, shape, variant):
     elif variant == "bias":
         bias = rng.normal(size=(1, n, t, s)).astype(np.float32)
         kwargs, ref_kwargs = dict(bias=jnp.asarray(bias)), dict(bias=bias)
-    out = A.dot_product_attention(q, kk, v, implementation=implementation, q_chunk_size=4,
-                                  kv_chunk_size=8, **kwargs)
+    out = A.dot_product_attention(
+        q, kk, v, implementation=implementation, q_chunk_size=4, kv_chunk_size=8, **kwargs
+    )
     ref = naive_attention(q, kk, v, **ref_kwargs)
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=2e-5)
 
@@ -93,14 +104,21 @@ def test_matches_jax_nn_forward_and_gradients(implementation, causal):
     mask = A.padding_mask(valid)
 
     def ours(q, kk, v):
-        out = A.dot_product_attention(q, kk, v, mask=mask, is_causal=causal,
-                                      implementation=implementation, q_chunk_size=8,
-                                      kv_chunk_size=8)
-        return (out ** 2).sum(), out
+        out = A.dot_product_attention(
+            q,
+            kk,
+            v,
+            mask=mask,
+            is_causal=causal,
+            implementation=implementation,
+            q_chunk_size=8,
+            kv_chunk_size=8,
+        )
+        return (out**2).sum(), out
 
     def reference(q, kk, v):
         out = jax.nn.dot_product_attention(q, kk, v, mask=mask, is_causal=causal)
-        return (out ** 2).sum(), out
+        return (out**2).sum(), out
 
     (_, out), grads = jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True)(q, kk, v)
     (_, ref), ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True)(q, kk, v)
@@ -116,9 +134,18 @@ def test_chunked_gradients_equal_plain_with_everything():
     bias = jax.random.normal(jax.random.key(3), (1, n, t, t))
 
     def loss(impl, q, kk, v, bias):
-        out = A.dot_product_attention(q, kk, v, bias=bias, is_causal=True, segment_ids=segments,
-                                      sliding_window=6, implementation=impl, q_chunk_size=8,
-                                      kv_chunk_size=4)
+        out = A.dot_product_attention(
+            q,
+            kk,
+            v,
+            bias=bias,
+            is_causal=True,
+            segment_ids=segments,
+            sliding_window=6,
+            implementation=impl,
+            q_chunk_size=8,
+            kv_chunk_size=4,
+        )
         return jnp.sum(jnp.sin(out))
 
     g_plain = jax.grad(lambda *a: loss("plain", *a), argnums=(0, 1, 2, 3))(q, kk, v, bias)
@@ -131,8 +158,9 @@ def test_bfloat16_inputs_use_float32_softmax():
     q, kk, v = random_qkv(jax.random.key(4), 1, 64, 64, 2, 2, 32, dtype=jnp.bfloat16)
     ref = naive_attention(q.astype(jnp.float32), kk.astype(jnp.float32), v.astype(jnp.float32))
     for impl in ("plain", "chunked"):
-        out = A.dot_product_attention(q, kk, v, implementation=impl, q_chunk_size=16,
-                                      kv_chunk_size=16)
+        out = A.dot_product_attention(
+            q, kk, v, implementation=impl, q_chunk_size=16, kv_chunk_size=16
+        )
         assert out.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
 
@@ -140,15 +168,18 @@ def test_bfloat16_inputs_use_float32_softmax():
 def test_gqa_with_all_heads_equals_repeated_kv():
     q, kk, v = random_qkv(jax.random.key(5), 2, 10, 10, 6, 2, 8)
     grouped = A.dot_product_attention(q, kk, v, is_causal=True)
-    repeated = A.dot_product_attention(q, jnp.repeat(kk, 3, axis=2), jnp.repeat(v, 3, axis=2),
-                                       is_causal=True)
+    repeated = A.dot_product_attention(
+        q, jnp.repeat(kk, 3, axis=2), jnp.repeat(v, 3, axis=2), is_causal=True
+    )
     np.testing.assert_allclose(grouped, repeated, atol=1e-6)
 
 
 def test_mask_builders():
     np.testing.assert_array_equal(A.causal_mask(3)[0, 0], np.tril(np.ones((3, 3), bool)))
-    np.testing.assert_array_equal(A.sliding_window_mask(4, window=2)[0, 0],
-                                  [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(
+        A.sliding_window_mask(4, window=2)[0, 0],
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]],
+    )
     seg = A.segment_mask(jnp.array([[1, 1, 2, 0]]))[0, 0]
     np.testing.assert_array_equal(seg[0], [1, 1, 0, 0])
     np.testing.assert_array_equal(seg[2], [0, 0, 1, 0])
@@ -158,8 +189,9 @@ def test_mask_builders():
 
 def test_relative_position_buckets_match_t5_definition():
     rel = jnp.arange(-200, 201)
-    buckets = np.asarray(A.relative_position_buckets(rel, bidirectional=True, num_buckets=32,
-                                                     max_distance=128))
+    buckets = np.asarray(
+        A.relative_position_buckets(rel, bidirectional=True, num_buckets=32, max_distance=128)
+    )
     # Small distances get exact buckets; keys after the query use the upper half.
     assert buckets[200] == 0 and buckets[201] == 17 and buckets[199] == 1
     assert buckets.min() >= 0 and buckets.max() <= 31
@@ -204,8 +236,10 @@ def test_auto_runs_the_selected_implementation():
     chunked = run(q, kk, v, is_causal=True, implementation="chunked")
     np.testing.assert_array_equal(auto, chunked)
     short = [x[:, :64] for x in (q, kk, v)]
-    np.testing.assert_array_equal(A.dot_product_attention(*short, implementation="auto"),
-                                  A.dot_product_attention(*short, implementation="plain"))
+    np.testing.assert_array_equal(
+        A.dot_product_attention(*short, implementation="auto"),
+        A.dot_product_attention(*short, implementation="plain"),
+    )
 
 
 def test_auto_with_segments_and_window_matches_plain_with_gradients():
@@ -214,8 +248,9 @@ def test_auto_with_segments_and_window_matches_plain_with_gradients():
     segments = jnp.asarray(np.sort(np.random.default_rng(1).integers(0, 4, (b, t)), axis=1))
 
     def loss(impl, q, kk, v):
-        out = A.dot_product_attention(q, kk, v, is_causal=True, segment_ids=segments,
-                                      sliding_window=300, implementation=impl)
+        out = A.dot_product_attention(
+            q, kk, v, is_causal=True, segment_ids=segments, sliding_window=300, implementation=impl
+        )
         return jnp.sum(jnp.sin(out))
 
     assert A.select_implementation(q, kk, segment_ids=segments, sliding_window=300)[0] == "chunked"
@@ -238,15 +273,21 @@ def test_block_skipping_changes_nothing(structure):
 
     def run(q, kk, v, skip):
         if skip:
-            return A.dot_product_attention(q, kk, v, implementation="chunked", q_chunk_size=8,
-                                           kv_chunk_size=8, **kwargs)
-        return A.dot_product_attention(q, kk, v, mask=mask, implementation="chunked",
-                                       q_chunk_size=8, kv_chunk_size=8)
+            return A.dot_product_attention(
+                q, kk, v, implementation="chunked", q_chunk_size=8, kv_chunk_size=8, **kwargs
+            )
+        return A.dot_product_attention(
+            q, kk, v, mask=mask, implementation="chunked", q_chunk_size=8, kv_chunk_size=8
+        )
 
     @jax.jit
     def value_and_grads(q, kk, v):
-        return [jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(run(*a, skip))), argnums=(0, 1, 2))(
-            q, kk, v) for skip in (True, False)]
+        return [
+            jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(run(*a, skip))), argnums=(0, 1, 2))(
+                q, kk, v
+            )
+            for skip in (True, False)
+        ]
 
     skipped, full = value_and_grads(q, kk, v)
     for a, c in zip(jax.tree.leaves(skipped), jax.tree.leaves(full)):
@@ -270,9 +311,20 @@ def _dots_outside_cond(jaxpr, in_cond=False):
 
 def test_causal_chunked_matmuls_sit_in_a_real_conditional_forward_and_backward():
     q = jnp.zeros((1, 64, 2, 8))
-    grad = jax.grad(lambda q, kk, v: jnp.sum(A.dot_product_attention(
-        q, kk, v, is_causal=True, implementation="chunked", q_chunk_size=16, kv_chunk_size=16)),
-        argnums=(0, 1, 2))
+    grad = jax.grad(
+        lambda q, kk, v: jnp.sum(
+            A.dot_product_attention(
+                q,
+                kk,
+                v,
+                is_causal=True,
+                implementation="chunked",
+                q_chunk_size=16,
+                kv_chunk_size=16,
+            )
+        ),
+        argnums=(0, 1, 2),
+    )
     outside, inside = _dots_outside_cond(jax.make_jaxpr(grad)(q, q, q).jaxpr)
     assert outside == 0 and inside >= 6  # fwd, recomputed fwd and bwd matmuls are all skippable
     hlo = jax.jit(grad).lower(q, q, q).compile().as_text()
@@ -283,8 +335,16 @@ def test_rows_that_see_no_key_stay_finite():
     q, kk, v = random_qkv(jax.random.key(9), 1, 24, 24, 2, 2, 8)
     no_first_rows = (jnp.arange(24) >= 12)[None, None, :, None]  # queries 0..11 see nothing
     for impl in ("plain", "chunked"):
-        out = A.dot_product_attention(q, kk, v, mask=no_first_rows, is_causal=True,
-                                      implementation=impl, q_chunk_size=8, kv_chunk_size=8)
+        out = A.dot_product_attention(
+            q,
+            kk,
+            v,
+            mask=no_first_rows,
+            is_causal=True,
+            implementation=impl,
+            q_chunk_size=8,
+            kv_chunk_size=8,
+        )
         assert bool(jnp.all(jnp.isfinite(out)))
 
 
@@ -303,8 +363,11 @@ def test_auto_on_gpu_picks_cudnn_only_where_it_can(monkeypatch):
     assert A.select_implementation(bf16, bf16, mask=A.causal_mask(256))[0] == "cudnn"
     f32 = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.float32)
     wide = jax.ShapeDtypeStruct((2, 256, 4, 192), jnp.bfloat16)
-    for args, kwargs, why in ((f32, {}, "bf16/fp16"), (wide, {}, "head_dim"),
-                              (bf16, dict(bias=jnp.zeros((1, 4, 256, 256))), "bias"),
-                              (bf16, dict(sliding_window=64), "non-causal")):
+    for args, kwargs, why in (
+        (f32, {}, "bf16/fp16"),
+        (wide, {}, "head_dim"),
+        (bf16, dict(bias=jnp.zeros((1, 4, 256, 256))), "bias"),
+        (bf16, dict(sliding_window=64), "non-causal"),
+    ):
         name, reason = A.select_implementation(args, args, **kwargs)
         assert name == "plain" and why in reason, reason

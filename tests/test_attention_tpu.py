@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxformer import attention as A
 from jaxformer import attention_kernels as K
@@ -26,12 +27,15 @@ AXES = ("data", "fsdp", "tensor")
 def v5e_mesh():
     try:
         from jax.experimental import topologies
-        topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
-                                            chip_config_name="default")
+
+        topo = topologies.get_topology_desc(
+            platform="tpu", topology_name="v5e:2x2", chip_config_name="default"
+        )
     except Exception as e:  # no libtpu, or one that can't describe the topology
         pytest.skip(f"no TPU compiler for AOT (install jax[tpu]): {type(e).__name__}: {e}")
-    return jax.sharding.Mesh(np.array(topo.devices).reshape(1, 2, 2), AXES,
-                             axis_types=(AxisType.Auto,) * 3)
+    return jax.sharding.Mesh(
+        np.array(topo.devices).reshape(1, 2, 2), AXES, axis_types=(AxisType.Auto,) * 3
+    )
 
 
 @pytest.fixture
@@ -42,18 +46,23 @@ def interpreted_splash(monkeypatch):
 
 
 def _loss(q, k, v, segment_ids, *, implementation, **kwargs):
-    out = A.dot_product_attention(q, k, v, segment_ids=segment_ids,
-                                  implementation=implementation, **kwargs)
+    out = A.dot_product_attention(
+        q, k, v, segment_ids=segment_ids, implementation=implementation, **kwargs
+    )
     return jnp.sum(jnp.sin(out.astype(jnp.float32)))
 
 
-CASES = {"causal+segments": dict(is_causal=True), "causal window": dict(is_causal=True,
-                                                                      sliding_window=100),
-         "two-sided window": dict(sliding_window=50)}
+CASES = {
+    "causal+segments": dict(is_causal=True),
+    "causal window": dict(is_causal=True, sliding_window=100),
+    "two-sided window": dict(sliding_window=50),
+}
 
 
-@pytest.mark.parametrize("case,sharded", [("causal+segments", True), ("causal window", False),
-                                          ("two-sided window", True)])
+@pytest.mark.parametrize(
+    "case,sharded",
+    [("causal+segments", True), ("causal window", False), ("two-sided window", True)],
+)
 def test_splash_matches_plain_in_interpreter(interpreted_splash, case, sharded):
     """Scale, layouts, GQA, masks and the shard_map wrapping (2 x 2 x 2 CPU mesh) vs plain."""
     b, t, n, k, h = 2, 128, 4, 2, 16
@@ -66,14 +75,18 @@ def test_splash_matches_plain_in_interpreter(interpreted_splash, case, sharded):
     assert A.select_implementation(q, kk, segment_ids=segments, **CASES[case])[0] == "splash"
     grads = {}
     for impl in ("plain", "splash"):
-        f = jax.jit(jax.value_and_grad(functools.partial(_loss, implementation=impl,
-                                                         scale=0.3, **CASES[case]),
-                                       argnums=(0, 1, 2)))
+        f = jax.jit(
+            jax.value_and_grad(
+                functools.partial(_loss, implementation=impl, scale=0.3, **CASES[case]),
+                argnums=(0, 1, 2),
+            )
+        )
         if sharded:  # batch over data (fsdp doesn't divide 2), heads over tensor, by shard_map
             with jax.set_mesh(jax.make_mesh((2, 2, 2), AXES, axis_types=(AxisType.Auto,) * 3)):
                 grads[impl] = f(q, kk, v, segments)
-                assert (impl == "splash") == ("shard_map" in str(jax.make_jaxpr(f)(q, kk, v,
-                                                                                  segments)))
+                assert (impl == "splash") == (
+                    "shard_map" in str(jax.make_jaxpr(f)(q, kk, v, segments))
+                )
         else:
             grads[impl] = f(q, kk, v, segments)
     for s, p in zip(jax.tree.leaves(grads["splash"]), jax.tree.leaves(grads["plain"])):
@@ -83,16 +96,22 @@ def test_splash_matches_plain_in_interpreter(interpreted_splash, case, sharded):
 def test_auto_falls_back_where_splash_cannot_go(interpreted_splash):
     q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
     assert A.select_implementation(q, q) == ("splash", "TPU: Pallas splash attention")
-    for kwargs, why in ((dict(bias=jnp.zeros((1, 4, 256, 256))), "bias"),
-                        (dict(mask=A.causal_mask(256)), "arbitrary mask")):
+    for kwargs, why in (
+        (dict(bias=jnp.zeros((1, 4, 256, 256))), "bias"),
+        (dict(mask=A.causal_mask(256)), "arbitrary mask"),
+    ):
         name, reason = A.select_implementation(q, q, **kwargs)
         assert name == "plain" and why in reason
     odd = jax.ShapeDtypeStruct((2, 1100, 4, 64), jnp.bfloat16)
     name, reason = A.select_implementation(odd, odd)
     assert name == "chunked" and "multiples of 128" in reason
     with pytest.raises(ValueError, match="multiples of 128"):
-        A.dot_product_attention(jnp.zeros((1, 100, 2, 8)), jnp.zeros((1, 100, 2, 8)),
-                                jnp.zeros((1, 100, 2, 8)), implementation="splash")
+        A.dot_product_attention(
+            jnp.zeros((1, 100, 2, 8)),
+            jnp.zeros((1, 100, 2, 8)),
+            jnp.zeros((1, 100, 2, 8)),
+            implementation="splash",
+        )
 
 
 @pytest.mark.parametrize("case", ["causal+segments", "causal window"])
@@ -101,11 +120,16 @@ def test_splash_fwd_and_bwd_compile_for_v5e(v5e_mesh, case):
     act = NamedSharding(v5e_mesh, P(("data", "fsdp"), None, "tensor", None))
     q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16, sharding=act)
     kv = jax.ShapeDtypeStruct((b, t, k, h), jnp.bfloat16, sharding=act)
-    segments = (jax.ShapeDtypeStruct((b, t), jnp.int32,
-                                     sharding=NamedSharding(v5e_mesh, P(("data", "fsdp"), None)))
-                if case == "causal+segments" else None)
+    segments = (
+        jax.ShapeDtypeStruct(
+            (b, t), jnp.int32, sharding=NamedSharding(v5e_mesh, P(("data", "fsdp"), None))
+        )
+        if case == "causal+segments"
+        else None
+    )
     loss_and_grads = jax.value_and_grad(
-        functools.partial(_loss, implementation="splash", **CASES[case]), argnums=(0, 1, 2))
+        functools.partial(_loss, implementation="splash", **CASES[case]), argnums=(0, 1, 2)
+    )
     with jax.set_mesh(v5e_mesh):
         assert A.select_implementation(q, kv, **CASES[case])[0] == "splash"
         compiled = jax.jit(loss_and_grads).lower(q, kv, kv, segments).compile()

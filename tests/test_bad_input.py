@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import tensorflow_datasets as tfds
-
 from data_fixtures import TINY_RUN, snapshot
+
 from jaxformer.training import cli
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.config import load_experiment
@@ -31,13 +31,15 @@ def _script(name):
 
 def _convert(argv):
     from jaxformer.convert.__main__ import main
+
     return main(argv)
 
 
 def _one_error_line(err):
     """The message line of stderr, checked to be the only one besides progress bars."""
-    lines = [line for line in err.replace("\r", "\n").splitlines()
-             if line.strip() and "%|" not in line]
+    lines = [
+        line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line
+    ]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
@@ -48,15 +50,20 @@ def run_overrides(stdlib_data_dir, stdlib_tokenizer, tmp_path_factory):
     """TINY_RUN on the stdlib corpus, its tokenizer in a module-wide directory."""
     path = str(tmp_path_factory.mktemp("tok") / "tok.model")
     stdlib_tokenizer.save(path)
-    return TINY_RUN + [f"data.data_dir={stdlib_data_dir}", f"data.tokenizer_path={path}",
-                       f"data.vocab_size={stdlib_tokenizer.vocab_size}", "train.sample_prompt=''",
-                       "checkpoint.every=1"]
+    return TINY_RUN + [
+        f"data.data_dir={stdlib_data_dir}",
+        f"data.tokenizer_path={path}",
+        f"data.vocab_size={stdlib_tokenizer.vocab_size}",
+        "train.sample_prompt=''",
+        "checkpoint.every=1",
+    ]
 
 
 @pytest.fixture(scope="module")
 def finished_run(run_overrides, tmp_path_factory):
     """A finished 2-step run (checkpoints at steps 1 and 2); copy it before changing it."""
     from jaxformer.training.main import run_training
+
     run_dir = str(tmp_path_factory.mktemp("finished") / "run")
     assert run_training(None, run_overrides + ["train.steps=2", f"run.dir={run_dir}"]) == 0
     return run_dir
@@ -86,26 +93,45 @@ def _not_utf8(tmp_path):
 
 ENTRY_POINT_CASES = {
     "train: malformed YAML": (
-        lambda t: _script("train.py")(["--config", _bad_yaml(t)]), "malformed YAML"),
+        lambda t: _script("train.py")(["--config", _bad_yaml(t)]),
+        "malformed YAML",
+    ),
     "train: config not UTF-8": (
-        lambda t: _script("train.py")(["--config", _not_utf8(t)]), "not valid UTF-8"),
+        lambda t: _script("train.py")(["--config", _not_utf8(t)]),
+        "not valid UTF-8",
+    ),
     "train: missing config file": (
-        lambda t: _script("train.py")(["--config", str(t / "nope.yaml")]), "not found"),
+        lambda t: _script("train.py")(["--config", str(t / "nope.yaml")]),
+        "not found",
+    ),
     "train: unknown key": (
-        lambda t: _script("train.py")(["train.stesp=3"]), "did you mean 'train.steps'"),
+        lambda t: _script("train.py")(["train.stesp=3"]),
+        "did you mean 'train.steps'",
+    ),
     "train: wrong type": (
-        lambda t: _script("train.py")(["train.steps=abc"]), "train.steps: expected int"),
+        lambda t: _script("train.py")(["train.steps=abc"]),
+        "train.steps: expected int",
+    ),
     "compile-only: unknown topology": (
         lambda t: _script("train.py")(["--compile-only", "--topology", "v99:2x2"]),
-        "unknown TPU topology"),
+        "unknown TPU topology",
+    ),
     "finetune: no checkpoint dir": (
-        lambda t: _script("finetune.py")(["--from", str(t / "missing")]), "no checkpoints in"),
+        lambda t: _script("finetune.py")(["--from", str(t / "missing")]),
+        "no checkpoints in",
+    ),
     "eval: no checkpoint dir": (
-        lambda t: _script("eval.py")([str(t / "missing")]), "no checkpoints in"),
+        lambda t: _script("eval.py")([str(t / "missing")]),
+        "no checkpoints in",
+    ),
     "convert to-hf: no checkpoint dir": (
-        lambda t: _convert(["to-hf", str(t / "missing"), str(t / "out")]), "no checkpoints in"),
+        lambda t: _convert(["to-hf", str(t / "missing"), str(t / "out")]),
+        "no checkpoints in",
+    ),
     "convert from-hf: not a directory": (
-        lambda t: _convert(["from-hf", str(t / "missing"), str(t / "run")]), "not a directory"),
+        lambda t: _convert(["from-hf", str(t / "missing"), str(t / "run")]),
+        "not a directory",
+    ),
 }
 
 
@@ -115,7 +141,8 @@ def test_every_entry_point_ends_bad_input_with_one_line_and_status_2(case, tmp_p
     assert call(tmp_path) == cli.BAD_INPUT_EXIT
     assert message in _one_error_line(capsys.readouterr().err)
     assert sorted(os.listdir(tmp_path)) == sorted(
-        p for p in os.listdir(tmp_path) if p.endswith(".yaml"))  # nothing created
+        p for p in os.listdir(tmp_path) if p.endswith(".yaml")
+    )  # nothing created
 
 
 INTERRUPT_POINTS = {  # (entry point, argv, the module attribute called first)
@@ -143,12 +170,15 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_status_130(entry, monk
         assert "rerun the same command" in err
 
 
-@pytest.mark.parametrize("code, expected", [
-    (errno.ENOSPC, "No space left on device: '/runs/x/config.yaml'; the disk is full"),
-    (errno.EROFS, "Read-only file system: '/runs/x/config.yaml'; the file system is read-only"),
-    (errno.EACCES, "Permission denied: '/runs/x/config.yaml'; check that path's permissions"),
-    (errno.EIO, None),  # a hardware fault is no user error: it keeps its traceback
-])
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        (errno.ENOSPC, "No space left on device: '/runs/x/config.yaml'; the disk is full"),
+        (errno.EROFS, "Read-only file system: '/runs/x/config.yaml'; the file system is read-only"),
+        (errno.EACCES, "Permission denied: '/runs/x/config.yaml'; check that path's permissions"),
+        (errno.EIO, None),  # a hardware fault is no user error: it keeps its traceback
+    ],
+)
 def test_os_errors_that_are_user_errors(code, expected):
     message = cli.describe(OSError(code, os.strerror(code), "/runs/x/config.yaml"))
     if expected is None:
@@ -158,8 +188,9 @@ def test_os_errors_that_are_user_errors(code, expected):
 
 
 @pytest.mark.parametrize("entry", ["train", "finetune", "eval"])
-def test_unreadable_checkpoint_is_one_line(entry, finished_run, run_overrides, tmp_path,
-                                           monkeypatch, capsys):
+def test_unreadable_checkpoint_is_one_line(
+    entry, finished_run, run_overrides, tmp_path, monkeypatch, capsys
+):
     """Permission denied reading a checkpoint (simulated: tests run as root, which reads any
     file): status 2 naming the path, and nothing written."""
     path = os.path.join(finished_run, "checkpoints", "2")
@@ -169,9 +200,11 @@ def test_unreadable_checkpoint_is_one_line(entry, finished_run, run_overrides, t
 
     monkeypatch.setattr(Checkpointer, "read_meta", unreadable)
     before = snapshot(finished_run)
-    argv = {"train": [f"run.dir={finished_run}"] + run_overrides,
-            "finetune": ["--from", finished_run, f"run.dir={tmp_path / 'ft'}"],
-            "eval": [finished_run]}[entry]
+    argv = {
+        "train": [f"run.dir={finished_run}"] + run_overrides,
+        "finetune": ["--from", finished_run, f"run.dir={tmp_path / 'ft'}"],
+        "eval": [finished_run],
+    }[entry]
     assert _script(f"{entry}.py")(argv) == 2
     assert f"Permission denied: '{path}'" in _one_error_line(capsys.readouterr().err)
     assert snapshot(finished_run) == before and not os.path.exists(tmp_path / "ft")
@@ -181,12 +214,14 @@ def test_a_bug_keeps_its_traceback():
     @cli.command()
     def buggy():
         raise KeyError("bug")
+
     with pytest.raises(KeyError):
         buggy()
 
 
-def test_finetune_checks_its_config_before_reading_task_data(finished_run, tmp_path, monkeypatch,
-                                                             capsys):
+def test_finetune_checks_its_config_before_reading_task_data(
+    finished_run, tmp_path, monkeypatch, capsys
+):
     import jaxformer.training.finetune as finetune
 
     def never(*args, **kwargs):
@@ -195,12 +230,18 @@ def test_finetune_checks_its_config_before_reading_task_data(finished_run, tmp_p
     monkeypatch.setattr(finetune, "load_task", never)
     main, run = _script("finetune.py"), f"run.dir={tmp_path / 'ft'}"
     cases = [
-        (["--config", os.path.join(ROOT, "configs", "finetune", "code_package.yaml"), run],
-         "needs a model of family 'encoder'"),
-        (["task.name=code_completion", "train.steps=5", run],
-         "optimizer.warmup_steps=10 exceeds train.steps=5"),
-        (["task.name=code_completion", "task.max_input_len=512", run],
-         "task.max_input_len=512 exceeds the checkpoint's model.max_len=128"),
+        (
+            ["--config", os.path.join(ROOT, "configs", "finetune", "code_package.yaml"), run],
+            "needs a model of family 'encoder'",
+        ),
+        (
+            ["task.name=code_completion", "train.steps=5", run],
+            "optimizer.warmup_steps=10 exceeds train.steps=5",
+        ),
+        (
+            ["task.name=code_completion", "task.max_input_len=512", run],
+            "task.max_input_len=512 exceeds the checkpoint's model.max_len=128",
+        ),
     ]
     for argv, message in cases:
         assert main(["--from", finished_run] + argv) == 2
@@ -211,8 +252,9 @@ def test_finetune_checks_its_config_before_reading_task_data(finished_run, tmp_p
 # ------------------------------------------------------------------ 2. eval: optional packages
 
 
-def test_eval_plot_without_matplotlib_fails_before_evaluating(finished_run, tmp_path, monkeypatch,
-                                                             capsys):
+def test_eval_plot_without_matplotlib_fails_before_evaluating(
+    finished_run, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     import jaxformer.training.evaluate as evaluate
 
@@ -221,15 +263,18 @@ def test_eval_plot_without_matplotlib_fails_before_evaluating(finished_run, tmp_
 
     monkeypatch.setattr(evaluate, "open_run", never)
     out = tmp_path / "report.json"
-    assert evaluate.run_eval(finished_run, None, None, str(out), plot=True, prompt=None,
-                             int8=True) == 2
+    assert (
+        evaluate.run_eval(finished_run, None, None, str(out), plot=True, prompt=None, int8=True)
+        == 2
+    )
     line = _one_error_line(capsys.readouterr().err)
     assert "--plot needs the matplotlib package: pip install -e '.[plot]'" in line
     assert not out.exists()
 
 
-def test_eval_writes_the_report_before_a_plot_that_fails(finished_run, tmp_path, monkeypatch,
-                                                        capsys):
+def test_eval_writes_the_report_before_a_plot_that_fails(
+    finished_run, tmp_path, monkeypatch, capsys
+):
     import jaxformer.training.evaluate as evaluate
 
     def disk_full(*args, **kwargs):
@@ -238,8 +283,10 @@ def test_eval_writes_the_report_before_a_plot_that_fails(finished_run, tmp_path,
     monkeypatch.setattr(evaluate, "plot_curves", disk_full)
     monkeypatch.setattr(evaluate, "generate_text", lambda trainer, prompt, *a: " pass")
     out = tmp_path / "report.json"
-    assert evaluate.run_eval(finished_run, None, None, str(out), plot=True, prompt="x",
-                             num_batches=1) == 2
+    assert (
+        evaluate.run_eval(finished_run, None, None, str(out), plot=True, prompt="x", num_batches=1)
+        == 2
+    )
     assert "No space left on device" in capsys.readouterr().err
     report = json.loads(out.read_text())
     assert report["step"] == 2 and "loss" in report["metrics"] and report["samples"]
@@ -254,16 +301,23 @@ def test_eval_out_in_a_missing_directory_fails_before_evaluating(finished_run, t
 # ------------------------------------------------------------------ 3. reruns with other settings
 
 
-@pytest.mark.parametrize("changes, keys", [
-    (["data.batch_size=16", "optimizer.learning_rate=1.0"],
-     ["data.batch_size 8 -> 16", "optimizer.learning_rate 0.0003 -> 1.0"]),
-    (["data.vocab_size=512"], ["data.vocab_size 1024 -> 512"]),  # was ignored, yet recorded
-    (["train.seed=1", "model.dropout_rate=0.1"], ["train.seed 0 -> 1", "model.dropout_rate"]),
-    (["train.steps=1"], ["train.steps=1 is below step 2"]),
-])
-def test_rerun_with_settings_that_change_the_run_is_refused(run_copy, run_overrides, changes,
-                                                            keys, capsys):
+@pytest.mark.parametrize(
+    "changes, keys",
+    [
+        (
+            ["data.batch_size=16", "optimizer.learning_rate=1.0"],
+            ["data.batch_size 8 -> 16", "optimizer.learning_rate 0.0003 -> 1.0"],
+        ),
+        (["data.vocab_size=512"], ["data.vocab_size 1024 -> 512"]),  # was ignored, yet recorded
+        (["train.seed=1", "model.dropout_rate=0.1"], ["train.seed 0 -> 1", "model.dropout_rate"]),
+        (["train.steps=1"], ["train.steps=1 is below step 2"]),
+    ],
+)
+def test_rerun_with_settings_that_change_the_run_is_refused(
+    run_copy, run_overrides, changes, keys, capsys
+):
     from jaxformer.training.main import run_training
+
     before = snapshot(run_copy)
     assert run_training(None, run_overrides + [f"run.dir={run_copy}"] + changes) == 2
     line = _one_error_line(capsys.readouterr().err)
@@ -272,38 +326,53 @@ def test_rerun_with_settings_that_change_the_run_is_refused(run_copy, run_overri
     assert snapshot(run_copy) == before  # config.yaml, checkpoints, metrics untouched
 
 
-def test_rerun_extending_the_run_reports_the_changes_and_records_them(run_copy, run_overrides,
-                                                                      capsys):
+def test_rerun_extending_the_run_reports_the_changes_and_records_them(
+    run_copy, run_overrides, capsys
+):
     from jaxformer.training.main import run_training
+
     changes = ["train.steps=3", "train.log_every=2", "model.attention_impl=plain"]
     assert run_training(None, run_overrides + [f"run.dir={run_copy}"] + changes) == 0
     out = capsys.readouterr().out
-    assert ("[resume] settings changed since the checkpoint: model.attention_impl 'auto' -> "
-            "'plain', train.steps 2 -> 3, train.log_every 1 -> 2; config.yaml now records them"
-            ) in out
+    assert (
+        "[resume] settings changed since the checkpoint: model.attention_impl 'auto' -> "
+        "'plain', train.steps 2 -> 3, train.log_every 1 -> 2; config.yaml now records them"
+    ) in out
     assert "[done] trained to step 3 (1 step in" in out
     recorded = load_experiment(os.path.join(run_copy, "config.yaml"))
     assert (recorded.train.steps, recorded.train.log_every, recorded.model.attention_impl) == (
-        3, 2, "plain")
+        3,
+        2,
+        "plain",
+    )
     assert Checkpointer(run_copy, create=False).latest_step == 3
 
 
 # ------------------------------------------------------------------ 4. whole config checked first
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.steps=20"], "optimizer.warmup_steps=50 exceeds train.steps=20"),
-    (["data.seq_len=256"], "data.seq_len=256 exceeds model.max_len=128"),
-    (["data.objective=span_corruption"], "set data.objective=auto"),
-    (["data.tokenizer_path=/no/such.model"], "data.tokenizer_path='/no/such.model' is not a file"),
-    (["optimizer.schedule=warmup_stable_decay", "optimizer.warmup_steps=590"],
-     "set optimizer.warmup_steps=<=540"),
-    (["model.preset=t5-tiny", "data.target_len=2"], "raise data.target_len"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.steps=20"], "optimizer.warmup_steps=50 exceeds train.steps=20"),
+        (["data.seq_len=256"], "data.seq_len=256 exceeds model.max_len=128"),
+        (["data.objective=span_corruption"], "set data.objective=auto"),
+        (
+            ["data.tokenizer_path=/no/such.model"],
+            "data.tokenizer_path='/no/such.model' is not a file",
+        ),
+        (
+            ["optimizer.schedule=warmup_stable_decay", "optimizer.warmup_steps=590"],
+            "set optimizer.warmup_steps=<=540",
+        ),
+        (["model.preset=t5-tiny", "data.target_len=2"], "raise data.target_len"),
+    ],
+)
 def test_the_whole_config_is_checked_before_any_work(overrides, message, tmp_path, capsys):
     """As a new user: `python train.py train.steps=20` on the default config (its data dir never
     touched, no tokenizer trained, no run directory made)."""
     from jaxformer.training.main import run_training
+
     run_dir, data_dir = tmp_path / "run", tmp_path / "data"
     default = os.path.join(ROOT, "configs", "default.yaml")
     status = run_training(default, overrides + [f"run.dir={run_dir}", f"data.data_dir={data_dir}"])
@@ -313,15 +382,21 @@ def test_the_whole_config_is_checked_before_any_work(overrides, message, tmp_pat
 
 
 def test_warmup_message_names_the_override():
-    with pytest.raises(ValueError, match=r"optimizer.warmup_steps=50 exceeds train.steps=20 .*; "
-                                         r"set optimizer.warmup_steps=<=20"):
+    with pytest.raises(
+        ValueError,
+        match=r"optimizer.warmup_steps=50 exceeds train.steps=20 .*; "
+        r"set optimizer.warmup_steps=<=20",
+    ):
         load_experiment(os.path.join(ROOT, "configs", "default.yaml"), ["train.steps=20"])
 
 
 def test_mesh_too_big_for_the_cpu_says_how_to_simulate_devices(run_overrides, tmp_path, capsys):
     from jaxformer.training.main import run_training
-    assert run_training(None, run_overrides + ["mesh.shape=[4,4,1]",
-                                               f"run.dir={tmp_path / 'run'}"]) == 2
+
+    assert (
+        run_training(None, run_overrides + ["mesh.shape=[4,4,1]", f"run.dir={tmp_path / 'run'}"])
+        == 2
+    )
     line = _one_error_line(capsys.readouterr().err)
     assert "needs 16 devices" in line
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=16" in line
@@ -333,6 +408,7 @@ def test_mesh_too_big_for_the_cpu_says_how_to_simulate_devices(run_overrides, tm
 
 def test_rerun_of_a_finished_run_says_so_and_reports_validation(run_copy, run_overrides, capsys):
     from jaxformer.training.main import run_training
+
     before = Checkpointer(run_copy, create=False).steps
     assert run_training(None, run_overrides + [f"run.dir={run_copy}", "train.steps=2"]) == 0
     out = capsys.readouterr().out
@@ -347,14 +423,17 @@ def test_rerun_of_a_finished_run_says_so_and_reports_validation(run_copy, run_ov
 def _raise_oserror(code):
     def fail(path, *args, **kwargs):
         raise OSError(code, os.strerror(code), path)
+
     return fail
 
 
-def test_full_disk_while_checkpointing_keeps_earlier_checkpoints(run_overrides, tmp_path,
-                                                                 monkeypatch, capsys):
+def test_full_disk_while_checkpointing_keeps_earlier_checkpoints(
+    run_overrides, tmp_path, monkeypatch, capsys
+):
     """ENOSPC at the step-2 save: exit 2 naming the disk, the step-1 checkpoint intact."""
     from jaxformer.training import checkpoint as ckpt_lib
     from jaxformer.training.main import run_training
+
     run_dir = str(tmp_path / "run")
     save = ckpt_lib.Checkpointer.save
 
@@ -373,6 +452,7 @@ def test_full_disk_while_checkpointing_keeps_earlier_checkpoints(run_overrides, 
     # Then a read-only file system while config.yaml is rewritten: refused, nothing lost.
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
     import jaxformer.config as config_lib
+
     monkeypatch.setattr(config_lib, "open", _raise_oserror(errno.EROFS), raising=False)
     before = snapshot(run_dir)
     assert run_training(None, overrides) == 2
@@ -385,12 +465,14 @@ def test_full_disk_while_checkpointing_keeps_earlier_checkpoints(run_overrides, 
 # ------------------------------------------------------------------ 6. Ctrl-C inside the loop
 
 
-def test_ctrl_c_while_training_saves_and_says_how_to_resume(run_overrides, tmp_path, monkeypatch,
-                                                            capsys):
+def test_ctrl_c_while_training_saves_and_says_how_to_resume(
+    run_overrides, tmp_path, monkeypatch, capsys
+):
     """In-process SIGINT (as Ctrl-C sends) during the first logged step: status 75, a checkpoint
     of that step, and the message says to rerun the command."""
     from jaxformer.training import metrics as metrics_lib
     from jaxformer.training.main import run_training
+
     write, sent = metrics_lib.MetricsWriter.write, []
 
     def write_then_ctrl_c(self, *args, **kwargs):
@@ -401,8 +483,12 @@ def test_ctrl_c_while_training_saves_and_says_how_to_resume(run_overrides, tmp_p
 
     monkeypatch.setattr(metrics_lib.MetricsWriter, "write", write_then_ctrl_c)
     run_dir = str(tmp_path / "run")
-    assert run_training(None, run_overrides + ["train.steps=50", "checkpoint.every=100",
-                                               f"run.dir={run_dir}"]) == PREEMPTED_EXIT
+    assert (
+        run_training(
+            None, run_overrides + ["train.steps=50", "checkpoint.every=100", f"run.dir={run_dir}"]
+        )
+        == PREEMPTED_EXIT
+    )
     err = capsys.readouterr().err
     saved = Checkpointer(run_dir, create=False).latest_step
     assert saved is not None and f"SIGINT: saved a checkpoint at step {saved}" in err
@@ -419,15 +505,18 @@ class BadUtf8Corpus(tfds.core.GeneratorBasedBuilder):
 
     def _info(self):
         return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()})
+        )
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples("train"),
-                "validation": self._generate_examples("validation")}
+        return {
+            "train": self._generate_examples("train"),
+            "validation": self._generate_examples("validation"),
+        }
 
     def _generate_examples(self, split):
         for i in range(40):
-            text = ("def f(x):\n    return x + %d\n" % i * 20).encode()
+            text = (f"def f(x):\n    return x + {i}\n" * 20).encode()
             yield f"{split}{i}", {"text": b"caf\xe9 \xff\n" * 10 if i == 3 else text}
 
 
@@ -435,14 +524,23 @@ def test_tfds_corpus_with_a_document_that_is_not_utf8(run_overrides, tmp_path, c
     """Ends with one line naming the problem (status 2), or trains past the document; never a
     traceback and never a half-written run."""
     from jaxformer.training.main import run_training
+
     data_dir = str(tmp_path / "tfds")
     BadUtf8Corpus(data_dir=data_dir, file_format="array_record").download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
     capsys.readouterr()
     run_dir = str(tmp_path / "run")
-    status = run_training(None, run_overrides + [
-        "data.dataset=bad_utf8_corpus", f"data.data_dir={data_dir}", "train.steps=1",
-        f"run.dir={run_dir}"])
+    status = run_training(
+        None,
+        run_overrides
+        + [
+            "data.dataset=bad_utf8_corpus",
+            f"data.data_dir={data_dir}",
+            "train.steps=1",
+            f"run.dir={run_dir}",
+        ],
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err
     if status == 2:
@@ -454,10 +552,13 @@ def test_tfds_corpus_with_a_document_that_is_not_utf8(run_overrides, tmp_path, c
 
 def test_convert_without_the_hf_extra_names_it(tmp_path, capsys, monkeypatch):
     import importlib.util
+
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("torch", "transformers") else
-                        real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("torch", "transformers") else real(name, *a),
+    )
     assert _convert(["from-hf", str(tmp_path), str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "needs the torch package: pip install -e '.[hf]'" in err

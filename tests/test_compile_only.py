@@ -38,8 +38,9 @@ def test_tiny_model_fits_and_reports_memory(tiny_report):
     assert r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
     assert r["fits"] is True and "suggestions" not in r
     assert 0 < r["per_chip_bytes"] < r["hbm_bytes"] == int(15.75 * compile_only.GiB)
-    assert r["per_chip_bytes"] == (r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"]
-                                   - r["alias_bytes"])
+    assert r["per_chip_bytes"] == (
+        r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
+    )
     assert r["alias_bytes"] > 0  # the state is donated
     assert r["xla_flops_per_chip"] > 0 and r["compile_seconds"] > 0
     assert r["batch"]["inputs"] == [8, 32] and r["vocab_size"] == 512
@@ -57,17 +58,28 @@ def test_huge_batch_does_not_fit_and_says_by_how_much():
 
 
 def test_oom_messages_parse():
-    temps = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-             "temporaries (19.53G) exceeds available HBM (15.75G).")
+    temps = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (19.53G) exceeds available HBM (15.75G)."
+    )
     assert compile_only.parse_oom(temps) == (int(19.53 * 2**30), int(15.75 * 2**30))
-    used = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory " \
-           "space hbm. Used 20.61G of 15.75G hbm. Exceeded hbm capacity by 4.86G."
+    used = (
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+        "space hbm. Used 20.61G of 15.75G hbm. Exceeded hbm capacity by 4.86G."
+    )
     assert compile_only.parse_oom(used) == (int(20.61 * 2**30), int(15.75 * 2**30))
     assert compile_only.parse_oom("RESOURCE_EXHAUSTED: something else") == (None, None)
 
 
-@pytest.mark.parametrize("name, expected", [("v5e:4x4", "v5e:4x4"), ("v5litepod:2x2", "v5e:2x2"),
-                                            ("V6E:2x2", "v6e:2x2"), ("v4:2x2x1", "v4:2x2x1")])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("v5e:4x4", "v5e:4x4"),
+        ("v5litepod:2x2", "v5e:2x2"),
+        ("V6E:2x2", "v6e:2x2"),
+        ("v4:2x2x1", "v4:2x2x1"),
+    ],
+)
 def test_topology_names_and_aliases(name, expected):
     assert compile_only.parse_topology(name)[1] == expected
 
@@ -96,8 +108,9 @@ def test_slices_compile_and_report(tiny_report):
     assert (r["slices"], r["chips"], r["mesh"]) == (2, 8, {"data": 2, "fsdp": 4, "tensor": 1})
     assert r["fits"] and r["rows_per_chip"] == 2
     with pytest.raises(ValueError, match="multiple of 2"):
-        compile_only.compile_train_step(load_experiment(DEFAULT, TINY + ["mesh.shape=[1,-1,1]"]),
-                                        "v5e:2x2", slices=2)
+        compile_only.compile_train_step(
+            load_experiment(DEFAULT, TINY + ["mesh.shape=[1,-1,1]"]), "v5e:2x2", slices=2
+        )
 
 
 def _train_main():
@@ -128,33 +141,47 @@ def test_cli_bad_input_exits_2(capsys):
 
 def test_missing_libtpu_says_how_to_install(monkeypatch, capsys):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "libtpu" else find_spec(name, *a),
+    )
     assert _train_main()(["--compile-only", "--topology", "v5e:2x2"] + TINY) == 2
     assert "pip install -e '.[tpu]'" in capsys.readouterr().err
 
 
 # Wide enough that activations and logits, not parameters, dominate a chip's memory.
-WEAK_SCALING = ["model.preset=llama-tiny", "model.d_model=256", "model.d_ff=768",
-                "model.num_heads=8", "model.num_kv_heads=4", "model.max_len=512",
-                "data.vocab_size=8192", "data.seq_len=512", "model.dtype=bfloat16",
-                "mesh.shape=[1,-1,1]", "train.loss_chunk_size=128"]
+WEAK_SCALING = [
+    "model.preset=llama-tiny",
+    "model.d_model=256",
+    "model.d_ff=768",
+    "model.num_heads=8",
+    "model.num_kv_heads=4",
+    "model.max_len=512",
+    "data.vocab_size=8192",
+    "data.seq_len=512",
+    "model.dtype=bfloat16",
+    "mesh.shape=[1,-1,1]",
+    "train.loss_chunk_size=128",
+]
 
 
 def test_weak_scaling_per_chip_memory_stays_flat():
     """At a fixed 4 rows per chip, 4x more chips (and rows) must not grow per-chip memory: every
     activation and the logits stay split over the batch, whatever the mesh."""
     small = compile_only.compile_train_step(
-        load_experiment(None, WEAK_SCALING + ["data.batch_size=16"]), "v5e:2x2")
+        load_experiment(None, WEAK_SCALING + ["data.batch_size=16"]), "v5e:2x2"
+    )
     large = compile_only.compile_train_step(
-        load_experiment(None, WEAK_SCALING + ["data.batch_size=64"]), "v5e:4x4")
+        load_experiment(None, WEAK_SCALING + ["data.batch_size=64"]), "v5e:4x4"
+    )
     assert small["rows_per_chip"] == large["rows_per_chip"] == 4
     assert small["fits"] and large["fits"]
     # No array on a chip holds more rows than that chip's 4: activations, logits and their
     # gradients stay split over the batch (before activation constraints, [64, 512, ...] did).
     for report in (small, large):
         for shape, _ in report["largest_buffers"]:
-            dims = [int(d) for d in shape[shape.index("[") + 1:-1].split(",")]
+            dims = [int(d) for d in shape[shape.index("[") + 1 : -1].split(",")]
             assert not (dims[0] in (16, 64) and 512 in dims), (report["topology"], shape)
     # Same per-chip shapes; what differs is how many XLA's scheduler keeps live around 4- vs
     # 16-way FSDP gathers (seen: 8-25% more temporaries on 4x4), far from the 4x of a global batch.
@@ -164,9 +191,11 @@ def test_weak_scaling_per_chip_memory_stays_flat():
 def test_offload_remat_moves_saved_activations_to_host():
     """remat=offload_dots saves the same matmul outputs as dots_saveable, but in host memory."""
     saved = compile_only.compile_train_step(
-        load_experiment(DEFAULT, TINY + ["model.remat=dots_saveable"]), "v5e:2x2")
+        load_experiment(DEFAULT, TINY + ["model.remat=dots_saveable"]), "v5e:2x2"
+    )
     offloaded = compile_only.compile_train_step(
-        load_experiment(DEFAULT, TINY + ["model.remat=offload_dots"]), "v5e:2x2")
+        load_experiment(DEFAULT, TINY + ["model.remat=offload_dots"]), "v5e:2x2"
+    )
     assert saved["fits"] and offloaded["fits"]
     assert saved["host_temp_bytes"] == 0 < offloaded["host_temp_bytes"]
     # Device temporaries are not compared: at this size XLA's staging buffers for the transfers

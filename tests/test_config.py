@@ -55,12 +55,15 @@ def test_defaults_are_frozen_nested_dataclasses():
 
 
 def test_yaml_then_overrides(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         train:
           steps: 100
           lr: 3e-4
         seed: 7
-    """)
+    """,
+    )
     cfg = load_config(Top, path, ["train.steps=200", "train.eval_every=50", "train.fast=true"])
     assert cfg.train == Train(steps=200, lr=3e-4, eval_every=50, fast=True)
     assert isinstance(cfg.train.lr, float) and cfg.seed == 7
@@ -72,23 +75,33 @@ def test_optional_int_back_to_null():
 
 
 def test_tuple_fields_from_overrides_and_yaml(tmp_path):
-    cfg = load_config(Top, None, ["mesh.shape=[2,4,1]", "mesh.rules=[[batch,data],[mlp,tensor],[embed,null]]"])
+    cfg = load_config(
+        Top, None, ["mesh.shape=[2,4,1]", "mesh.rules=[[batch,data],[mlp,tensor],[embed,null]]"]
+    )
     assert cfg.mesh.shape == (2, 4, 1)
     assert cfg.mesh.rules == (("batch", "data"), ("mlp", "tensor"), ("embed", None))
     assert all(type(r) is tuple for r in cfg.mesh.rules)
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         mesh:
           shape: [8, -1, 1]
           rules:
             - [batch, data]
             - [heads, null]
-    """)
-    assert load_config(Top, path, []).mesh == Mesh(shape=(8, -1, 1), rules=(("batch", "data"), ("heads", None)))
+    """,
+    )
+    assert load_config(Top, path, []).mesh == Mesh(
+        shape=(8, -1, 1), rules=(("batch", "data"), ("heads", None))
+    )
 
 
 def test_dump_load_round_trip(tmp_path):
-    cfg = Top(train=Train(steps=3, lr=2e-5, name="1e-3", eval_every=None),
-              mesh=Mesh(shape=(2, 2, 2), rules=(("a", None), ("b", "fsdp"))), seed=-1)
+    cfg = Top(
+        train=Train(steps=3, lr=2e-5, name="1e-3", eval_every=None),
+        mesh=Mesh(shape=(2, 2, 2), rules=(("a", None), ("b", "fsdp"))),
+        seed=-1,
+    )
     text = dump_config(cfg)
     assert "'1e-3'" in text  # a string that looks like a float stays a string
     path = tmp_path / "run" / "config.yaml"
@@ -99,24 +112,33 @@ def test_dump_load_round_trip(tmp_path):
 
 def test_config_from_dict():
     d = {"train": {"steps": 4}, "mesh": {"shape": [1, 8, 1], "rules": [["x", None]]}}
-    assert config_from_dict(Top, d) == Top(train=Train(steps=4), mesh=Mesh(shape=(1, 8, 1), rules=(("x", None),)))
+    assert config_from_dict(Top, d) == Top(
+        train=Train(steps=4), mesh=Mesh(shape=(1, 8, 1), rules=(("x", None),))
+    )
     with pytest.raises(ConfigError, match="did you mean 'train.steps'"):
         config_from_dict(Top, {"train": {"step": 4}})
 
 
 def test_unknown_key_suggests_nearest():
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.stesp'; did you mean 'train.steps'\?"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'train.stesp'; did you mean 'train.steps'\?"
+    ):
         load_config(Top, None, ["train.stesp=100"])
     with pytest.raises(ConfigError, match=r"unknown config key 'trian'; did you mean 'train'\?"):
         load_config(Top, None, ["trian.steps=100"])
-    with pytest.raises(ConfigError, match=r"unknown config key 'steps'; did you mean 'train.steps'\?"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'steps'; did you mean 'train.steps'\?"
+    ):
         load_config(Top, None, ["steps=100"])
 
 
 def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
     path = write(tmp_path, "mesh:\n  zzz: 1\n")
-    with pytest.raises(ConfigError, match=r"cfg.yaml: unknown config key 'mesh.zzz'; valid keys in 'mesh': "
-                                          r"mesh.shape, mesh.axes, mesh.rules"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cfg.yaml: unknown config key 'mesh.zzz'; valid keys in 'mesh': "
+        r"mesh.shape, mesh.axes, mesh.rules",
+    ):
         load_config(Top, path, [])
 
 
@@ -134,7 +156,10 @@ def test_wrong_type_names_key_and_expected_type(tmp_path):
 
 
 def test_wrong_type_inside_nested_tuples():
-    with pytest.raises(ConfigError, match=r"mesh.rules\[0\]: expected a list \[str, str or null\], got \['a', 'b', 'c'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"mesh.rules\[0\]: expected a list \[str, str or null\], got \['a', 'b', 'c'\]",
+    ):
         load_config(Top, None, ["mesh.rules=[[a,b,c]]"])
     with pytest.raises(ConfigError, match=r"mesh.rules\[1\]\[0\]: expected str, got 3"):
         load_config(Top, None, ["mesh.rules=[[a,b],[3,null]]"])

@@ -38,24 +38,51 @@ DEC_MASK[1, 5:] = 0
 
 def _gpt2(**kw):
     torch.manual_seed(0)
-    cfg = dict(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=V - 1,
-               eos_token_id=V - 1)
+    cfg = dict(
+        vocab_size=V,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=V - 1,
+        eos_token_id=V - 1,
+    )
     return tf.GPT2LMHeadModel(tf.GPT2Config(**{**cfg, **kw})).eval()
 
 
 def _bert_config(**kw):
-    return tf.BertConfig(**{**dict(vocab_size=V, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, intermediate_size=64,
-                                   max_position_embeddings=32, num_labels=3), **kw})
+    return tf.BertConfig(
+        **{
+            **dict(
+                vocab_size=V,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=32,
+                num_labels=3,
+            ),
+            **kw,
+        }
+    )
 
 
 def _t5(version):
     torch.manual_seed(0)
-    cfg = tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                      num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=8,
-                      relative_attention_max_distance=16, decoder_start_token_id=0,
-                      feed_forward_proj="relu" if version == "v1.0" else "gated-gelu",
-                      tie_word_embeddings=version == "v1.0")
+    cfg = tf.T5Config(
+        vocab_size=V,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        decoder_start_token_id=0,
+        feed_forward_proj="relu" if version == "v1.0" else "gated-gelu",
+        tie_word_embeddings=version == "v1.0",
+    )
     model = tf.T5ForConditionalGeneration(cfg).eval()
     if version == "v1.1":  # v1.1 has its own lm_head (transformers 5 ties it unless told not to)
         model.lm_head.weight = torch.nn.Parameter(torch.randn(V, 32))
@@ -65,9 +92,13 @@ def _t5(version):
 @pytest.fixture(scope="module")
 def hf_models():
     torch.manual_seed(0)
-    return {"gpt2": _gpt2(), "bert_mlm": tf.BertForMaskedLM(_bert_config()).eval(),
-            "bert_cls": tf.BertForSequenceClassification(_bert_config()).eval(),
-            "t5_v1.0": _t5("v1.0"), "t5_v1.1": _t5("v1.1")}
+    return {
+        "gpt2": _gpt2(),
+        "bert_mlm": tf.BertForMaskedLM(_bert_config()).eval(),
+        "bert_cls": tf.BertForSequenceClassification(_bert_config()).eval(),
+        "t5_v1.0": _t5("v1.0"),
+        "t5_v1.1": _t5("v1.1"),
+    }
 
 
 def hf_logits(name, hf):
@@ -77,8 +108,12 @@ def hf_logits(name, hf):
             return hf(t(TOKENS), attention_mask=t(MASK)).logits.numpy()
         if name.startswith("bert"):
             return hf(t(TOKENS), attention_mask=t(MASK), token_type_ids=t(TYPES)).logits.numpy()
-        return hf(input_ids=t(TOKENS), attention_mask=t(MASK), decoder_input_ids=t(DEC_TOKENS),
-                  decoder_attention_mask=t(DEC_MASK)).logits.numpy()
+        return hf(
+            input_ids=t(TOKENS),
+            attention_mask=t(MASK),
+            decoder_input_ids=t(DEC_TOKENS),
+            decoder_attention_mask=t(DEC_MASK),
+        ).logits.numpy()
 
 
 def our_logits(name, model):
@@ -89,8 +124,9 @@ def our_logits(name, model):
         return np.asarray(model(j(TOKENS), attention_mask=j(MASK), token_types=j(TYPES)))
     if name == "bert_cls":
         return np.asarray(model.classify(j(TOKENS), attention_mask=j(MASK), token_types=j(TYPES)))
-    return np.asarray(model(j(TOKENS), j(DEC_TOKENS), encoder_mask=j(MASK),
-                            decoder_mask=j(DEC_MASK)))
+    return np.asarray(
+        model(j(TOKENS), j(DEC_TOKENS), encoder_mask=j(MASK), decoder_mask=j(DEC_MASK))
+    )
 
 
 def valid(name):
@@ -128,8 +164,9 @@ def test_out_and_back_in(hf_models, name, tmp_path):
     reloaded, info = cls.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"], info
     ref = hf_logits(name, hf_models[name])
-    np.testing.assert_allclose(hf_logits(name, reloaded.eval())[valid(name)], ref[valid(name)],
-                               atol=ATOL)
+    np.testing.assert_allclose(
+        hf_logits(name, reloaded.eval())[valid(name)], ref[valid(name)], atol=ATOL
+    )
     again, cfg2 = convert.from_hf(out)
     assert cfg2 == cfg
     before, after = common.flat_params(model), common.flat_params(again)
@@ -168,14 +205,19 @@ def test_greedy_generation_gpt2(hf_models):
     hf, n, prompt = hf_models["gpt2"], 10, [5, 17, 42, 8]
     model, _ = convert.from_hf(hf)
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                          max_new_tokens=n, do_sample=False, pad_token_id=V - 1)[0].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt)),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=V - 1,
+        )[0].tolist()
     buffer = np.zeros((1, len(prompt) + n), np.int32)
-    buffer[0, :len(prompt)] = prompt
+    buffer[0, : len(prompt)] = prompt
     step = nnx.jit(lambda m, x: m(x))
     ours = _greedy(lambda x: step(model, x), buffer, len(prompt), n)
     new = _hf_new(ref, len(prompt), n, V - 1)
-    assert ours[:len(new)] == new
+    assert ours[: len(new)] == new
 
 
 def test_greedy_generation_t5(hf_models):
@@ -184,33 +226,63 @@ def test_greedy_generation_t5(hf_models):
     src = TOKENS[:1, :6]
     with torch.no_grad():
         # use_cache=False: transformers' cache sizes itself by the encoder depth (3 != 2 here)
-        ref = hf.generate(torch.tensor(src), attention_mask=torch.ones(1, 6), max_new_tokens=n,
-                          do_sample=False, use_cache=False)[0].tolist()
+        ref = hf.generate(
+            torch.tensor(src),
+            attention_mask=torch.ones(1, 6),
+            max_new_tokens=n,
+            do_sample=False,
+            use_cache=False,
+        )[0].tolist()
     assert ref[0] == 0  # decoder start
     encoded = model.encode(jnp.asarray(src))
     step = nnx.jit(lambda m, enc, x: m.decode(x, enc))
     buffer = np.zeros((1, n + 1), np.int32)
     ours = _greedy(lambda x: step(model, encoded, x), buffer, 1, n)
     new = _hf_new(ref, 1, n, hf.config.eos_token_id)
-    assert ours[:len(new)] == new
+    assert ours[: len(new)] == new
 
 
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: tf.OPTForCausalLM(tf.OPTConfig(
-        vocab_size=V, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-        word_embed_proj_dim=16, max_position_embeddings=32)), "unsupported .* type 'opt'"),
-    (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2)), "unsupported .* type 'llama'"),
-    (lambda: _gpt2(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
-    (lambda: _gpt2(activation_function="silu"), "activation_function='silu'"),
-    (lambda: tf.BertForMaskedLM(_bert_config(position_embedding_type="relative_key")),
-     "position_embedding_type='relative_key'"),
-    (lambda: tf.BertForMaskedLM(_bert_config(is_decoder=True)), "is_decoder"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (
+            lambda: tf.OPTForCausalLM(
+                tf.OPTConfig(
+                    vocab_size=V,
+                    hidden_size=16,
+                    num_hidden_layers=1,
+                    ffn_dim=32,
+                    num_attention_heads=2,
+                    word_embed_proj_dim=16,
+                    max_position_embeddings=32,
+                )
+            ),
+            "unsupported .* type 'opt'",
+        ),
+        (
+            lambda: tf.LlamaForCausalLM(
+                tf.LlamaConfig(
+                    vocab_size=V,
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                )
+            ),
+            "unsupported .* type 'llama'",
+        ),
+        (lambda: _gpt2(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+        (lambda: _gpt2(activation_function="silu"), "activation_function='silu'"),
+        (
+            lambda: tf.BertForMaskedLM(_bert_config(position_embedding_type="relative_key")),
+            "position_embedding_type='relative_key'",
+        ),
+        (lambda: tf.BertForMaskedLM(_bert_config(is_decoder=True)), "is_decoder"),
+    ],
+)
 def test_unrepresentable_models_are_refused(build, match):
     with pytest.raises(ValueError, match=match):
         convert.from_hf(build())
@@ -229,6 +301,7 @@ def test_bad_directories(tmp_path, hf_models):
 def test_unexpected_weights_are_refused(hf_models, tmp_path):
     hf_models["gpt2"].save_pretrained(tmp_path)
     from safetensors.numpy import load_file, save_file
+
     path = tmp_path / "model.safetensors"
     weights = load_file(path)
     weights["transformer.h.0.attn.q_norm.weight"] = np.ones(32, np.float32)
@@ -239,6 +312,7 @@ def test_unexpected_weights_are_refused(hf_models, tmp_path):
 
 def test_to_hf_refuses_unrepresentable_configs_and_full_directories(hf_models, tmp_path):
     from jaxformer import models
+
     with nnx.use_eager_sharding(False):
         llama = models.create(models.preset("llama-tiny"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="GPT-2.*position='rope'"):
@@ -272,30 +346,52 @@ def test_command_line_round_trip(hf_models, tmp_path, capsys):
 
 
 def test_core_never_imports_torch():
-    code = ("import sys, jaxformer, jaxformer.models, jaxformer.layers, jaxformer.training; "
-            "bad = [m for m in ('torch', 'transformers', 'jaxformer.convert') "
-            "if m in sys.modules]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ,
-                                                                  "JAX_PLATFORMS": "cpu"})
+    code = (
+        "import sys, jaxformer, jaxformer.models, jaxformer.layers, jaxformer.training; "
+        "bad = [m for m in ('torch', 'transformers', 'jaxformer.convert') "
+        "if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
 
 
 def test_converted_checkpoint_fine_tunes_and_evaluates(stdlib_data_dir, stdlib_tokenizer, tmp_path):
     from jaxformer.training.evaluate import run_eval
     from jaxformer.training.finetune import run_finetune
 
-    hf = tf.BertForSequenceClassification(_bert_config(
-        vocab_size=stdlib_tokenizer.vocab_size, max_position_embeddings=64)).eval()
+    hf = tf.BertForSequenceClassification(
+        _bert_config(vocab_size=stdlib_tokenizer.vocab_size, max_position_embeddings=64)
+    ).eval()
     hf.save_pretrained(tmp_path / "hf")
     stdlib_tokenizer.save(str(tmp_path / "tok.model"))
-    assert cli(["from-hf", str(tmp_path / "hf"), str(tmp_path / "run"),
-                "--tokenizer", str(tmp_path / "tok.model")]) == 0
+    assert (
+        cli(
+            [
+                "from-hf",
+                str(tmp_path / "hf"),
+                str(tmp_path / "run"),
+                "--tokenizer",
+                str(tmp_path / "tok.model"),
+            ]
+        )
+        == 0
+    )
     run_dir = str(tmp_path / "finetuned")
-    overrides = [f"task.data_dir={stdlib_data_dir}", "task.max_input_len=64", "train.steps=3",
-                 "train.eval_every=0", "optimizer.warmup_steps=1", "checkpoint.async_save=false",
-                 f"run.dir={run_dir}"]
-    assert run_finetune(str(tmp_path / "run"), None, "configs/finetune/code_package.yaml",
-                        overrides) == 0
+    overrides = [
+        f"task.data_dir={stdlib_data_dir}",
+        "task.max_input_len=64",
+        "train.steps=3",
+        "train.eval_every=0",
+        "optimizer.warmup_steps=1",
+        "checkpoint.async_save=false",
+        f"run.dir={run_dir}",
+    ]
+    assert (
+        run_finetune(str(tmp_path / "run"), None, "configs/finetune/code_package.yaml", overrides)
+        == 0
+    )
     assert Checkpointer(run_dir, create=False).latest_step == 3
     assert run_eval(run_dir, None, None, str(tmp_path / "report.json"), False, None) == 0
     report = json.loads((tmp_path / "report.json").read_text())

@@ -117,7 +117,9 @@ def test_named_tfds_dataset_loads_through_mock_data():
         texts = corpus.text_source("lm1b", "train", "/nonexistent/tfds")
         assert len(texts) == 7
         assert all(isinstance(t, str) and t for t in texts)
-        with pytest.raises(ValueError, match="feature 'txt' not in dataset 'lm1b'; available: text"):
+        with pytest.raises(
+            ValueError, match="feature 'txt' not in dataset 'lm1b'; available: text"
+        ):
             corpus.text_source("lm1b", "train", "/nonexistent/tfds", text_key="txt")
 
 
@@ -180,5 +182,7 @@ def test_building_and_reading_never_imports_tensorflow(tmp_path):
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

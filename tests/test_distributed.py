@@ -22,12 +22,30 @@ def _free_port() -> int:
 
 def _start(num_processes, devices_each, run_dir, overrides, **env_extra):
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               **{k: str(v) for k, v in env_extra.items()})
-    return [subprocess.Popen([sys.executable, WORKER, str(port), str(num_processes), str(i),
-                              str(devices_each), run_dir, *overrides],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            for i in range(num_processes)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **{k: str(v) for k, v in env_extra.items()},
+    )
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                WORKER,
+                str(port),
+                str(num_processes),
+                str(i),
+                str(devices_each),
+                run_dir,
+                *overrides,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in range(num_processes)
+    ]
 
 
 def _launch(num_processes, devices_each, run_dir, overrides, until=None):
@@ -46,17 +64,29 @@ def _losses(run_dir):
 
 @pytest.mark.slow
 def test_resuming_on_fewer_devices_and_more_processes_sees_the_same_batches(
-        stdlib_data_dir, stdlib_tokenizer, tmp_path):
+    stdlib_data_dir, stdlib_tokenizer, tmp_path
+):
     """8 devices -> 4 devices -> 2 processes x 2 devices, from a multi-shard token store: the
     global batches (hence the losses) are the uninterrupted run's at every step."""
     tokenizer_path = str(tmp_path / "tok.model")
     stdlib_tokenizer.save(tokenizer_path)
-    overrides = ["model.preset=gpt-tiny", f"data.data_dir={stdlib_data_dir}",
-                 f"data.tokenizer_path={tokenizer_path}", "data.seq_len=32", "data.batch_size=8",
-                 "data.docs_per_shard=100", f"data.tokens_dir={tmp_path / 'tokens'}",
-                 "train.steps=4", "train.log_every=1", "train.eval_every=0",
-                 "train.eval_batches=1", "optimizer.warmup_steps=1", "checkpoint.async_save=false",
-                 "checkpoint.every=100", "mesh.shape=[-1,1,1]"]
+    overrides = [
+        "model.preset=gpt-tiny",
+        f"data.data_dir={stdlib_data_dir}",
+        f"data.tokenizer_path={tokenizer_path}",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "data.docs_per_shard=100",
+        f"data.tokens_dir={tmp_path / 'tokens'}",
+        "train.steps=4",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "optimizer.warmup_steps=1",
+        "checkpoint.async_save=false",
+        "checkpoint.every=100",
+        "mesh.shape=[-1,1,1]",
+    ]
     single = str(tmp_path / "single")
     _launch(1, 8, single, overrides)
     moved = str(tmp_path / "moved")
@@ -72,20 +102,33 @@ def test_resuming_on_fewer_devices_and_more_processes_sees_the_same_batches(
 
 @pytest.mark.slow
 def test_killing_one_process_stops_the_other_and_rerunning_both_resumes(
-        stdlib_data_dir, stdlib_tokenizer, tmp_path):
+    stdlib_data_dir, stdlib_tokenizer, tmp_path
+):
     tokenizer_path = str(tmp_path / "tok.model")
     stdlib_tokenizer.save(tokenizer_path)
-    overrides = ["model.preset=gpt-tiny", f"data.data_dir={stdlib_data_dir}",
-                 f"data.tokenizer_path={tokenizer_path}", "data.seq_len=32", "data.batch_size=8",
-                 "train.steps=6", "train.log_every=1", "train.eval_every=0",
-                 "train.eval_batches=1", "optimizer.warmup_steps=1", "checkpoint.async_save=false",
-                 "checkpoint.every=2", "mesh.shape=[-1,1,1]", "train.sample_prompt=''"]
+    overrides = [
+        "model.preset=gpt-tiny",
+        f"data.data_dir={stdlib_data_dir}",
+        f"data.tokenizer_path={tokenizer_path}",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "train.steps=6",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "optimizer.warmup_steps=1",
+        "checkpoint.async_save=false",
+        "checkpoint.every=2",
+        "mesh.shape=[-1,1,1]",
+        "train.sample_prompt=''",
+    ]
     reference = str(tmp_path / "reference")
     _launch(2, 2, reference, overrides)
 
     killed = str(tmp_path / "killed")
-    procs = _start(2, 2, killed, overrides, JAXFORMER_TEST_HEARTBEAT=5,
-                   JAXFORMER_TEST_STEP_SLEEP=1.0)
+    procs = _start(
+        2, 2, killed, overrides, JAXFORMER_TEST_HEARTBEAT=5, JAXFORMER_TEST_STEP_SLEEP=1.0
+    )
     deadline = time.time() + 300
     while not os.path.isdir(os.path.join(killed, "checkpoints", "2")):
         assert time.time() < deadline and procs[1].poll() is None, "step 2 was never saved"

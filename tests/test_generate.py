@@ -6,13 +6,13 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import model_helpers
 import numpy as np
 import pytest
 from flax import nnx
-
-import model_helpers
-from jaxformer.inference import beam_search, generate, param_bytes, quantize_model
 from model_helpers import tokens
+
+from jaxformer.inference import beam_search, generate, param_bytes, quantize_model
 
 # A larger init than the presets' 0.02 makes random models' greedy outputs vary from step to step
 # (with 0.02 they repeat one token), so token-for-token comparisons mean something.
@@ -53,8 +53,9 @@ def greedy_by_recompute(logits_of, context, n):
 def test_decoder_greedy_with_cache_equals_recompute(name):
     model = build(name, init_std=SHARP)
     prompt = right_padded(0, PROMPT_LENGTHS)
-    out, scores = generate(model, prompt, prompt_lengths=PROMPT_LENGTHS, max_new_tokens=6,
-                           return_scores=True)
+    out, scores = generate(
+        model, prompt, prompt_lengths=PROMPT_LENGTHS, max_new_tokens=6, return_scores=True
+    )
     assert out.shape == (3, 6)
     for row, length in enumerate(PROMPT_LENGTHS):
         context = np.asarray(prompt[row, :length]).tolist()
@@ -70,7 +71,7 @@ def test_encoder_decoder_greedy_with_cache_equals_recompute():
     encoder = right_padded(1, lengths)
     out = generate(model, encoder, prompt_lengths=lengths, max_new_tokens=6)
     for row, length in enumerate(lengths):
-        enc = encoder[row:row + 1, :length]
+        enc = encoder[row : row + 1, :length]
         ref, _ = greedy_by_recompute(lambda x: forward(model, enc, x), [0], 6)
         assert out[row].tolist() == ref, f"row {row}"
     # Padding the encoder input further, or on the left with an encoder_mask, changes nothing
@@ -96,14 +97,14 @@ def brute_force(model, context, n, vocab, eos_id, length_penalty):
     """Every distinct n-token continuation (pad after EOS) with its length-normalised score."""
     conts = np.array(list(itertools.product(range(vocab), repeat=n)))
     seqs = jnp.asarray(np.concatenate([np.tile(context, (len(conts), 1)), conts], axis=1))
-    logp = jax.nn.log_softmax(forward(model, seqs)[:, len(context) - 1:-1], axis=-1)
+    logp = jax.nn.log_softmax(forward(model, seqs)[:, len(context) - 1 : -1], axis=-1)
     logp_tok = np.asarray(jnp.take_along_axis(logp, jnp.asarray(conts)[..., None], -1)[..., 0])
     best = {}
     for cont, lp in zip(conts, logp_tok):
         ends = np.flatnonzero(cont == eos_id) if eos_id is not None else []
         length = ends[0] + 1 if len(ends) else n
         canonical = tuple(cont[:length]) + (0,) * (n - length)
-        best[canonical] = lp[:length].sum() / length ** length_penalty
+        best[canonical] = lp[:length].sum() / length**length_penalty
     return sorted(best.items(), key=lambda kv: -kv[1])
 
 
@@ -114,15 +115,31 @@ def test_beam_search_finds_the_best_sequences(eos_id, length_penalty):
     model = build("gpt-tiny", vocab_size=8, init_std=1.0)
     lengths = np.array([4, 2])
     prompt = right_padded(2, lengths, vocab=8)
-    seqs, scores = beam_search(model, prompt, prompt_lengths=lengths, max_new_tokens=3,
-                               num_beams=64, eos_id=eos_id, length_penalty=length_penalty)
+    seqs, scores = beam_search(
+        model,
+        prompt,
+        prompt_lengths=lengths,
+        max_new_tokens=3,
+        num_beams=64,
+        eos_id=eos_id,
+        length_penalty=length_penalty,
+    )
     for row, length in enumerate(lengths):
-        ranked = brute_force(model, np.asarray(prompt[row, :length]), 3, 8, eos_id,
-                             length_penalty)[:64]
+        ranked = brute_force(model, np.asarray(prompt[row, :length]), 3, 8, eos_id, length_penalty)[
+            :64
+        ]
         assert [list(s) for s, _ in ranked] == seqs[row].tolist()
         np.testing.assert_allclose(scores[row], [s for _, s in ranked], rtol=1e-4, atol=1e-4)
-    best = generate(model, prompt, prompt_lengths=lengths, max_new_tokens=3, method="beam",
-                    num_beams=64, eos_id=eos_id, length_penalty=length_penalty)
+    best = generate(
+        model,
+        prompt,
+        prompt_lengths=lengths,
+        max_new_tokens=3,
+        method="beam",
+        num_beams=64,
+        eos_id=eos_id,
+        length_penalty=length_penalty,
+    )
     assert best.tolist() == seqs[:, 0].tolist()
 
 
@@ -143,7 +160,9 @@ def test_sampling_is_reproducible_and_stays_in_the_top_k():
     a = generate(model, prompt, rng=jax.random.key(7), **kw)
     assert a.tolist() == generate(model, prompt, rng=7, **kw).tolist()
     assert a.tolist() != generate(model, prompt, rng=jax.random.key(8), **kw).tolist()
-    logits = forward(model, jnp.concatenate([prompt, a], axis=1))[:, 4:-1]  # the logits each token came from
+    logits = forward(model, jnp.concatenate([prompt, a], axis=1))[
+        :, 4:-1
+    ]  # the logits each token came from
     top5 = np.asarray(jax.lax.top_k(logits, 5)[1])
     assert all(a[r, t] in top5[r, t] for r in range(4) for t in range(8))
     assert len(set(np.asarray(a).ravel().tolist())) > 8  # it really samples
@@ -199,5 +218,9 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="prompt_lengths"):
         generate(model, jnp.ones((2, 4), jnp.int32), max_new_tokens=2, prompt_lengths=[0, 4])
     with pytest.raises(ValueError, match="encoder_mask is for encoder-decoder"):
-        generate(model, jnp.ones((2, 4), jnp.int32), max_new_tokens=2,
-                 encoder_mask=jnp.ones((2, 4), bool))
+        generate(
+            model,
+            jnp.ones((2, 4), jnp.int32),
+            max_new_tokens=2,
+            encoder_mask=jnp.ones((2, 4), bool),
+        )

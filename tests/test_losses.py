@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxformer.losses import cross_entropy_sums, full_cross_entropy_sums
 
@@ -31,24 +32,29 @@ def _optax_sums(hidden_BxLxD, proj_DxV, targets_BxL, weights_BxL, z_loss=0.0):
     nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
     predictions_BxL = jnp.argmax(logits_BxLxV, -1)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, -1)
-    return dict(loss_sum=jnp.sum(nll_BxL * weights_BxL), weight_sum=jnp.sum(weights_BxL),
-                correct_sum=jnp.sum((predictions_BxL == targets_BxL) * weights_BxL),
-                z_loss_sum=z_loss * jnp.sum(lse_BxL**2 * weights_BxL)), predictions_BxL
+    return dict(
+        loss_sum=jnp.sum(nll_BxL * weights_BxL),
+        weight_sum=jnp.sum(weights_BxL),
+        correct_sum=jnp.sum((predictions_BxL == targets_BxL) * weights_BxL),
+        z_loss_sum=z_loss * jnp.sum(lse_BxL**2 * weights_BxL),
+    ), predictions_BxL
 
 
 def _chunked(hidden_BxLxD, proj_DxV, targets_BxL, weights_BxL, **kwargs):
-    return cross_entropy_sums(hidden_BxLxD, lambda h: h @ proj_DxV, targets_BxL, weights_BxL,
-                              **kwargs)
+    return cross_entropy_sums(
+        hidden_BxLxD, lambda h: h @ proj_DxV, targets_BxL, weights_BxL, **kwargs
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [1, 8, 36, 37, 64])  # L=37: uneven, even-ish, one, >= L
 def test_sums_and_predictions_match_optax(chunk_size):
     problem = _problem()
     expected, expected_predictions = jax.jit(_optax_sums, static_argnames="z_loss")(
-        *problem, z_loss=1e-4)
-    sums, predictions = jax.jit(_chunked, static_argnames=("chunk_size", "z_loss",
-                                                           "return_predictions"))(
-        *problem, chunk_size=chunk_size, z_loss=1e-4, return_predictions=True)
+        *problem, z_loss=1e-4
+    )
+    sums, predictions = jax.jit(
+        _chunked, static_argnames=("chunk_size", "z_loss", "return_predictions")
+    )(*problem, chunk_size=chunk_size, z_loss=1e-4, return_predictions=True)
     assert set(sums) == {"loss_sum", "weight_sum", "correct_sum", "z_loss_sum"}
     assert all(v.dtype == jnp.float32 and v.shape == () for v in sums.values())
     for name in ("loss_sum", "z_loss_sum"):
@@ -75,9 +81,11 @@ def test_fully_masked_chunk_and_bfloat16_hidden():
         return jnp.dot(h_BxCxD, proj_DxV.astype(h_BxCxD.dtype), preferred_element_type=jnp.float32)
 
     full = jax.jit(full_cross_entropy_sums, static_argnums=1)(
-        hidden_BxLxD, logits_fn, targets_BxL, weights_BxL)
+        hidden_BxLxD, logits_fn, targets_BxL, weights_BxL
+    )
     chunked = jax.jit(cross_entropy_sums, static_argnums=1, static_argnames="chunk_size")(
-        hidden_BxLxD, logits_fn, targets_BxL, weights_BxL, chunk_size=8)
+        hidden_BxLxD, logits_fn, targets_BxL, weights_BxL, chunk_size=8
+    )
     np.testing.assert_allclose(chunked["loss_sum"], full["loss_sum"], rtol=1e-6)
     assert chunked["correct_sum"] == full["correct_sum"]
 
@@ -100,6 +108,7 @@ def test_gradients_wrt_hidden_and_projection_match_full(chunk_size):
         def total(h, w):
             sums = fn(h, lambda x: x @ w, targets_BxL, weights_BxL, z_loss=1e-3, **kwargs)
             return sums["loss_sum"] + sums["z_loss_sum"]
+
         return jax.jit(jax.grad(total, argnums=(0, 1)))(hidden_BxLxD, proj_DxV)
 
     def optax_loss(h, w):
@@ -132,22 +141,25 @@ def test_nnx_grad_through_a_module_head_matches_full():
     weights_BxL = jnp.ones((2, 13))
 
     def loss(fn, **kwargs):
-        return lambda m: fn(m.hidden(x_BxLxI), m.logits, targets_BxL, weights_BxL,
-                            **kwargs)["loss_sum"]
+        return lambda m: fn(m.hidden(x_BxLxI), m.logits, targets_BxL, weights_BxL, **kwargs)[
+            "loss_sum"
+        ]
 
     expected = nnx.jit(nnx.grad(loss(full_cross_entropy_sums)))(model)
-    _assert_grads_close(nnx.jit(nnx.grad(loss(cross_entropy_sums, chunk_size=4)))(model),
-                        expected)
+    _assert_grads_close(nnx.jit(nnx.grad(loss(cross_entropy_sums, chunk_size=4)))(model), expected)
     assert float(jnp.max(jnp.abs(expected["head"][...]))) > 0
 
 
 def _temp_bytes(fn, batch, length, dim, vocab, **kwargs):
     def loss(h, w, t, m):
         return fn(h, lambda x: x @ w, t, m, **kwargs)["loss_sum"]
-    shapes = (jax.ShapeDtypeStruct((batch, length, dim), jnp.float32),
-              jax.ShapeDtypeStruct((dim, vocab), jnp.float32),
-              jax.ShapeDtypeStruct((batch, length), jnp.int32),
-              jax.ShapeDtypeStruct((batch, length), jnp.float32))
+
+    shapes = (
+        jax.ShapeDtypeStruct((batch, length, dim), jnp.float32),
+        jax.ShapeDtypeStruct((dim, vocab), jnp.float32),
+        jax.ShapeDtypeStruct((batch, length), jnp.int32),
+        jax.ShapeDtypeStruct((batch, length), jnp.float32),
+    )
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*shapes).compile()
     stats = compiled.memory_analysis()
     assert stats is not None, "XLA gave no memory analysis on this backend"
@@ -173,9 +185,11 @@ def test_batch_sharded_over_a_mesh_matches_unsharded():
 
     def sums_predictions_grads(h, w, t, m):
         def loss(h, w):
-            sums, predictions = cross_entropy_sums(h, lambda x: x @ w, t, m, chunk_size=8,
-                                                   return_predictions=True)
+            sums, predictions = cross_entropy_sums(
+                h, lambda x: x @ w, t, m, chunk_size=8, return_predictions=True
+            )
             return sums["loss_sum"], (sums, predictions)
+
         grads, (sums, predictions) = jax.grad(loss, argnums=(0, 1), has_aux=True)(h, w)
         return sums, predictions, grads
 
@@ -184,8 +198,12 @@ def test_batch_sharded_over_a_mesh_matches_unsharded():
     with jax.set_mesh(mesh):
         by_row = NamedSharding(mesh, P("data"))
         replicated = NamedSharding(mesh, P())
-        args = (jax.device_put(hidden_BxLxD, by_row), jax.device_put(proj_DxV, replicated),
-                jax.device_put(targets_BxL, by_row), jax.device_put(weights_BxL, by_row))
+        args = (
+            jax.device_put(hidden_BxLxD, by_row),
+            jax.device_put(proj_DxV, replicated),
+            jax.device_put(targets_BxL, by_row),
+            jax.device_put(weights_BxL, by_row),
+        )
         step = jax.jit(sums_predictions_grads).lower(*args).compile()
         sums, predictions, grads = step(*args)
         hlo = step.as_text()
@@ -204,9 +222,12 @@ def test_vocabulary_sharded_head_matches_and_never_gathers_logits():
     hidden_BxLxD, proj_DxV, targets_BxL, weights_BxL = _problem(length=32, vocab=8 * 16)
 
     def grads(h, w):
-        return jax.grad(lambda h, w: cross_entropy_sums(h, lambda x: x @ w, targets_BxL,
-                                                        weights_BxL, chunk_size=8)["loss_sum"],
-                        argnums=(0, 1))(h, w)
+        return jax.grad(
+            lambda h, w: cross_entropy_sums(
+                h, lambda x: x @ w, targets_BxL, weights_BxL, chunk_size=8
+            )["loss_sum"],
+            argnums=(0, 1),
+        )(h, w)
 
     expected = jax.jit(grads)(hidden_BxLxD, proj_DxV)
     mesh = jax.make_mesh((8,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))

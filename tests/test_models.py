@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_helpers import build, tokens
 
 from jaxformer import layers, models
-from model_helpers import build, tokens
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
@@ -30,8 +30,8 @@ def test_decoder_causal_through_gradients():
     for t in (0, 5, 11):
         grads = nnx.grad(lambda m: m(x)[0, t].sum())(model)
         g = np.abs(np.asarray(grads["embed"]["position_embed"]["embedding"][...])).sum(-1)
-        assert np.all(g[t + 1:] == 0), f"position {t} sees the future"
-        assert np.all(g[:t + 1] > 0)
+        assert np.all(g[t + 1 :] == 0), f"position {t} sees the future"
+        assert np.all(g[: t + 1] > 0)
 
 
 def test_packed_documents_do_not_see_each_other():
@@ -40,8 +40,9 @@ def test_packed_documents_do_not_see_each_other():
     segments = jnp.array([[1] * 6 + [2] * 10])
     positions = jnp.array([list(range(6)) + list(range(10))])
     packed = model(jnp.concatenate([doc_a, doc_b], 1), segment_ids=segments, positions=positions)
-    repacked = model(jnp.concatenate([other_a, doc_b], 1), segment_ids=segments,
-                     positions=positions)
+    repacked = model(
+        jnp.concatenate([other_a, doc_b], 1), segment_ids=segments, positions=positions
+    )
     alone = model(doc_b)
     np.testing.assert_allclose(packed[:, 6:], repacked[:, 6:], atol=1e-5)
     np.testing.assert_allclose(packed[:, 6:], alone, atol=1e-5)
@@ -83,8 +84,9 @@ def test_gqa_with_full_kv_heads_equals_multi_head_attention():
     q, k, v = attn.query(x), attn.key(x), attn.value(x)
     assert q.shape == k.shape == v.shape == (2, 9, 4, 8)
     expected = attn.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
-    np.testing.assert_allclose(attn(x, inputs=layers.AttentionInputs(is_causal=True)), expected,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        attn(x, inputs=layers.AttentionInputs(is_causal=True)), expected, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", sorted(models.PROMISED_PARAMS))
@@ -108,6 +110,7 @@ def test_jitted_forward_and_backward(name, dtype):
             logits = model(x, x) if model.config.family == "encoder_decoder" else model(x)
             assert logits.dtype == jnp.float32
             return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
         return nnx.value_and_grad(loss_fn)(model)
 
     loss, grads = loss_and_grads(model, x)

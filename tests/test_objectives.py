@@ -61,12 +61,20 @@ def test_masked_lm_selection_count_and_80_10_10_split():
         assert chosen.sum() == max(1, round(0.15 * cand.sum()))  # exact count rule
         assert not np.any(chosen & ~cand)  # never padding or special tokens
         np.testing.assert_array_equal(out["targets"], tokens[i])
-        np.testing.assert_array_equal(out["inputs"][~chosen], tokens[i][~chosen])  # unselected unchanged
+        np.testing.assert_array_equal(
+            out["inputs"][~chosen], tokens[i][~chosen]
+        )  # unselected unchanged
         np.testing.assert_array_equal(out["segment_ids"], seg[i])
         sel_in, sel_orig = out["inputs"][chosen], tokens[i][chosen]
         is_mask = sel_in == SPECIAL.mask
-        assert np.all((sel_in >= NORMAL_LO) & (sel_in < NORMAL_HI) | is_mask)  # random ids are normal ids
-        kinds += [is_mask.sum(), (~is_mask & (sel_in != sel_orig)).sum(), (sel_in == sel_orig).sum()]
+        assert np.all(
+            (sel_in >= NORMAL_LO) & (sel_in < NORMAL_HI) | is_mask
+        )  # random ids are normal ids
+        kinds += [
+            is_mask.sum(),
+            (~is_mask & (sel_in != sel_orig)).sum(),
+            (sel_in == sel_orig).sum(),
+        ]
     frac = kinds / kinds.sum()
     # ~3,000 selections, fixed seeds: 80/10/10 within a margin far above the standard error (~0.7%)
     # (a random replacement equal to the original counts as kept: 1/96 of 10%)
@@ -153,10 +161,16 @@ def test_span_corruption_round_trip(seq_len, target_len, density, span, seed):
     assert out["encoder_segment_ids"].sum() == enc and out["loss_weights"].sum() == dec
     assert _reconstruct(out) == raw.tolist()
     n_dec = int(out["loss_weights"].sum())
-    assert out["targets"][n_dec - 1] == SPECIAL.eos and np.all(out["targets"][n_dec:] == SPECIAL.pad)
-    assert out["encoder_inputs"][enc - 1] == SPECIAL.eos and np.all(out["encoder_inputs"][enc:] == SPECIAL.pad)
+    assert out["targets"][n_dec - 1] == SPECIAL.eos and np.all(
+        out["targets"][n_dec:] == SPECIAL.pad
+    )
+    assert out["encoder_inputs"][enc - 1] == SPECIAL.eos and np.all(
+        out["encoder_inputs"][enc:] == SPECIAL.pad
+    )
     np.testing.assert_array_equal(out["decoder_inputs"][1:n_dec], out["targets"][: n_dec - 1])
-    assert out["decoder_inputs"][0] == SPECIAL.pad and np.all(out["decoder_inputs"][n_dec:] == SPECIAL.pad)
+    assert out["decoder_inputs"][0] == SPECIAL.pad and np.all(
+        out["decoder_inputs"][n_dec:] == SPECIAL.pad
+    )
     np.testing.assert_array_equal(out["decoder_segment_ids"], out["loss_weights"])
     np.testing.assert_array_equal(out["decoder_positions"][:n_dec], np.arange(n_dec))
     np.testing.assert_array_equal(out["encoder_positions"][:enc], np.arange(enc))

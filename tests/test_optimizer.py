@@ -9,8 +9,13 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxformer.training.optimizer import (OptimizerConfig, current_lr, decay_mask, make_optimizer,
-                                          make_schedule)
+from jaxformer.training.optimizer import (
+    OptimizerConfig,
+    current_lr,
+    decay_mask,
+    make_optimizer,
+    make_schedule,
+)
 
 PEAK = 1e-3
 
@@ -20,7 +25,9 @@ def lr_at(schedule: optax.Schedule, step: int) -> float:
 
 
 def test_warmup_cosine_key_steps():
-    cfg = OptimizerConfig(learning_rate=PEAK, schedule="warmup_cosine", warmup_steps=10, min_lr_ratio=0.1)
+    cfg = OptimizerConfig(
+        learning_rate=PEAK, schedule="warmup_cosine", warmup_steps=10, min_lr_ratio=0.1
+    )
     s = make_schedule(cfg, total_steps=100)
     assert lr_at(s, 0) == 0.0
     assert lr_at(s, 5) == pytest.approx(PEAK / 2)
@@ -31,7 +38,9 @@ def test_warmup_cosine_key_steps():
 
 
 def test_warmup_linear_key_steps():
-    cfg = OptimizerConfig(learning_rate=PEAK, schedule="warmup_linear", warmup_steps=10, min_lr_ratio=0.0)
+    cfg = OptimizerConfig(
+        learning_rate=PEAK, schedule="warmup_linear", warmup_steps=10, min_lr_ratio=0.0
+    )
     s = make_schedule(cfg, total_steps=110)
     assert lr_at(s, 0) == 0.0
     assert lr_at(s, 10) == pytest.approx(PEAK)
@@ -50,8 +59,13 @@ def test_inverse_sqrt_is_flat_then_decays_as_rsqrt():
 
 
 def test_warmup_stable_decay_plateau_then_decay():
-    cfg = OptimizerConfig(learning_rate=PEAK, schedule="warmup_stable_decay", warmup_steps=10,
-                          decay_fraction=0.2, min_lr_ratio=0.0)
+    cfg = OptimizerConfig(
+        learning_rate=PEAK,
+        schedule="warmup_stable_decay",
+        warmup_steps=10,
+        decay_fraction=0.2,
+        min_lr_ratio=0.0,
+    )
     s = make_schedule(cfg, total_steps=100)
     assert lr_at(s, 0) == 0.0
     assert lr_at(s, 5) == pytest.approx(PEAK / 2)
@@ -81,7 +95,9 @@ def test_constant_schedule_with_and_without_warmup():
 
 def test_zero_warmup_starts_at_peak():
     for schedule in ("warmup_cosine", "warmup_linear", "warmup_stable_decay"):
-        s = make_schedule(OptimizerConfig(learning_rate=PEAK, schedule=schedule, warmup_steps=0), 100)
+        s = make_schedule(
+            OptimizerConfig(learning_rate=PEAK, schedule=schedule, warmup_steps=0), 100
+        )
         assert lr_at(s, 0) == pytest.approx(PEAK), schedule
 
 
@@ -105,12 +121,19 @@ class Tiny(nnx.Module):
 
 
 def flat_mask(mask):
-    return {"/".join(str(k.key) for k in path): bool(v)
-            for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+    return {
+        "/".join(str(k.key) for k in path): bool(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(mask)
+    }
 
 
-EXPECTED = {"final_norm/bias": False, "final_norm/scale": False, "out/bias": False, "out/kernel": True,
-            "token_embed/embedding": False}
+EXPECTED = {
+    "final_norm/bias": False,
+    "final_norm/scale": False,
+    "out/bias": False,
+    "out/kernel": True,
+    "token_embed/embedding": False,
+}
 
 
 def test_decay_mask_on_nnx_model():
@@ -137,17 +160,28 @@ def test_decay_mask_sees_what_nnx_optimizer_passes():
 
 
 def test_decay_mask_on_plain_dict():
-    params = {"blocks": {"0": {"attn": {"value": {"kernel": 1.0, "bias": 1.0}}, "ln_norm": {"w": 1.0}}},
-              "position_embed": {"embedding": 1.0}, "relative": {"embedding": 1.0}}
+    params = {
+        "blocks": {"0": {"attn": {"value": {"kernel": 1.0, "bias": 1.0}}, "ln_norm": {"w": 1.0}}},
+        "position_embed": {"embedding": 1.0},
+        "relative": {"embedding": 1.0},
+    }
     assert flat_mask(decay_mask(params)) == {
-        "blocks/0/attn/value/kernel": True, "blocks/0/attn/value/bias": False, "blocks/0/ln_norm/w": False,
-        "position_embed/embedding": False, "relative/embedding": True}
+        "blocks/0/attn/value/kernel": True,
+        "blocks/0/attn/value/bias": False,
+        "blocks/0/ln_norm/w": False,
+        "position_embed/embedding": False,
+        "relative/embedding": True,
+    }
 
 
 def test_weight_decay_skips_masked_params():
-    cfg = OptimizerConfig(learning_rate=0.1, schedule="constant", warmup_steps=0, weight_decay=0.5,
-                          clip_norm=None)
-    params = {"out": {"kernel": jnp.ones(3), "bias": jnp.ones(3)}, "final_norm": {"scale": jnp.ones(3)}}
+    cfg = OptimizerConfig(
+        learning_rate=0.1, schedule="constant", warmup_steps=0, weight_decay=0.5, clip_norm=None
+    )
+    params = {
+        "out": {"kernel": jnp.ones(3), "bias": jnp.ones(3)},
+        "final_norm": {"scale": jnp.ones(3)},
+    }
     tx = make_optimizer(cfg, 10)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
@@ -179,7 +213,9 @@ def test_optimizers_reduce_a_quadratic(name, lr):
     target = jnp.tile(target, (8, 8))
     params = {"w": jnp.zeros_like(target) + 0.5}
     loss = lambda p: jnp.mean((p["w"] - target) ** 2)  # noqa: E731
-    cfg = OptimizerConfig(name=name, learning_rate=lr, schedule="constant", warmup_steps=0, weight_decay=0.0)
+    cfg = OptimizerConfig(
+        name=name, learning_rate=lr, schedule="constant", warmup_steps=0, weight_decay=0.0
+    )
     tx = make_optimizer(cfg, 100)
     state = tx.init(params)
 

@@ -63,7 +63,9 @@ def test_every_token_once_per_epoch(seed, row_len, num_docs):
         return
     stream = PackedStream(ArrayTokens(tokens, offsets), row_len, seed)
     for epoch in range(2):
-        rows = [stream.row(epoch * stream.rows_per_epoch + r)[0] for r in range(stream.rows_per_epoch)]
+        rows = [
+            stream.row(epoch * stream.rows_per_epoch + r)[0] for r in range(stream.rows_per_epoch)
+        ]
         seen = np.concatenate(rows)
         assert len(np.unique(seen)) == len(seen) == stream.rows_per_epoch * row_len
         # what is dropped is the slack that lets each epoch shift its cuts: under two rows
@@ -103,7 +105,9 @@ def test_batch_is_a_function_of_seed_and_step(objective):
     run = make(5)
     iterated = [run.batch(s) for s in range(steps)]
     for step in (0, steps // 3, steps - 1):
-        assert_batches_equal(make(5).batch(step), iterated[step])  # fresh process, resumed at `step`
+        assert_batches_equal(
+            make(5).batch(step), iterated[step]
+        )  # fresh process, resumed at `step`
     first_key = next(iter(iterated[0]))
     assert not np.array_equal(make(6).batch(1)[first_key], iterated[1][first_key])
 
@@ -115,7 +119,9 @@ def test_process_shards_concatenate_to_global_batch(objective):
     for step in (0, 7):
         full = batcher.batch(step)
         for count in (1, 2, 4, 8):
-            other = make_batcher(CONFIG, ArrayTokens(tokens, offsets), SPECIAL, 11, objective)  # another host
+            other = make_batcher(
+                CONFIG, ArrayTokens(tokens, offsets), SPECIAL, 11, objective
+            )  # another host
             shards = [other.batch(step, i, count) for i in range(count)]
             assert all(len(s[k]) == CONFIG.batch_size // count for s in shards for k in s)
             assert_batches_equal({k: np.concatenate([s[k] for s in shards]) for k in full}, full)
@@ -125,9 +131,21 @@ def test_output_shapes_and_dtypes():
     tokens, offsets = corpus()
     B, L, T = CONFIG.batch_size, CONFIG.seq_len, CONFIG.target_len
     lm_keys = {"inputs", "targets", "loss_weights", "segment_ids", "positions"}
-    t5_keys = {"encoder_inputs", "encoder_segment_ids", "encoder_positions", "decoder_inputs", "targets",
-               "loss_weights", "decoder_segment_ids", "decoder_positions"}
-    for objective, keys in [("causal_lm", lm_keys), ("masked_lm", lm_keys), ("span_corruption", t5_keys)]:
+    t5_keys = {
+        "encoder_inputs",
+        "encoder_segment_ids",
+        "encoder_positions",
+        "decoder_inputs",
+        "targets",
+        "loss_weights",
+        "decoder_segment_ids",
+        "decoder_positions",
+    }
+    for objective, keys in [
+        ("causal_lm", lm_keys),
+        ("masked_lm", lm_keys),
+        ("span_corruption", t5_keys),
+    ]:
         batch = make_batcher(CONFIG, ArrayTokens(tokens, offsets), SPECIAL, 0, objective).batch(3)
         assert set(batch) == keys
         for k, v in batch.items():
@@ -142,7 +160,9 @@ def test_causal_batch_targets_follow_the_stream():
     w = batch["loss_weights"] == 1
     assert np.all(batch["targets"][w] == batch["inputs"][w] + 1)  # next token of the same document
     ends = np.isin(batch["inputs"], offsets[1:] - 1)  # last token of a document
-    np.testing.assert_array_equal(w, ~ends)  # no padding in packed rows: weight 0 exactly at document ends
+    np.testing.assert_array_equal(
+        w, ~ends
+    )  # no padding in packed rows: weight 0 exactly at document ends
 
 
 def test_eval_batches_are_unshuffled_and_in_order():
@@ -152,7 +172,9 @@ def test_eval_batches_are_unshuffled_and_in_order():
     assert len(batches) == 3
     L = CONFIG.seq_len
     for step, b in enumerate(batches):
-        expect = tokens[step * CONFIG.batch_size * L : (step + 1) * CONFIG.batch_size * L].reshape(-1, L)
+        expect = tokens[step * CONFIG.batch_size * L : (step + 1) * CONFIG.batch_size * L].reshape(
+            -1, L
+        )
         np.testing.assert_array_equal(b["targets"], expect)
         fresh = make_batcher(CONFIG, ArrayTokens(tokens, offsets), SPECIAL, 4, "masked_lm")
         assert_batches_equal(b, list(fresh.eval_batches(3))[step])
@@ -173,7 +195,9 @@ def test_errors_speak_to_the_user():
     with pytest.raises(ValueError, match="causal_lm, masked_lm, span_corruption"):
         make_batcher(CONFIG, ArrayTokens(tokens, offsets), SPECIAL, 0, "prefix_lm")
     with pytest.raises(ValueError, match="'auto'"):
-        make_batcher(dataclasses.replace(CONFIG, objective="auto"), ArrayTokens(tokens, offsets), SPECIAL, 0)
+        make_batcher(
+            dataclasses.replace(CONFIG, objective="auto"), ArrayTokens(tokens, offsets), SPECIAL, 0
+        )
     with pytest.raises(ValueError, match="sentinel"):
         one_sentinel = SpecialIds(vocab_size=VOCAB, sentinels=(5,))
         make_batcher(CONFIG, ArrayTokens(tokens, offsets), one_sentinel, 0, "span_corruption")
@@ -185,4 +209,6 @@ def test_rows_get_independent_randomness():
     tokens, offsets = corpus()
     batcher = make_batcher(CONFIG, ArrayTokens(tokens, offsets), SPECIAL, 2, "masked_lm")
     weights = np.concatenate([batcher.batch(s)["loss_weights"] for s in range(4)])
-    assert len({w.tobytes() for w in weights}) == len(weights)  # every row has its own masking pattern
+    assert len({w.tobytes() for w in weights}) == len(
+        weights
+    )  # every row has its own masking pattern

@@ -24,6 +24,7 @@ def test_readme_example_runs(index):
 
 def test_readme_yaml_examples_are_valid_configs(tmp_path):
     from jaxformer.training.config import load_experiment
+
     with open(README) as f:
         blocks = re.findall(r"```yaml\n(.*?)```", f.read(), flags=re.S)
     assert blocks

@@ -39,19 +39,21 @@ def _all_finite(run_dir):
     cfg = load_experiment(os.path.join(run_dir, "config.yaml"), [])
     for step in ckpt.steps:
         trainer = Trainer(cfg, show_progress=False, log=lambda _: None, read_only=True, step=step)
-        params = jax.tree.leaves(nnx.state(nnx.merge(trainer.graphdef, trainer.state)[0],
-                                           nnx.Param))
+        params = jax.tree.leaves(
+            nnx.state(nnx.merge(trainer.graphdef, trainer.state)[0], nnx.Param)
+        )
         trainer.close()
         if not all(np.isfinite(np.asarray(p)).all() for p in params):
             return False
     return True
 
 
-def test_non_finite_loss_stops_naming_the_step_and_saves_no_nan(quiet_overrides, tmp_path,
-                                                                 capsys):
+def test_non_finite_loss_stops_naming_the_step_and_saves_no_nan(quiet_overrides, tmp_path, capsys):
     run_dir = str(tmp_path / "nan")
-    status = run_training(None, quiet_overrides + EXPLODING + [
-        "train.steps=8", "checkpoint.every=1", f"run.dir={run_dir}"])
+    status = run_training(
+        None,
+        quiet_overrides + EXPLODING + ["train.steps=8", "checkpoint.every=1", f"run.dir={run_dir}"],
+    )
     err = capsys.readouterr().err
     assert status == NONFINITE_EXIT, err
     assert "NaN/Inf at step" in err and "train.nonfinite=skip" in err
@@ -61,8 +63,12 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_no_nan(quiet_overrides,
 
 def test_non_finite_steps_can_be_skipped_and_counted(quiet_overrides, tmp_path):
     run_dir = str(tmp_path / "skip")
-    status = run_training(None, quiet_overrides + EXPLODING + [
-        "train.steps=5", "checkpoint.every=5", "train.nonfinite=skip", f"run.dir={run_dir}"])
+    status = run_training(
+        None,
+        quiet_overrides
+        + EXPLODING
+        + ["train.steps=5", "checkpoint.every=5", "train.nonfinite=skip", f"run.dir={run_dir}"],
+    )
     assert status == 0
     train = [r for r in _metrics(run_dir) if r["split"] == "train"]
     assert train[-1]["skipped_steps"] >= 1 and train[-1]["nonfinite"] == 1.0
@@ -71,22 +77,34 @@ def test_non_finite_steps_can_be_skipped_and_counted(quiet_overrides, tmp_path):
 
 def test_z_loss_is_logged(quiet_overrides, tmp_path):
     run_dir = str(tmp_path / "z")
-    assert run_training(None, quiet_overrides + ["train.steps=2", "train.z_loss=1e-4",
-                                                f"run.dir={run_dir}"]) == 0
+    assert (
+        run_training(
+            None, quiet_overrides + ["train.steps=2", "train.z_loss=1e-4", f"run.dir={run_dir}"]
+        )
+        == 0
+    )
     train = [r for r in _metrics(run_dir) if r["split"] == "train"]
     assert all(r["z_loss"] > 0 for r in train)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_stop_signal_saves_the_current_step_and_the_rerun_resumes(quiet_overrides, tmp_path,
-                                                                  signum):
+def test_stop_signal_saves_the_current_step_and_the_rerun_resumes(
+    quiet_overrides, tmp_path, signum
+):
     run_dir = str(tmp_path / "preempted")
-    command = [sys.executable, os.path.join(ROOT, "train.py"), *quiet_overrides,
-               "train.steps=100000", "checkpoint.every=100000", f"run.dir={run_dir}"]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        *quiet_overrides,
+        "train.steps=100000",
+        "checkpoint.every=100000",
+        f"run.dir={run_dir}",
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -101,26 +119,38 @@ def test_stop_signal_saves_the_current_step_and_the_rerun_resumes(quiet_override
     assert saved is not None and saved >= 3
     assert f"saved a checkpoint at step {saved}" in err and "rerun the same command" in err
     # The rerun resumes at the saved step (here told to stop two steps later).
-    rerun = subprocess.run(command[:-3] + [f"train.steps={saved + 2}", "checkpoint.every=100000",
-                                           f"run.dir={run_dir}"],
-                           env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        command[:-3]
+        + [f"train.steps={saved + 2}", "checkpoint.every=100000", f"run.dir={run_dir}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert f"[resume] from step {saved}" in rerun.stdout
 
 
 def test_spike_check_skips_only_updates_far_above_the_running_means():
+    import optax
+
     from jaxformer import models
     from jaxformer.training.step import make_train_step, spike_guard
-    import optax
-    cfg = models.ModelConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32,
-                             max_len=16)
+
+    cfg = models.ModelConfig(
+        vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=16
+    )
     model = models.create(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)))
     rng = np.random.default_rng(0)
     x = rng.integers(3, 64, (4, 9)).astype(np.int32)
-    batch = dict(inputs=x[:, :-1], targets=x[:, 1:], loss_weights=np.ones((4, 8), np.float32),
-                 segment_ids=np.ones((4, 8), np.int32),
-                 positions=np.tile(np.arange(8, dtype=np.int32), (4, 1)))
+    batch = dict(
+        inputs=x[:, :-1],
+        targets=x[:, 1:],
+        loss_weights=np.ones((4, 8), np.float32),
+        segment_ids=np.ones((4, 8), np.int32),
+        positions=np.tile(np.arange(8, dtype=np.int32), (4, 1)),
+    )
     step = make_train_step(graphdef, spike_factor=2.0, spike_window=10, spike_warmup=3)
     params = lambda s: jax.tree.leaves(nnx.state(nnx.merge(graphdef, s)[0], nnx.Param))
     before = [np.asarray(p) for p in params(state)]
@@ -146,11 +176,19 @@ def jnp_copy(x):
 
 def test_spike_skipping_is_logged_and_resumes_bit_exactly(quiet_overrides, tmp_path):
     # A factor just above 1 after one averaged update makes skips likely within a few steps.
-    knobs = ["train.steps=6", "checkpoint.every=3", "train.spike_factor=1.02",
-             "train.spike_warmup=1", "train.spike_window=4"]
+    knobs = [
+        "train.steps=6",
+        "checkpoint.every=3",
+        "train.spike_factor=1.02",
+        "train.spike_warmup=1",
+        "train.spike_window=4",
+    ]
     straight = str(tmp_path / "straight")
-    trainer = Trainer(load_experiment(None, quiet_overrides + knobs + [f"run.dir={straight}"]),
-                      show_progress=False, log=lambda _: None)
+    trainer = Trainer(
+        load_experiment(None, quiet_overrides + knobs + [f"run.dir={straight}"]),
+        show_progress=False,
+        log=lambda _: None,
+    )
     result = trainer.run()
     trainer.close()
     rows = [r for r in _metrics(straight) if r["split"] == "train"]
@@ -160,7 +198,9 @@ def test_spike_skipping_is_logged_and_resumes_bit_exactly(quiet_overrides, tmp_p
     resumed = str(tmp_path / "resumed")
     cfg = load_experiment(None, quiet_overrides + knobs + [f"run.dir={resumed}"])
     train_interrupted(cfg, until=3)
-    strip = lambda r: {k: v for k, v in r.items()
-                       if k not in ("step_seconds", "tokens_per_second", "mfu")}
-    assert [strip(r) for r in _metrics(resumed) if r["split"] == "train"] == \
-        [strip(r) for r in rows]
+    strip = lambda r: {
+        k: v for k, v in r.items() if k not in ("step_seconds", "tokens_per_second", "mfu")
+    }
+    assert [strip(r) for r in _metrics(resumed) if r["split"] == "train"] == [
+        strip(r) for r in rows
+    ]

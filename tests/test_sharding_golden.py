@@ -35,7 +35,8 @@ def parameter_layouts(preset: str) -> dict[str, dict]:
         out[".".join(map(str, path))] = dict(
             shape=list(var.get_value().shape),
             names=list(var.get_metadata().get("out_sharding") or ()),
-            spec=_spec_str(sh.get_value().spec))
+            spec=_spec_str(sh.get_value().spec),
+        )
     return out
 
 
@@ -45,8 +46,10 @@ def test_parameter_shardings_match_golden_file(preset):
     path = os.path.join(GOLDEN_DIR, f"sharding_{preset}.json")
     if os.environ.get("JAXFORMER_UPDATE_GOLDEN"):
         with open(path, "w") as f:  # one line per parameter: diffs read as layout changes
-            lines = [f" {json.dumps(k)}: {json.dumps(layouts[k], sort_keys=True)}"
-                     for k in sorted(layouts)]
+            lines = [
+                f" {json.dumps(k)}: {json.dumps(layouts[k], sort_keys=True)}"
+                for k in sorted(layouts)
+            ]
             f.write("{\n" + ",\n".join(lines) + "\n}\n")
     with open(path) as f:
         golden = json.load(f)
@@ -67,8 +70,10 @@ def test_stacked_blocks_and_heads_are_split_as_the_rules_say():
 def test_batch_rule_splits_rows_over_data_and_fsdp():
     mesh = shard_lib.make_mesh(shard_lib.MeshConfig(shape=MESH_SHAPE))
     assert shard_lib.batch_sharding(mesh, 2).spec == jax.sharding.PartitionSpec(
-        ("data", "fsdp"), None)
+        ("data", "fsdp"), None
+    )
     assert shard_lib.batch_shards(mesh) == 4
     rules = (("batch", "data"),) + shard_lib.DEFAULT_RULES
     assert shard_lib.batch_sharding(mesh, 3, rules).spec == jax.sharding.PartitionSpec(
-        "data", None, None)
+        "data", None, None
+    )

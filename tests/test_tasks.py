@@ -133,15 +133,22 @@ def test_code_package_classes_are_in_both_splits_and_capped(task_data_dir):
 
 
 def test_docstring_and_completion_pairs_match_the_source_files(task_data_dir):
-    docs = {(r["path"], r["name"]): r for r in _split(task_data_dir, "code_docstring", "validation")}
-    comps = {(r["path"], r["name"]): r for r in _split(task_data_dir, "code_completion", "validation")}
+    docs = {
+        (r["path"], r["name"]): r for r in _split(task_data_dir, "code_docstring", "validation")
+    }
+    comps = {
+        (r["path"], r["name"]): r for r in _split(task_data_dir, "code_completion", "validation")
+    }
     assert docs.keys() == comps.keys()
     for (path, name), d in docs.items():
         c = comps[(path, name)]
         assert d["source"] == c["completion"]
         assert d["target"] and d["target"] == c["prompt"].split("\n")[0].strip()
         node = ast.parse(d["source"]).body[0]
-        assert isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name.split(".")[-1]
+        assert (
+            isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.name == name.split(".")[-1]
+        )
         assert ast.get_docstring(node) is None
 
 
@@ -150,7 +157,9 @@ def test_load_task_builtins_and_config_defaults(task_data_dir):
     assert ex.num_labels == len(ex.label_names) >= MIN_CLASSES
     assert set(ex[0]) == {"text", "label"}
     assert isinstance(ex[0]["text"], str) and isinstance(ex[0]["label"], int)
-    t2t = load_task(TaskConfig(name="code_docstring", data_dir=task_data_dir, max_examples=5), "train")
+    t2t = load_task(
+        TaskConfig(name="code_docstring", data_dir=task_data_dir, max_examples=5), "train"
+    )
     assert len(t2t) == 5 and set(t2t[-1]) == {"source", "target"} and t2t.num_labels is None
     comp = load_task(TaskConfig(name="code_completion", data_dir=task_data_dir), "validation")
     assert set(comp[0]) == {"prompt", "completion"}
@@ -158,7 +167,9 @@ def test_load_task_builtins_and_config_defaults(task_data_dir):
         load_task(TaskConfig(name="code_package", data_dir=task_data_dir), "test")
     match = "feature 'body' not in dataset 'code_docstring'; available: name, path"
     with pytest.raises(ValueError, match=match):
-        load_task(TaskConfig(name="code_docstring", input_key="body", data_dir=task_data_dir), "train")
+        load_task(
+            TaskConfig(name="code_docstring", input_key="body", data_dir=task_data_dir), "train"
+        )
     with pytest.raises(ValueError, match="no examples"):
         load_task(TaskConfig(name="code_package", data_dir=task_data_dir, max_examples=0), "train")
 
@@ -170,7 +181,9 @@ def test_task_config_errors():
         TaskConfig(kind="regression")
     with pytest.raises(ValueError, match="batch_size must be positive"):
         TaskConfig(batch_size=0)
-    r = TaskConfig(name="xsum", kind="text2text", input_key="document", target_key="summary").resolved()
+    r = TaskConfig(
+        name="xsum", kind="text2text", input_key="document", target_key="summary"
+    ).resolved()
     assert (r.input_key, r.target_key, r.label_key) == ("document", "summary", "")
 
 
@@ -197,20 +210,32 @@ def test_classification_batches(task_data_dir, stdlib_tokenizer):
         want = np.pad([stdlib_tokenizer.bos_id] + ids[:63], (0, 64 - n))
         np.testing.assert_array_equal(row["inputs"], want)
         np.testing.assert_array_equal(row["segment_ids"], np.arange(64) < n)
-        np.testing.assert_array_equal(row["positions"], np.where(np.arange(64) < n, np.arange(64), 0))
+        np.testing.assert_array_equal(
+            row["positions"], np.where(np.arange(64) < n, np.arange(64), 0)
+        )
         assert row["labels"] == ex[i]["label"]
 
 
 def test_text2text_batches(task_data_dir, stdlib_tokenizer):
     cfg = TaskConfig(
-        name="code_docstring", data_dir=task_data_dir, max_input_len=48, max_target_len=12, batch_size=4
+        name="code_docstring",
+        data_dir=task_data_dir,
+        max_input_len=48,
+        max_target_len=12,
+        batch_size=4,
     )
     ex = load_task(cfg, "validation")
     b = TaskBatcher(cfg, ex, stdlib_tokenizer, seed=0).batch(0)
     _check_common(b, 4)
     eos = stdlib_tokenizer.eos_id
     assert b["encoder_inputs"].shape == b["encoder_segment_ids"].shape == (4, 48)
-    for k in ("decoder_inputs", "targets", "loss_weights", "decoder_segment_ids", "decoder_positions"):
+    for k in (
+        "decoder_inputs",
+        "targets",
+        "loss_weights",
+        "decoder_segment_ids",
+        "decoder_positions",
+    ):
         assert b[k].shape == (4, 12), k
     np.testing.assert_array_equal(b["decoder_inputs"][:, 0], 0)
     real = b["decoder_segment_ids"][:, 1:] == 1  # shifted right within the real target tokens
@@ -220,7 +245,10 @@ def test_text2text_batches(task_data_dir, stdlib_tokenizer):
     batcher = TaskBatcher(cfg, ex, stdlib_tokenizer, seed=0)
     for i in range(20):
         row = batcher.example_row(i)
-        src, tgt = stdlib_tokenizer.encode(ex[i]["source"]), stdlib_tokenizer.encode(ex[i]["target"])
+        src, tgt = (
+            stdlib_tokenizer.encode(ex[i]["source"]),
+            stdlib_tokenizer.encode(ex[i]["target"]),
+        )
         enc = src[:47] + [eos]
         np.testing.assert_array_equal(row["encoder_inputs"], np.pad(enc, (0, 48 - len(enc))))
         np.testing.assert_array_equal(row["encoder_segment_ids"], np.arange(48) < len(enc))
@@ -251,9 +279,13 @@ def test_completion_weights_are_zero_on_the_prompt_and_one_on_the_completion(std
         p = int(b["prompt_lengths"][r])
         n = int(b["segment_ids"][r].sum())
         assert b["inputs"][r, p - 1] == tok.bos_id
-        np.testing.assert_array_equal(b["inputs"][r, 1 : n], b["targets"][r, : n - 1])
-        np.testing.assert_array_equal(b["loss_weights"][r], (np.arange(L) >= p - 1) & (np.arange(L) < n))
-        np.testing.assert_array_equal(b["positions"][r], np.where(np.arange(L) < n, np.arange(L), 0))
+        np.testing.assert_array_equal(b["inputs"][r, 1:n], b["targets"][r, : n - 1])
+        np.testing.assert_array_equal(
+            b["loss_weights"][r], (np.arange(L) >= p - 1) & (np.arange(L) < n)
+        )
+        np.testing.assert_array_equal(
+            b["positions"][r], np.where(np.arange(L) < n, np.arange(L), 0)
+        )
         head, tail = P + [tok.bos_id], C + [tok.eos_id]
         if len(head) + len(tail) <= L + 1:  # fits: prompt + sep + completion + eos, untouched
             assert n == len(head) + len(tail) - 1 and p == len(head)
@@ -274,12 +306,21 @@ def test_completion_budget_keeps_half_for_the_completion(stdlib_tokenizer):
     assert int(b["loss_weights"].sum()) == 32 - (p - 1) and 32 + 1 - p == (32 + 1) // 2
 
 
-def test_batches_are_a_function_of_seed_and_step_and_slice_per_process(task_data_dir, stdlib_tokenizer):
+def test_batches_are_a_function_of_seed_and_step_and_slice_per_process(
+    task_data_dir, stdlib_tokenizer
+):
     cfg = TaskConfig(
-        name="code_docstring", data_dir=task_data_dir, max_input_len=32, max_target_len=8, batch_size=8
+        name="code_docstring",
+        data_dir=task_data_dir,
+        max_input_len=32,
+        max_target_len=8,
+        batch_size=8,
     )
     ex = load_task(cfg, "validation")
-    a, again = TaskBatcher(cfg, ex, stdlib_tokenizer, seed=7), TaskBatcher(cfg, ex, stdlib_tokenizer, seed=7)
+    a, again = (
+        TaskBatcher(cfg, ex, stdlib_tokenizer, seed=7),
+        TaskBatcher(cfg, ex, stdlib_tokenizer, seed=7),
+    )
     for step in (0, 3, 40):  # 40 is past the first epoch
         full = a.batch(step)
         for k, v in again.batch(step).items():
@@ -305,7 +346,9 @@ def test_each_training_epoch_visits_every_example_once(stdlib_tokenizer):
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
-def test_eval_batches_count_every_example_exactly_once(task_data_dir, stdlib_tokenizer, process_count):
+def test_eval_batches_count_every_example_exactly_once(
+    task_data_dir, stdlib_tokenizer, process_count
+):
     cfg = TaskConfig(name="code_package", data_dir=task_data_dir, max_input_len=16, batch_size=16)
     ex = load_task(cfg, "validation")
     assert len(ex) % 16  # a partial last batch
@@ -324,7 +367,9 @@ def test_eval_batches_count_every_example_exactly_once(task_data_dir, stdlib_tok
         row = batcher.example_row(i)
         for k in row:
             np.testing.assert_array_equal(merged[k][i], row[k], err_msg=k)
-    assert (merged["segment_ids"][len(ex) :].sum(axis=1) > 0).all()  # padding rows are real rows, weight 0
+    assert (
+        merged["segment_ids"][len(ex) :].sum(axis=1) > 0
+    ).all()  # padding rows are real rows, weight 0
     assert len(list(batcher.eval_batches(2))) == 2
     with pytest.raises(ValueError, match="eval set holds"):
         list(batcher.eval_batches(batcher.num_batches_per_epoch + 1))
@@ -332,7 +377,11 @@ def test_eval_batches_count_every_example_exactly_once(task_data_dir, stdlib_tok
 
 def test_glue_sst2_loads_through_mock_data(stdlib_tokenizer):
     cfg = TaskConfig(
-        name="glue/sst2", kind="classification", input_key="sentence", batch_size=4, max_input_len=16
+        name="glue/sst2",
+        kind="classification",
+        input_key="sentence",
+        batch_size=4,
+        max_input_len=16,
     )
     with tfds.testing.mock_data(num_examples=6):
         ex = load_task(cfg, "train")
@@ -348,8 +397,15 @@ def test_glue_sst2_loads_through_mock_data(stdlib_tokenizer):
 
 
 def test_summarisation_dataset_loads_through_mock_data(stdlib_tokenizer):
-    cfg = TaskConfig(name="cnn_dailymail", kind="text2text", input_key="article", target_key="highlights",
-                     batch_size=2, max_input_len=32, max_target_len=8)
+    cfg = TaskConfig(
+        name="cnn_dailymail",
+        kind="text2text",
+        input_key="article",
+        target_key="highlights",
+        batch_size=2,
+        max_input_len=32,
+        max_target_len=8,
+    )
     with tfds.testing.mock_data(num_examples=3):
         ex = load_task(cfg, "validation")
         assert len(ex) == 3 and set(ex[0]) == {"article", "highlights"}
@@ -359,8 +415,13 @@ def test_summarisation_dataset_loads_through_mock_data(stdlib_tokenizer):
 
 def test_unknown_or_unprepared_datasets_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown TFDS dataset 'no_such_dataset_xyz'"):
-        load_task(TaskConfig(name="no_such_dataset_xyz", kind="text2text", data_dir=str(tmp_path)), "train")
-    cfg = TaskConfig(name="glue/sst2", kind="classification", input_key="sentence", data_dir=str(tmp_path))
+        load_task(
+            TaskConfig(name="no_such_dataset_xyz", kind="text2text", data_dir=str(tmp_path)),
+            "train",
+        )
+    cfg = TaskConfig(
+        name="glue/sst2", kind="classification", input_key="sentence", data_dir=str(tmp_path)
+    )
     with pytest.raises(ValueError, match="'glue/sst2' is not prepared in .*tfds build glue/sst2"):
         load_task(cfg, "train")
 
@@ -377,13 +438,21 @@ def test_out_of_range_labels_are_an_error(stdlib_tokenizer):
 
 
 @pytest.mark.parametrize("name", ["code_package", "code_docstring", "code_completion"])
-def test_batches_from_token_stores_equal_encoding_per_batch(task_data_dir, stdlib_tokenizer,
-                                                            tmp_path, name):
-    cfg = TaskConfig(name=name, data_dir=task_data_dir, max_input_len=48, max_target_len=12,
-                     batch_size=4, max_examples=40)
+def test_batches_from_token_stores_equal_encoding_per_batch(
+    task_data_dir, stdlib_tokenizer, tmp_path, name
+):
+    cfg = TaskConfig(
+        name=name,
+        data_dir=task_data_dir,
+        max_input_len=48,
+        max_target_len=12,
+        batch_size=4,
+        max_examples=40,
+    )
     ex = load_task(cfg, "validation")
-    fields = tokenize_task_fields(cfg, ex, stdlib_tokenizer, show_progress=False,
-                                  log=lambda _: None)
+    fields = tokenize_task_fields(
+        cfg, ex, stdlib_tokenizer, show_progress=False, log=lambda _: None
+    )
     resolved = cfg.resolved()
     assert set(fields) == {k for k in (resolved.input_key, resolved.target_key) if k}
     stored = TaskBatcher(cfg, ex, stdlib_tokenizer, seed=3, token_fields=fields)

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import sentencepiece as spm
+from data_fixtures import TEST_VOCAB
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_fixtures import TEST_VOCAB
 from jaxformer.data import corpus
 from jaxformer.data import tokenizer as tok_lib
 from jaxformer.data.tokenizer import Tokenizer, train_tokenizer
@@ -107,8 +107,13 @@ def test_serialize_save_and_load_give_the_same_tokenizer(stdlib_tokenizer, tmp_p
 def test_existing_model_path_is_loaded_not_retrained(stdlib_tokenizer, tmp_path, monkeypatch):
     path = str(tmp_path / "cached.model")
     stdlib_tokenizer.save(path)
-    monkeypatch.setattr(tok_lib, "_train", lambda *a, **k: pytest.fail("retrained a cached tokenizer"))
-    assert train_tokenizer(["anything"], 4096, path).serialized_model() == stdlib_tokenizer.serialized_model()
+    monkeypatch.setattr(
+        tok_lib, "_train", lambda *a, **k: pytest.fail("retrained a cached tokenizer")
+    )
+    assert (
+        train_tokenizer(["anything"], 4096, path).serialized_model()
+        == stdlib_tokenizer.serialized_model()
+    )
 
 
 def test_training_is_deterministic_and_works_at_vocab_512(stdlib_data_dir):
@@ -130,8 +135,10 @@ def test_bad_training_inputs_are_clear_errors():
 def test_a_plain_sentencepiece_model_is_rejected(tmp_path):
     prefix = str(tmp_path / "plain")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["hello world", "more text here"] * 50), model_prefix=prefix,
-        vocab_size=15, minloglevel=2,
+        sentence_iterator=iter(["hello world", "more text here"] * 50),
+        model_prefix=prefix,
+        vocab_size=15,
+        minloglevel=2,
     )
     with pytest.raises(ValueError, match="lacks the piece '<newline>'"):
         Tokenizer.load(prefix + ".model")

@@ -19,6 +19,7 @@ from jaxformer.training.loop import Trainer, build_state
 from jaxformer.training.main import run_training
 from jaxformer.training.step import make_train_step
 
+
 def train_losses(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -39,19 +40,31 @@ def _one_step(mesh_shape, devices, grad_accum_steps=1):
     graphdef, state = build_state(cfg, tx, mesh, rules, seed=0)
     rng = np.random.default_rng(0)
     x = rng.integers(3, cfg.vocab_size, (8, 17)).astype(np.int32)
-    local = dict(inputs=x[:, :-1], targets=x[:, 1:], loss_weights=np.ones((8, 16), np.float32),
-                 segment_ids=np.ones((8, 16), np.int32),
-                 positions=np.tile(np.arange(16, dtype=np.int32), (8, 1)))
-    step = make_train_step(graphdef, grad_accum_steps,
-                           state_sharding=shard_lib.state_shardings(state, mesh, rules),
-                           rules=rules, mesh=mesh, loss_chunk_size=8)
+    local = dict(
+        inputs=x[:, :-1],
+        targets=x[:, 1:],
+        loss_weights=np.ones((8, 16), np.float32),
+        segment_ids=np.ones((8, 16), np.int32),
+        positions=np.tile(np.arange(16, dtype=np.int32), (8, 1)),
+    )
+    step = make_train_step(
+        graphdef,
+        grad_accum_steps,
+        state_sharding=shard_lib.state_shardings(state, mesh, rules),
+        rules=rules,
+        mesh=mesh,
+        loss_chunk_size=8,
+    )
     state, metrics = step(state, shard_lib.shard_batch(local, mesh, rules))
     model, _ = nnx.merge(graphdef, state)
     return float(metrics["loss"]), model
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)],
-                         ids=["data", "fsdp", "tensor", "mixed"])
+@pytest.mark.parametrize(
+    "mesh_shape",
+    [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)],
+    ids=["data", "fsdp", "tensor", "mixed"],
+)
 def test_one_step_matches_single_device(mesh_shape):
     loss_1, model_1 = _one_step((1, 1, 1), jax.devices()[:1])
     loss_n, model_n = _one_step(mesh_shape, jax.devices())
@@ -62,10 +75,12 @@ def test_one_step_matches_single_device(mesh_shape):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     # Parameters really are sharded as the rules say.
     kernel = model_n.blocks.mlp.up.kernel[...]  # [layers, embed, mlp]
-    expected = shard_lib.logical_to_spec(("layers", "embed", "mlp"), shard_lib.DEFAULT_RULES,
-                                         kernel.sharding.mesh)
+    expected = shard_lib.logical_to_spec(
+        ("layers", "embed", "mlp"), shard_lib.DEFAULT_RULES, kernel.sharding.mesh
+    )
     assert kernel.sharding.is_equivalent_to(
-        jax.sharding.NamedSharding(kernel.sharding.mesh, expected), kernel.ndim)
+        jax.sharding.NamedSharding(kernel.sharding.mesh, expected), kernel.ndim
+    )
     if mesh_shape[2] > 1:
         assert kernel.sharding.spec[2] == "tensor"
         assert kernel.addressable_shards[0].data.shape[2] == kernel.shape[2] // mesh_shape[2]
@@ -77,8 +92,10 @@ def test_gradient_accumulation_equals_one_big_batch():
     loss_1, model_1 = _one_step((1, 1, 1), jax.devices()[:1])
     loss_4, model_4 = _one_step((2, 1, 1), jax.devices()[:2], grad_accum_steps=4)
     assert abs(loss_1 - loss_4) < 1e-6
-    for a, b in zip(jax.tree.leaves(nnx.state(model_1, nnx.Param)),
-                    jax.tree.leaves(nnx.state(model_4, nnx.Param))):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(model_1, nnx.Param)),
+        jax.tree.leaves(nnx.state(model_4, nnx.Param)),
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
@@ -99,14 +116,20 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
     ckpt = Checkpointer(str(tmp_path), async_save=False)
     ckpt.save(7, state, config={}, tokenizer_model=b"tok", data_state={"seed": 3, "step": 7})
     ckpt.wait()
-    saved = [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(state))
-             if not jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key)]
+    saved = [
+        np.asarray(x)
+        for x in jax.tree.leaves(nnx.to_pure_dict(state))
+        if not jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key)
+    ]
     for shape, devices in (((8, 1, 1), None), ((1, 1, 1), jax.devices()[:1])):
         mesh = shard_lib.make_mesh(shard_lib.MeshConfig(shape=shape), devices)
         _, fresh = build_state(cfg, tx, mesh, rules, seed=99)
         restored = Checkpointer(str(tmp_path), create=False).restore_state(fresh, mesh, rules)
-        leaves = [x for x in jax.tree.leaves(nnx.to_pure_dict(restored))
-                  if not jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key)]
+        leaves = [
+            x
+            for x in jax.tree.leaves(nnx.to_pure_dict(restored))
+            if not jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key)
+        ]
         for a, b in zip(saved, leaves):
             np.testing.assert_array_equal(a, np.asarray(b))
             assert b.sharding.mesh.shape == mesh.shape
@@ -117,8 +140,11 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
 def test_interrupted_run_resumes_bit_exactly(tiny_overrides, tmp_path):
     steps = ["train.steps=6", "checkpoint.every=3"]
     straight = str(tmp_path / "straight")
-    trainer = Trainer(load_experiment(None, tiny_overrides + steps + [f"run.dir={straight}"]),
-                      show_progress=False, log=lambda _: None)
+    trainer = Trainer(
+        load_experiment(None, tiny_overrides + steps + [f"run.dir={straight}"]),
+        show_progress=False,
+        log=lambda _: None,
+    )
     trainer.run()
     trainer.close()
 
@@ -142,9 +168,12 @@ def test_bad_input_ends_with_one_clear_message(tiny_overrides, tmp_path, capsys)
         (None, ["train.stesp=3"], "did you mean 'train.steps'"),
         (None, ["train.steps=abc"], "train.steps"),
         (None, ["model.preset=gpt-huge"], "gpt-tiny"),
-        (None, tiny_overrides + ["mesh.shape=[3,1,1]", f"run.dir={tmp_path / 'm'}"],
-         "mesh.shape"),
-        (None, tiny_overrides + ["data.max_documents=0", f"run.dir={tmp_path / 'e'}"], "has no documents"),
+        (None, tiny_overrides + ["mesh.shape=[3,1,1]", f"run.dir={tmp_path / 'm'}"], "mesh.shape"),
+        (
+            None,
+            tiny_overrides + ["data.max_documents=0", f"run.dir={tmp_path / 'e'}"],
+            "has no documents",
+        ),
     ]
     for config_path, overrides, message in cases:
         assert run_training(config_path, overrides) == 2
@@ -156,8 +185,9 @@ def test_run_dir_of_another_model_is_refused_and_left_intact(tiny_overrides, tmp
     run_dir = str(tmp_path / "run")
     assert run_training(None, tiny_overrides + ["train.steps=2", f"run.dir={run_dir}"]) == 0
     before = snapshot(run_dir)
-    code = run_training(None, tiny_overrides + ["train.steps=4", "model.d_model=128",
-                                                f"run.dir={run_dir}"])
+    code = run_training(
+        None, tiny_overrides + ["train.steps=4", "model.d_model=128", f"run.dir={run_dir}"]
+    )
     assert code == 2
     assert "different model" in capsys.readouterr().err
     assert snapshot(run_dir) == before
@@ -171,9 +201,16 @@ def test_run_dir_of_another_model_is_refused_and_left_intact(tiny_overrides, tmp
 def test_shipped_tiny_configs_train_with_falling_loss(name, stdlib_data_dir, tmp_path):
     config = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")
     run_dir = str(tmp_path / name)
-    overrides = [f"data.data_dir={stdlib_data_dir}", f"run.dir={run_dir}", "train.steps=40",
-                 "train.log_every=5", "train.eval_every=0", "train.eval_batches=2",
-                 "checkpoint.every=40", "optimizer.warmup_steps=5"]
+    overrides = [
+        f"data.data_dir={stdlib_data_dir}",
+        f"run.dir={run_dir}",
+        "train.steps=40",
+        "train.log_every=5",
+        "train.eval_every=0",
+        "train.eval_batches=2",
+        "checkpoint.every=40",
+        "optimizer.warmup_steps=5",
+    ]
     cfg = load_experiment(config, overrides)
     trainer = Trainer(cfg, show_progress=False, log=lambda _: None)
     result = trainer.run()
@@ -186,13 +223,17 @@ def test_shipped_tiny_configs_train_with_falling_loss(name, stdlib_data_dir, tmp
 def test_checkpoint_of_an_older_format_is_refused_clearly(tmp_path, monkeypatch):
     """Format 1 stored per-layer parameters; reading it into stacked blocks must not half-work."""
     from jaxformer.training import checkpoint as ckpt_lib
+
     mesh = shard_lib.make_mesh(shard_lib.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
-    _, state = build_state(models.preset("gpt-tiny"), optax.sgd(0.1), mesh,
-                           shard_lib.DEFAULT_RULES, seed=0)
+    _, state = build_state(
+        models.preset("gpt-tiny"), optax.sgd(0.1), mesh, shard_lib.DEFAULT_RULES, seed=0
+    )
     monkeypatch.setattr(ckpt_lib, "FORMAT_VERSION", 1)
     ckpt = Checkpointer(str(tmp_path), async_save=False)
     ckpt.save(3, state, config={}, tokenizer_model=b"tok", data_state={})
     ckpt.wait()
     monkeypatch.setattr(ckpt_lib, "FORMAT_VERSION", 2)
-    with pytest.raises(ckpt_lib.CheckpointError, match="has format 1; this jaxformer reads format 2"):
+    with pytest.raises(
+        ckpt_lib.CheckpointError, match="has format 1; this jaxformer reads format 2"
+    ):
         Checkpointer(str(tmp_path), create=False).read_meta()

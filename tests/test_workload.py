@@ -37,8 +37,11 @@ class RepeatingSequence(Workload):
     def prepare(self, cfg, meta, env):
         tokens = 10 + np.arange(20_000) % PERIOD
         stream = ArrayTokens(tokens, np.array([0, len(tokens)]))
-        special = SpecialIds(vocab_size=self.tokenizer.vocab_size, pad=self.tokenizer.pad_id,
-                             eos=self.tokenizer.eos_id)
+        special = SpecialIds(
+            vocab_size=self.tokenizer.vocab_size,
+            pad=self.tokenizer.pad_id,
+            eos=self.tokenizer.eos_id,
+        )
         self.batcher = make_batcher(cfg.data, stream, special, cfg.train.seed, "causal_lm")
         self.eval_batcher = make_batcher(cfg.data, stream, special, 0, "causal_lm", shuffle=False)
         return cfg
@@ -56,13 +59,18 @@ class RepeatingSequence(Workload):
         local = self.eval_batcher.batch(0, jax.process_index(), jax.process_count())
         _, sums, _ = evaluator(local)
         sums = jax.device_get(sums)
-        return dict(loss=float(sums["loss_sum"] / sums["weight_sum"]),
-                    next_token_accuracy=float(sums["correct_sum"] / sums["weight_sum"]))
+        return dict(
+            loss=float(sums["loss_sum"] / sums["weight_sum"]),
+            next_token_accuracy=float(sums["correct_sum"] / sums["weight_sum"]),
+        )
 
 
 def test_own_workload_trains_resumes_and_evaluates(tiny_overrides, stdlib_tokenizer, tmp_path):
-    overrides = tiny_overrides + [f"run.dir={tmp_path / 'run'}", "checkpoint.every=10",
-                                  "train.eval_every=0"]
+    overrides = tiny_overrides + [
+        f"run.dir={tmp_path / 'run'}",
+        "checkpoint.every=10",
+        "train.eval_every=0",
+    ]
     cfg = load_experiment(None, overrides + ["train.steps=50"])
     workload = RepeatingSequence(stdlib_tokenizer)
     trainer = Trainer(cfg, workload, **QUIET)
@@ -83,8 +91,10 @@ def test_own_workload_trains_resumes_and_evaluates(tiny_overrides, stdlib_tokeni
     resumed = Trainer(cfg, resumed_workload, **QUIET)
     try:
         assert resumed.start_step == 40 and resumed_workload.initialized == 0
-        np.testing.assert_array_equal(np.asarray(resumed.model().embed.token_embed.embedding[...]),
-                                      np.asarray(trainer.model().embed.token_embed.embedding[...]))
+        np.testing.assert_array_equal(
+            np.asarray(resumed.model().embed.token_embed.embedding[...]),
+            np.asarray(trainer.model().embed.token_embed.embedding[...]),
+        )
         final = resumed.run()
     finally:
         resumed.close()

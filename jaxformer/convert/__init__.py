@@ -27,9 +27,11 @@ BY_FAMILY: dict[str, ModuleType] = {"decoder": gpt2, "encoder": bert, "encoder_d
 def _family_of(src: Any) -> ModuleType:
     model_type, arch = common.model_type_of(src)
     if model_type not in BY_MODEL_TYPE:
-        raise ValueError(f"unsupported Hugging Face model type {model_type!r} ({arch}); jaxformer "
-                         f"converts {', '.join(BY_MODEL_TYPE)} (GPT2LMHeadModel, BertForMaskedLM, "
-                         "BertForSequenceClassification, T5ForConditionalGeneration)")
+        raise ValueError(
+            f"unsupported Hugging Face model type {model_type!r} ({arch}); jaxformer "
+            f"converts {', '.join(BY_MODEL_TYPE)} (GPT2LMHeadModel, BertForMaskedLM, "
+            "BertForSequenceClassification, T5ForConditionalGeneration)"
+        )
     return BY_MODEL_TYPE[model_type]
 
 
@@ -43,8 +45,13 @@ def from_hf(src: Any, *, seed: int = 0) -> tuple[nnx.Module, ModelConfig]:
     hf_config, weights = common.read_hf(src)
     weights = family.normalize(weights)
     cfg = family.config_from_hf(hf_config, weights)
-    params = common.apply_rules(family.rules(cfg), weights, model=family.NAME,
-                                optional=family.OPTIONAL, ignored=family.IGNORED)
+    params = common.apply_rules(
+        family.rules(cfg),
+        weights,
+        model=family.NAME,
+        optional=family.OPTIONAL,
+        ignored=family.IGNORED,
+    )
     with nnx.use_eager_sharding(False):
         model = models.create(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
     common.load_params(model, params)
@@ -66,15 +73,23 @@ def hf_config(cfg: ModelConfig, head: Optional[str] = None) -> Any:
     family.check(cfg)
     head = head or next(iter(family.ARCHITECTURES))
     if head not in family.ARCHITECTURES:
-        raise ValueError(f"head {head!r} is not one of {', '.join(family.ARCHITECTURES)} for a "
-                         f"{cfg.family} model")
+        raise ValueError(
+            f"head {head!r} is not one of {', '.join(family.ARCHITECTURES)} for a "
+            f"{cfg.family} model"
+        )
     config = family.config_to_hf(cfg, head)
     config.architectures = [family.ARCHITECTURES[head]]
     return config
 
 
-def to_hf(model: nnx.Module, cfg: ModelConfig, out_dir: str | os.PathLike[str], *,
-          head: Optional[str] = None, overwrite: bool = False) -> str:
+def to_hf(
+    model: nnx.Module,
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    head: Optional[str] = None,
+    overwrite: bool = False,
+) -> str:
     """Writes a directory that transformers' `from_pretrained` loads (config.json, safetensors).
 
     `head` picks the recorded architecture of an encoder: 'masked_lm' (default) or

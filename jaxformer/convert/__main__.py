@@ -10,26 +10,36 @@ import argparse
 import errno
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from jaxformer.training import cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxformer.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxformer.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("from-hf", help="Hugging Face directory -> jaxformer run directory")
     a.add_argument("src")
     a.add_argument("dst")
-    a.add_argument("--tokenizer", help="sentencepiece .model to store in the checkpoint "
-                   "(default: the directory's spiece.model/tokenizer.model, else none)")
+    a.add_argument(
+        "--tokenizer",
+        help="sentencepiece .model to store in the checkpoint "
+        "(default: the directory's spiece.model/tokenizer.model, else none)",
+    )
     b = sub.add_parser("to-hf", help="jaxformer run directory -> Hugging Face directory")
     b.add_argument("src")
     b.add_argument("dst")
     b.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    b.add_argument("--head", default=None,
-                   help="architecture to record for an encoder: masked_lm or classification")
+    b.add_argument(
+        "--head",
+        default=None,
+        help="architecture to record for an encoder: masked_lm or classification",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     args = parser.parse_args(argv)
     return convert_command(args)
@@ -49,8 +59,11 @@ def convert_command(args: argparse.Namespace) -> int:
 
     if args.command == "from-hf":
         if not os.path.isdir(args.src):
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory (expected a Hugging Face "
-                                     "save_pretrained directory)", args.src)
+            raise NotADirectoryError(
+                errno.ENOTDIR,
+                "not a directory (expected a Hugging Face save_pretrained directory)",
+                args.src,
+            )
         require_hf("torch", "transformers", "safetensors")
         model, cfg = convert.from_hf(args.src)
         if args.tokenizer:

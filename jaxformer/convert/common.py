@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Iterable, NamedTuple, Optional
+from collections.abc import Iterable
+from typing import Any, NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +18,12 @@ from flax import nnx
 
 from jaxformer.models.config import ModelConfig
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class Rule(NamedTuple):
@@ -34,6 +39,7 @@ class Rule(NamedTuple):
 
 def _to_numpy(tensor: Any) -> np.ndarray:
     import torch
+
     return tensor.detach().to(torch.float32).cpu().numpy()
 
 
@@ -43,8 +49,9 @@ def read_hf(src: Any) -> tuple[Any, dict[str, np.ndarray]]:
         return _read_dir(os.fspath(src))
     if hasattr(src, "state_dict") and hasattr(src, "config"):
         return src.config, {k: _to_numpy(v) for k, v in src.state_dict().items()}
-    raise TypeError("from_hf expects a transformers model or a directory, got "
-                    f"{type(src).__name__}")
+    raise TypeError(
+        f"from_hf expects a transformers model or a directory, got {type(src).__name__}"
+    )
 
 
 def model_type_of(src: Any) -> tuple[str, str]:
@@ -52,11 +59,14 @@ def model_type_of(src: Any) -> tuple[str, str]:
     if isinstance(src, (str, os.PathLike)):
         path = os.path.join(os.fspath(src), "config.json")
         if not os.path.isdir(os.fspath(src)):
-            raise ValueError(f"{os.fspath(src)} is not a directory (expected one written by "
-                             "save_pretrained)")
+            raise ValueError(
+                f"{os.fspath(src)} is not a directory (expected one written by save_pretrained)"
+            )
         if not os.path.isfile(path):
-            raise ValueError(f"{os.fspath(src)} has no config.json (expected a directory written "
-                             "by save_pretrained)")
+            raise ValueError(
+                f"{os.fspath(src)} has no config.json (expected a directory written "
+                "by save_pretrained)"
+            )
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         return str(data.get("model_type", "")), ",".join(data.get("architectures") or []) or "?"
@@ -66,10 +76,13 @@ def model_type_of(src: Any) -> tuple[str, str]:
 
 def _read_dir(directory: str) -> tuple[Any, dict[str, np.ndarray]]:
     import transformers
+
     present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
     if not present:
-        raise ValueError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)} "
-                         "(a directory written by save_pretrained)")
+        raise ValueError(
+            f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)} "
+            "(a directory written by save_pretrained)"
+        )
     config = transformers.AutoConfig.from_pretrained(directory)
     name = present[0]
     if name.endswith(".index.json"):
@@ -85,17 +98,20 @@ def _read_dir(directory: str) -> tuple[Any, dict[str, np.ndarray]]:
 
 def _read_file(path: str) -> dict[str, np.ndarray]:
     import torch
+
     if path.endswith(".safetensors"):
         from safetensors import safe_open
+
         with safe_open(path, framework="pt") as f:
             return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
-    return {k: _to_numpy(v) for k, v in torch.load(path, map_location="cpu",
-                                                     weights_only=True).items()}
+    return {
+        k: _to_numpy(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
+    }
 
 
 def strip_prefix(weights: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     """Drops a base-model prefix ('transformer.', 'bert.') so headless and headed models agree."""
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in weights.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in weights.items()}
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -103,18 +119,26 @@ def strip_prefix(weights: dict[str, np.ndarray], prefix: str) -> dict[str, np.nd
 
 def check_representable(cfg: ModelConfig, target: str, **expected: Any) -> None:
     """ValueError naming every ModelConfig field that the target format cannot express."""
-    bad = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in expected.items()
-           if getattr(cfg, k) != v]
+    bad = [
+        f"{k}={getattr(cfg, k)!r} (needs {v!r})"
+        for k, v in expected.items()
+        if getattr(cfg, k) != v
+    ]
     if bad:
-        raise ValueError(f"this model cannot be written as a {target} checkpoint: "
-                         + ", ".join(f"ModelConfig.{b}" for b in bad))
+        raise ValueError(
+            f"this model cannot be written as a {target} checkpoint: "
+            + ", ".join(f"ModelConfig.{b}" for b in bad)
+        )
 
 
 def unsupported(model: str, option: str, value: Any, why: str = "") -> ValueError:
     """The error for a Hugging Face config option jaxformer cannot represent."""
-    return ValueError(f"{model} config option {option}={value!r} is not supported by jaxformer"
-                      + (f" ({why})" if why else "") + "; refusing to build a model that would "
-                      "compute something else")
+    return ValueError(
+        f"{model} config option {option}={value!r} is not supported by jaxformer"
+        + (f" ({why})" if why else "")
+        + "; refusing to build a model that would "
+        "compute something else"
+    )
 
 
 def pick(table: dict[str, str], model: str, option: str, value: Any) -> str:
@@ -136,7 +160,7 @@ def _merge_heads(value: np.ndarray, names: tuple) -> np.ndarray:
     """[.., heads, head_dim, ..] -> [.., heads * head_dim, ..]: the 2-D matrices HF stores."""
     for i in range(len(names) - 1):
         if names[i] in ("heads", "kv_heads") and names[i + 1] == "head_dim":
-            return value.reshape(*value.shape[:i], -1, *value.shape[i + 2:])
+            return value.reshape(*value.shape[:i], -1, *value.shape[i + 2 :])
     return value
 
 
@@ -164,9 +188,14 @@ def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def apply_rules(rules: Iterable[Rule], weights: dict[str, np.ndarray], *, model: str,
-                optional: tuple[str, ...] = (), ignored: tuple[str, ...] = ()
-                ) -> dict[str, np.ndarray]:
+def apply_rules(
+    rules: Iterable[Rule],
+    weights: dict[str, np.ndarray],
+    *,
+    model: str,
+    optional: tuple[str, ...] = (),
+    ignored: tuple[str, ...] = (),
+) -> dict[str, np.ndarray]:
     """Our flat parameters from HF weights; any HF weight left over (not ignored) is an error."""
     params, used = {}, set()
     for rule in rules:
@@ -177,12 +206,15 @@ def apply_rules(rules: Iterable[Rule], weights: dict[str, np.ndarray], *, model:
         value = weights[rule.hf]
         params[rule.ours] = value.T if rule.transpose else value
         used.add(rule.hf)
-    left = sorted(k for k in weights if k not in used
-                  and not any(re.fullmatch(p, k) for p in ignored))
+    left = sorted(
+        k for k in weights if k not in used and not any(re.fullmatch(p, k) for p in ignored)
+    )
     if left:
-        raise ValueError(f"{model} weights that jaxformer's model has no place for (an option we "
-                         f"cannot represent?): {', '.join(left[:6])}"
-                         + (f" and {len(left) - 6} more" if len(left) > 6 else ""))
+        raise ValueError(
+            f"{model} weights that jaxformer's model has no place for (an option we "
+            f"cannot represent?): {', '.join(left[:6])}"
+            + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+        )
     return params
 
 
@@ -200,10 +232,11 @@ def load_params(model: nnx.Module, params: dict[str, np.ndarray]) -> None:
             if not present:
                 continue
             if len(present) != len(layer_names):
-                raise ValueError(f"weights for {len(present)} of {len(layer_names)} layers of "
-                                 f"{'.'.join(map(str, path))}; all or none are needed")
-            value = np.stack([_fit(n, left.pop(n), old.shape[1:], names[1:])
-                              for n in layer_names])
+                raise ValueError(
+                    f"weights for {len(present)} of {len(layer_names)} layers of "
+                    f"{'.'.join(map(str, path))}; all or none are needed"
+                )
+            value = np.stack([_fit(n, left.pop(n), old.shape[1:], names[1:]) for n in layer_names])
         else:
             name = ".".join(map(str, path))
             if name not in left:
@@ -220,31 +253,42 @@ def _fit(name: str, value: np.ndarray, shape: tuple, names: tuple) -> np.ndarray
     value = np.asarray(value)
     merged = _merge_heads(np.empty(shape, np.int8), names).shape
     if tuple(value.shape) not in (tuple(shape), tuple(merged)):
-        raise ValueError(f"weight for {name} has shape {tuple(value.shape)}, the model "
-                         f"expects {tuple(merged)}")
+        raise ValueError(
+            f"weight for {name} has shape {tuple(value.shape)}, the model expects {tuple(merged)}"
+        )
     return value.reshape(shape)
 
 
 def export_rules(rules: Iterable[Rule], params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """HF weights from our flat parameters (rules whose parameter the model lacks are skipped)."""
-    return {r.hf: np.ascontiguousarray(params[r.ours].T if r.transpose else params[r.ours],
-                                       dtype=np.float32)
-            for r in rules if r.ours in params}
+    return {
+        r.hf: np.ascontiguousarray(
+            params[r.ours].T if r.transpose else params[r.ours], dtype=np.float32
+        )
+        for r in rules
+        if r.ours in params
+    }
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def write_hf(out_dir: str, hf_config: Any, weights: dict[str, np.ndarray], *,
-             overwrite: bool = False) -> str:
+def write_hf(
+    out_dir: str, hf_config: Any, weights: dict[str, np.ndarray], *, overwrite: bool = False
+) -> str:
     """config.json + model.safetensors that transformers' from_pretrained reads."""
     from safetensors.numpy import save_file
+
     out_dir = os.fspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not empty; choose a new directory (nothing "
-                         "was written)")
+        raise ValueError(
+            f"{out_dir} exists and is not empty; choose a new directory (nothing was written)"
+        )
     os.makedirs(out_dir, exist_ok=True)
     hf_config.save_pretrained(out_dir)
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()},
-              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in weights.items()},
+        os.path.join(out_dir, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return out_dir

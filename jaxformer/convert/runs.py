@@ -30,8 +30,9 @@ def find_spm(directory: str) -> bytes:
     return b""
 
 
-def save_run(model: nnx.Module, cfg: ModelConfig, run_dir: str, *,
-             tokenizer_model: bytes = b"") -> str:
+def save_run(
+    model: nnx.Module, cfg: ModelConfig, run_dir: str, *, tokenizer_model: bytes = b""
+) -> str:
     """Step-0 checkpoint of (model, fresh optimizer) with an ExperimentConfig around `cfg`.
 
     An empty `tokenizer_model` is stored as such: training or evaluating from this run then needs
@@ -42,13 +43,20 @@ def save_run(model: nnx.Module, cfg: ModelConfig, run_dir: str, *,
     checkpointer = Checkpointer(run_dir, async_save=False)
     try:
         if checkpointer.latest_step is not None:
-            raise CheckpointError(f"{run_dir} already holds a checkpoint (step "
-                                  f"{checkpointer.latest_step}); choose a new directory")
-        optimizer = nnx.Optimizer(model, make_optimizer(exp.optimizer, exp.train.steps),
-                                  wrt=nnx.Param)
-        checkpointer.save(0, nnx.state((model, optimizer)),
-                          config=yaml.safe_load(dump_config(exp)), tokenizer_model=tokenizer_model,
-                          data_state=dict(seed=exp.train.seed, step=0))
+            raise CheckpointError(
+                f"{run_dir} already holds a checkpoint (step "
+                f"{checkpointer.latest_step}); choose a new directory"
+            )
+        optimizer = nnx.Optimizer(
+            model, make_optimizer(exp.optimizer, exp.train.steps), wrt=nnx.Param
+        )
+        checkpointer.save(
+            0,
+            nnx.state((model, optimizer)),
+            config=yaml.safe_load(dump_config(exp)),
+            tokenizer_model=tokenizer_model,
+            data_state=dict(seed=exp.train.seed, step=0),
+        )
     finally:
         checkpointer.close()
     save_config(exp, os.path.join(run_dir, "config.yaml"))
@@ -66,8 +74,9 @@ def load_run(run_dir: str, step: Optional[int] = None) -> tuple[nnx.Module, Mode
             model = models.create(cfg, rngs=nnx.Rngs(0))
         mesh = shard_lib.make_mesh(shard_lib.MeshConfig(), devices=jax.devices()[:1])
         params = nnx.state((model,), nnx.Param)
-        restored = checkpointer.restore_state(params, mesh, exp.mesh.rules, meta["step"],
-                                              partial=True)
+        restored = checkpointer.restore_state(
+            params, mesh, exp.mesh.rules, meta["step"], partial=True
+        )
         nnx.update((model,), restored)
     finally:
         checkpointer.close()

@@ -74,8 +74,10 @@ class DataConfig:
         if self.prefetch < 0 or self.prefetch_threads < 1:
             raise ValueError("data.prefetch must be >= 0 and data.prefetch_threads >= 1")
         if self.docs_per_shard < 1 or self.prepare_workers < 0 or self.tokenizer_docs < 1:
-            raise ValueError("data.docs_per_shard and data.tokenizer_docs must be >= 1, "
-                             "data.prepare_workers >= 0")
+            raise ValueError(
+                "data.docs_per_shard and data.tokenizer_docs must be >= 1, "
+                "data.prepare_workers >= 0"
+            )
         names = [s.dataset for s in self.mixture]
         if len(set(names)) != len(names):
             raise ValueError(f"data.mixture names a dataset twice: {names}")
@@ -83,7 +85,17 @@ class DataConfig:
     def sources(self) -> tuple[SourceConfig, ...]:
         """The datasets a run reads: the mixture, or `dataset` alone."""
         if self.mixture:
-            return tuple(dataclasses.replace(s, data_dir=s.data_dir or self.data_dir)
-                         for s in self.mixture)
-        return (SourceConfig(self.dataset, 1.0, self.text_key, self.data_dir, self.train_split,
-                             self.eval_split, self.max_documents),)
+            return tuple(
+                dataclasses.replace(s, data_dir=s.data_dir or self.data_dir) for s in self.mixture
+            )
+        return (
+            SourceConfig(
+                self.dataset,
+                1.0,
+                self.text_key,
+                self.data_dir,
+                self.train_split,
+                self.eval_split,
+                self.max_documents,
+            ),
+        )

@@ -7,7 +7,8 @@ import json
 import os
 import sys
 import sysconfig
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -15,7 +16,9 @@ from etils import epath
 STDLIB_DATASET = "stdlib_code"
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "jaxformer", "tfds")
 # Directories that hold tests, tooling or third-party code rather than library source.
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
+_SKIP_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+)
 _VALIDATION_PERCENT = 5
 
 
@@ -39,7 +42,9 @@ def stdlib_files(root: str | None = None) -> list[str]:
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
         for name in filenames:
             if name.endswith(".py"):
-                paths.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+                paths.append(
+                    os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+                )
     return sorted(paths)
 
 
@@ -167,8 +172,9 @@ class RandomAccessView(Sequence):
         if index < 0:
             index += self._length
         if not 0 <= index < self._length:
-            raise IndexError(f"{self.item_name} index {index} out of range for {self._length} "
-                             f"{self.item_name}s")
+            raise IndexError(
+                f"{self.item_name} index {index} out of range for {self._length} {self.item_name}s"
+            )
         return self._convert(self._source[index])
 
     def _convert(self, record: Any) -> Any:
@@ -211,7 +217,9 @@ def _tfds_source(dataset: str, split: str, data_dir: str, text_key: str) -> Sequ
         )
     try:
         # download=False: this machine may have no network; preparing is an explicit step.
-        return tfds.data_source(dataset, split=split, data_dir=data_dir, download=False, try_gcs=False)
+        return tfds.data_source(
+            dataset, split=split, data_dir=data_dir, download=False, try_gcs=False
+        )
     except Exception as e:  # pylint: disable=broad-except
         if not builder.is_prepared():
             raise ValueError(
@@ -240,7 +248,9 @@ def text_source(
         raise ValueError(f"max_documents must be >= 0, got {max_documents}")
     if dataset == STDLIB_DATASET:
         if text_key not in ("text", "path"):
-            raise ValueError(f"feature {text_key!r} not in dataset 'stdlib_code'; available: path, text")
+            raise ValueError(
+                f"feature {text_key!r} not in dataset 'stdlib_code'; available: path, text"
+            )
         source = _stdlib_source(split, data_dir)
     else:
         source = _tfds_source(dataset, split, data_dir, text_key)

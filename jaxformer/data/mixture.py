@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,8 +20,10 @@ def rows_per_source(weights: Sequence[float], batch_size: int) -> list[int]:
     for i in np.argsort(-(exact - counts), kind="stable")[: batch_size - counts.sum()]:
         counts[i] += 1
     if np.any(counts == 0):
-        raise ValueError(f"mixture weights {list(weights)} give some source no row of a "
-                         f"{batch_size}-row batch; raise its weight or the batch size")
+        raise ValueError(
+            f"mixture weights {list(weights)} give some source no row of a "
+            f"{batch_size}-row batch; raise its weight or the batch size"
+        )
     return counts.tolist()
 
 
@@ -45,16 +47,22 @@ class MixtureBatcher:
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> obj.Row:
         """This process's share ([B / process_count, ...] arrays) of the global batch at `step`."""
         if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+            raise ValueError(
+                f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
+            )
         if self.batch_size % process_count:
-            raise ValueError(f"global batch size {self.batch_size} is not divisible by the process "
-                             f"count {process_count}")
+            raise ValueError(
+                f"global batch size {self.batch_size} is not divisible by the process "
+                f"count {process_count}"
+            )
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
-        slots = np.random.default_rng([self.seed, int(step), _ORDER_SALT]).permutation(self.batch_size)
+        slots = np.random.default_rng([self.seed, int(step), _ORDER_SALT]).permutation(
+            self.batch_size
+        )
         local = self.batch_size // process_count
         rows = []
-        for slot in slots[process_index * local:(process_index + 1) * local]:
+        for slot in slots[process_index * local : (process_index + 1) * local]:
             s = int(np.searchsorted(self._first_slot, slot, side="right")) - 1
             k = int(slot - self._first_slot[s])
             rows.append(self.batchers[s].row(step * self.counts[s] + k))

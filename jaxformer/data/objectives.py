@@ -111,7 +111,9 @@ def noise_counts(length: int, noise_density: float, mean_noise_span: float) -> t
     return num_noise, num_spans
 
 
-def span_corruption_lengths(length: int, noise_density: float, mean_noise_span: float) -> tuple[int, int]:
+def span_corruption_lengths(
+    length: int, noise_density: float, mean_noise_span: float
+) -> tuple[int, int]:
     """(encoder length, decoder length) after corrupting a raw row of `length` tokens, EOS included."""
     num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span)
     return length - num_noise + num_spans + 1, num_noise + num_spans + 1
@@ -178,14 +180,18 @@ def span_corruption(
     starts_R = noise_R & ~np.concatenate([[False], noise_R[:-1]])
     num_spans = int(starts_R.sum())
     if num_spans > len(special.sentinels):
-        raise ValueError(f"span corruption needs {num_spans} sentinels, got {len(special.sentinels)}")
+        raise ValueError(
+            f"span corruption needs {num_spans} sentinels, got {len(special.sentinels)}"
+        )
     sentinels = np.asarray(special.sentinels[:num_spans], np.int32)
     span_index_R = np.cumsum(starts_R) - 1
     enc = np.where(starts_R, sentinels[np.maximum(span_index_R, 0)], tokens_R)[~noise_R | starts_R]
     dec = np.insert(tokens_R[noise_R], np.flatnonzero(starts_R[noise_R]), sentinels)
     enc, dec = np.append(enc, special.eos), np.append(dec, special.eos)
     if len(enc) > inputs_len or len(dec) > targets_len:
-        raise ValueError(f"corrupted lengths {len(enc)}, {len(dec)} exceed {inputs_len}, {targets_len}")
+        raise ValueError(
+            f"corrupted lengths {len(enc)}, {len(dec)} exceed {inputs_len}, {targets_len}"
+        )
     targets_D = _pad(dec, targets_len, special.pad)
     decoder_inputs_D = _pad(np.concatenate([[special.pad], dec[:-1]]), targets_len, special.pad)
     real_E = (np.arange(inputs_len) < len(enc)).astype(np.int32)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Optional
 
 import numpy as np
 
@@ -38,7 +39,12 @@ class PackedStream:
             raise ValueError(
                 f"corpus too small: {source.num_tokens} tokens cannot fill one row of {row_len} tokens"
             )
-        self.source, self.row_len, self.seed, self.shuffle = source, int(row_len), int(seed), shuffle
+        self.source, self.row_len, self.seed, self.shuffle = (
+            source,
+            int(row_len),
+            int(seed),
+            shuffle,
+        )
         full_rows = source.num_tokens // self.row_len
         # Shuffling keeps one row's worth of slack so the per-epoch shift can move every cut.
         self._rows = full_rows - 1 if shuffle and full_rows > 1 else full_rows
@@ -85,10 +91,18 @@ class PackedStream:
 class Batcher:
     """batch(step) -> dict of arrays: global rows step*B .. step*B+B-1, this process's contiguous slice."""
 
-    def __init__(self, stream: PackedStream, row_fn: RowFn, batch_size: int, seed: int, salt: int = 0):
+    def __init__(
+        self, stream: PackedStream, row_fn: RowFn, batch_size: int, seed: int, salt: int = 0
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.stream, self.row_fn, self.batch_size, self.seed, self.salt = stream, row_fn, batch_size, seed, salt
+        self.stream, self.row_fn, self.batch_size, self.seed, self.salt = (
+            stream,
+            row_fn,
+            batch_size,
+            seed,
+            salt,
+        )
         self._eval_stream: Optional[PackedStream] = None
 
     def row(self, index: int, stream: Optional[PackedStream] = None) -> obj.Row:
@@ -96,9 +110,13 @@ class Batcher:
         rng = np.random.default_rng([self.seed, int(index), self.salt])
         return self.row_fn(*(stream or self.stream).row(index), rng)
 
-    def _rows(self, step: int, process_index: int, process_count: int, stream: PackedStream) -> obj.Row:
+    def _rows(
+        self, step: int, process_index: int, process_count: int, stream: PackedStream
+    ) -> obj.Row:
         if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+            raise ValueError(
+                f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
+            )
         if self.batch_size % process_count:
             raise ValueError(
                 f"global batch size {self.batch_size} is not divisible by the process count {process_count}"
@@ -148,7 +166,9 @@ def make_batcher(
     """
     name = data_config.objective if objective is None else objective
     if name == "auto":
-        raise ValueError("objective 'auto' must be resolved from the model family before building a batcher")
+        raise ValueError(
+            "objective 'auto' must be resolved from the model family before building a batcher"
+        )
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid objectives: {', '.join(OBJECTIVES)}")
     c, sp = data_config, special_ids
@@ -169,14 +189,25 @@ def make_batcher(
             return obj.masked_lm(t, s, p, rng, sp, c.mask_rate, pool)
 
     else:
-        row_len = obj.span_corruption_raw_length(c.seq_len, c.target_len, c.noise_density, c.mean_noise_span)
+        row_len = obj.span_corruption_raw_length(
+            c.seq_len, c.target_len, c.noise_density, c.mean_noise_span
+        )
         spans = obj.noise_counts(row_len, c.noise_density, c.mean_noise_span)[1]
         if spans > len(sp.sentinels):
-            raise ValueError(f"span corruption needs {spans} sentinel ids, SpecialIds has {len(sp.sentinels)}")
+            raise ValueError(
+                f"span corruption needs {spans} sentinel ids, SpecialIds has {len(sp.sentinels)}"
+            )
 
         def row_fn(t, s, p, rng):
-            return obj.span_corruption(t, rng, sp, c.seq_len, c.target_len, c.noise_density, c.mean_noise_span)
+            return obj.span_corruption(
+                t, rng, sp, c.seq_len, c.target_len, c.noise_density, c.mean_noise_span
+            )
 
     stream = PackedStream(source, row_len, seed, shuffle=shuffle)
-    return Batcher(stream, row_fn, batch_size or c.batch_size, seed,
-                   salt=_OBJECTIVE_SALT[name] + 16 * source_index)
+    return Batcher(
+        stream,
+        row_fn,
+        batch_size or c.batch_size,
+        seed,
+        salt=_OBJECTIVE_SALT[name] + 16 * source_index,
+    )

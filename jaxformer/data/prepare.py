@@ -16,7 +16,8 @@ import json
 import multiprocessing
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -51,10 +52,14 @@ class PreparedData:
     def special_ids(self) -> SpecialIds:
         """Ids the objectives treat specially."""
         tok = self.tokenizer
-        return SpecialIds(vocab_size=tok.vocab_size, pad=tok.pad_id, eos=tok.eos_id,
-                          mask=tok.mask_id,
-                          sentinels=tuple(tok.sentinel_id(i) for i in range(tok.num_sentinels)),
-                          no_mask_ids=tuple(i for i in (tok.unk_id, tok.bos_id) if i >= 0))
+        return SpecialIds(
+            vocab_size=tok.vocab_size,
+            pad=tok.pad_id,
+            eos=tok.eos_id,
+            mask=tok.mask_id,
+            sentinels=tuple(tok.sentinel_id(i) for i in range(tok.num_sentinels)),
+            no_mask_ids=tuple(i for i in (tok.unk_id, tok.bos_id) if i >= 0),
+        )
 
     def train_token_counts(self) -> np.ndarray:
         """Token histogram over every source's train split."""
@@ -77,8 +82,13 @@ def _sample_indices(num_docs: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(num_docs, limit, replace=False))
 
 
-def resolve_tokenizer(cfg: DataConfig, work_dir: str, *, tokenizer_model: Optional[bytes] = None,
-                      log: Callable[[str], None] = print) -> Tokenizer:
+def resolve_tokenizer(
+    cfg: DataConfig,
+    work_dir: str,
+    *,
+    tokenizer_model: Optional[bytes] = None,
+    log: Callable[[str], None] = print,
+) -> Tokenizer:
     """The run's tokenizer: from a checkpoint, a given path, a cached earlier training, or trained
     now on a bounded seeded sample of the train splits (then cached for other runs)."""
     if tokenizer_model is not None:
@@ -87,9 +97,11 @@ def resolve_tokenizer(cfg: DataConfig, work_dir: str, *, tokenizer_model: Option
         tokenizer = Tokenizer.load(cfg.tokenizer_path)
     else:
         sources = cfg.sources()
-        key = _digest(cfg.vocab_size, cfg.tokenizer_docs,
-                      [(s.dataset, s.train_split, s.text_key, s.max_documents, s.weight)
-                       for s in sources])
+        key = _digest(
+            cfg.vocab_size,
+            cfg.tokenizer_docs,
+            [(s.dataset, s.train_split, s.text_key, s.max_documents, s.weight) for s in sources],
+        )
         cached = ts._path(tokens_root(cfg), f"tokenizers/{key}.model")  # pylint: disable=protected-access
         if cached.exists():
             tokenizer = Tokenizer.from_bytes(cached.read_bytes())
@@ -97,11 +109,15 @@ def resolve_tokenizer(cfg: DataConfig, work_dir: str, *, tokenizer_model: Option
             total = sum(s.weight for s in sources)
             texts: list[str] = []
             for s in sources:
-                docs = text_source(s.dataset, s.train_split, s.data_dir, s.text_key, s.max_documents)
+                docs = text_source(
+                    s.dataset, s.train_split, s.data_dir, s.text_key, s.max_documents
+                )
                 limit = max(1, round(cfg.tokenizer_docs * s.weight / total))
                 texts.extend(docs[int(i)] for i in _sample_indices(len(docs), limit, 0))
-            log(f"[data] training a {cfg.vocab_size}-piece sentencepiece tokenizer on "
-                f"{len(texts)} documents")
+            log(
+                f"[data] training a {cfg.vocab_size}-piece sentencepiece tokenizer on "
+                f"{len(texts)} documents"
+            )
             tokenizer = train_tokenizer(texts, cfg.vocab_size)
             cached.parent.mkdir(parents=True, exist_ok=True)
             ts.write_bytes_atomic(str(cached.parent), cached.name, tokenizer.serialized_model())
@@ -112,8 +128,15 @@ def resolve_tokenizer(cfg: DataConfig, work_dir: str, *, tokenizer_model: Option
 
 def store_dir(cfg: DataConfig, source: SourceConfig, split: str, tokenizer: Tokenizer) -> str:
     """The token store of one split, keyed by everything its contents depend on."""
-    key = _digest(hashlib.sha256(tokenizer.serialized_model()).hexdigest(), source.dataset, split,
-                  source.text_key, source.max_documents, cfg.docs_per_shard, ts.FORMAT)
+    key = _digest(
+        hashlib.sha256(tokenizer.serialized_model()).hexdigest(),
+        source.dataset,
+        split,
+        source.text_key,
+        source.max_documents,
+        cfg.docs_per_shard,
+        ts.FORMAT,
+    )
     name = source.dataset.replace("/", "_").replace(":", "_")
     return str(ts._path(tokens_root(cfg), f"{name}-{split}-{key}"))  # pylint: disable=protected-access
 
@@ -124,13 +147,20 @@ _WORKER: dict = {}
 
 
 def _init_worker(source: SourceConfig, split: str, model: bytes) -> None:
-    _WORKER["texts"] = text_source(source.dataset, split, source.data_dir, source.text_key,
-                                   source.max_documents)
+    _WORKER["texts"] = text_source(
+        source.dataset, split, source.data_dir, source.text_key, source.max_documents
+    )
     _WORKER["tokenizer"] = Tokenizer.from_bytes(model)
 
 
-def _tokenize_shard(root: str, index: int, first: int, last: int, info: dict,
-                    progress: Optional[Callable[[int], None]] = None) -> dict:
+def _tokenize_shard(
+    root: str,
+    index: int,
+    first: int,
+    last: int,
+    info: dict,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict:
     """Encodes documents [first, last) (each followed by EOS) into shard `index`."""
     texts, tokenizer = _WORKER["texts"], _WORKER["tokenizer"]
     pieces, lengths = [], []
@@ -143,14 +173,27 @@ def _tokenize_shard(root: str, index: int, first: int, last: int, info: dict,
         if progress:
             progress(stop - start)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
-    return ts.write_shard(root, index, tokens, np.asarray(lengths, np.int64),
-                          tokenizer.vocab_size, dict(info, first_doc=first, last_doc=last))
+    return ts.write_shard(
+        root,
+        index,
+        tokens,
+        np.asarray(lengths, np.int64),
+        tokenizer.vocab_size,
+        dict(info, first_doc=first, last_doc=last),
+    )
 
 
-def tokenize_split(cfg: DataConfig, source: SourceConfig, split: str, tokenizer: Tokenizer, *,
-                   workers: Optional[int] = None, show_progress: bool = True,
-                   log: Callable[[str], None] = print,
-                   texts: Optional[Sequence[str]] = None) -> ts.TokenStore:
+def tokenize_split(
+    cfg: DataConfig,
+    source: SourceConfig,
+    split: str,
+    tokenizer: Tokenizer,
+    *,
+    workers: Optional[int] = None,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+    texts: Optional[Sequence[str]] = None,
+) -> ts.TokenStore:
     """Tokenizes one split into its store (only the shards not already complete) and opens it.
 
     `texts` (random access, e.g. one field of a task's examples) replaces reading the source's
@@ -161,26 +204,41 @@ def tokenize_split(cfg: DataConfig, source: SourceConfig, split: str, tokenizer:
         return ts.TokenStore(root)
     given = texts
     if texts is None:
-        texts = text_source(source.dataset, split, source.data_dir, source.text_key,
-                            source.max_documents)
+        texts = text_source(
+            source.dataset, split, source.data_dir, source.text_key, source.max_documents
+        )
     num_docs, per = len(texts), cfg.docs_per_shard
-    ranges = [(i, first, min(first + per, num_docs))
-              for i, first in enumerate(range(0, num_docs, per))]
+    ranges = [
+        (i, first, min(first + per, num_docs)) for i, first in enumerate(range(0, num_docs, per))
+    ]
     info = dict(dataset=source.dataset, split=split, text_key=source.text_key)
     if not ts.is_remote(root):
         os.makedirs(root, exist_ok=True)
-    markers = {i: ts.complete_shard(root, i, dict(info, first_doc=a, last_doc=b))
-               for i, a, b in ranges}
+    markers = {
+        i: ts.complete_shard(root, i, dict(info, first_doc=a, last_doc=b)) for i, a, b in ranges
+    }
     todo = [r for r in ranges if markers[r[0]] is None]
     done_docs = sum(b - a for i, a, b in ranges if markers[i] is not None)
-    workers = 1 if given is not None else min(
-        workers or cfg.prepare_workers or os.cpu_count() or 1, len(todo))
-    log(f"[data] tokenizing {source.dataset} {split}: {num_docs} documents in {len(ranges)} "
+    workers = (
+        1
+        if given is not None
+        else min(workers or cfg.prepare_workers or os.cpu_count() or 1, len(todo))
+    )
+    log(
+        f"[data] tokenizing {source.dataset} {split}: {num_docs} documents in {len(ranges)} "
         f"shards ({len(ranges) - len(todo)} already done) with {max(workers, 1)} worker(s) "
-        f"into {root}")
+        f"into {root}"
+    )
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=num_docs, initial=done_docs, desc=f"tokenize {split}", unit="doc",
-               disable=not show_progress or not todo, dynamic_ncols=True)
+
+    bar = tqdm(
+        total=num_docs,
+        initial=done_docs,
+        desc=f"tokenize {split}",
+        unit="doc",
+        disable=not show_progress or not todo,
+        dynamic_ncols=True,
+    )
     try:
         if workers <= 1:
             if given is None:
@@ -192,11 +250,15 @@ def tokenize_split(cfg: DataConfig, source: SourceConfig, split: str, tokenizer:
         else:
             # spawn: the parent may hold jax/XLA threads that a fork would copy in a broken state.
             with concurrent.futures.ProcessPoolExecutor(
-                    workers, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_init_worker,
-                    initargs=(source, split, tokenizer.serialized_model())) as pool:
-                futures = {pool.submit(_tokenize_shard, root, i, a, b, info): (i, b - a)
-                           for i, a, b in todo}
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(source, split, tokenizer.serialized_model()),
+            ) as pool:
+                futures = {
+                    pool.submit(_tokenize_shard, root, i, a, b, info): (i, b - a)
+                    for i, a, b in todo
+                }
                 try:
                     for future in concurrent.futures.as_completed(futures):
                         i, count = futures[future]
@@ -208,15 +270,24 @@ def tokenize_split(cfg: DataConfig, source: SourceConfig, split: str, tokenizer:
     finally:
         bar.close()
     ordered = [markers[i] for i, _, _ in ranges]
-    ts.write_manifest(root, ordered, tokenizer.vocab_size,
-                      dict(info, tokenizer_sha256=hashlib.sha256(
-                          tokenizer.serialized_model()).hexdigest()))
+    ts.write_manifest(
+        root,
+        ordered,
+        tokenizer.vocab_size,
+        dict(info, tokenizer_sha256=hashlib.sha256(tokenizer.serialized_model()).hexdigest()),
+    )
     return ts.TokenStore(root)
 
 
-def prepare_data(cfg: DataConfig, work_dir: str, *, tokenizer_model: Optional[bytes] = None,
-                 workers: Optional[int] = None, show_progress: bool = True,
-                 log: Callable[[str], None] = print) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig,
+    work_dir: str,
+    *,
+    tokenizer_model: Optional[bytes] = None,
+    workers: Optional[int] = None,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> PreparedData:
     """Tokenizer plus train/validation token stores of every source, preparing what is missing.
 
     `work_dir` (the run directory) receives tokenizer.model; a given `tokenizer_model` (e.g. from
@@ -225,9 +296,12 @@ def prepare_data(cfg: DataConfig, work_dir: str, *, tokenizer_model: Optional[by
     tokenizer = resolve_tokenizer(cfg, work_dir, tokenizer_model=tokenizer_model, log=log)
     sources = []
     for s in cfg.sources():
-        stores = [tokenize_split(cfg, s, split, tokenizer, workers=workers,
-                                 show_progress=show_progress, log=log)
-                  for split in (s.train_split, s.eval_split)]
+        stores = [
+            tokenize_split(
+                cfg, s, split, tokenizer, workers=workers, show_progress=show_progress, log=log
+            )
+            for split in (s.train_split, s.eval_split)
+        ]
         sources.append(PreparedSource(s.dataset, s.weight, *stores))
     return PreparedData(tokenizer, sources)
 
@@ -236,15 +310,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m jaxformer.data.prepare`: tokenize a config's datasets ahead of training."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxformer.data.prepare",
-        description="Train the tokenizer and write the token shards a config trains on.")
+        description="Train the tokenizer and write the token shards a config trains on.",
+    )
     parser.add_argument("--config", help="run config YAML (the data section is used)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="tokenizing processes (default: data.prepare_workers, 0 = all cores)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. "
-                        "data.tokens_dir=gs://bucket/tokens")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="tokenizing processes (default: data.prepare_workers, 0 = all cores)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides, e.g. data.tokens_dir=gs://bucket/tokens",
+    )
     args = parser.parse_args(argv)
     # Only the data section matters here; other overrides (as given to train.py) are ignored.
-    overrides = [o[len("data."):] for o in args.overrides if o.startswith("data.")]
+    overrides = [o[len("data.") :] for o in args.overrides if o.startswith("data.")]
     try:
         section = read_yaml(args.config).get("data") or {} if args.config else {}
         cfg = load_config(DataConfig, None, overrides, base=section)
@@ -253,12 +335,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\n[prepare] interrupted; finished shards are kept: rerun the same command to "
-              "resume", file=sys.stderr)
+        print(
+            "\n[prepare] interrupted; finished shards are kept: rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     for s in data.sources:
-        print(json.dumps(dict(dataset=s.name, train=s.train.root, train_tokens=s.train.num_tokens,
-                              validation=s.eval.root, validation_tokens=s.eval.num_tokens)))
+        print(
+            json.dumps(
+                dict(
+                    dataset=s.name,
+                    train=s.train.root,
+                    train_tokens=s.train.num_tokens,
+                    validation=s.eval.root,
+                    validation_tokens=s.eval.num_tokens,
+                )
+            )
+        )
     return 0
 
 

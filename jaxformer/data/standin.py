@@ -15,7 +15,8 @@ import argparse
 import ast
 import os
 import sys
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -78,49 +79,71 @@ def standin_builder(name: str, version: str = "3.1.0") -> type:
             return tfds.core.DatasetInfo(
                 builder=self,
                 description=f"Offline stand-in for {name}: stdlib docstrings as prose.",
-                features=tfds.features.FeaturesDict({k: tfds.features.Text()
-                                                     for k in ("text", "timestamp", "url")}))
+                features=tfds.features.FeaturesDict(
+                    {k: tfds.features.Text() for k in ("text", "timestamp", "url")}
+                ),
+            )
 
         def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
             del dl_manager
-            return {split: self._generate_examples(split, n, seed)
-                    for seed, (split, n) in enumerate(sorted(self._documents.items()))}
+            return {
+                split: self._generate_examples(split, n, seed)
+                for seed, (split, n) in enumerate(sorted(self._documents.items()))
+            }
 
-        def _generate_examples(self, split: str, n: int, seed: int
-                               ) -> Iterator[tuple[str, dict]]:
+        def _generate_examples(self, split: str, n: int, seed: int) -> Iterator[tuple[str, dict]]:
             for i, text in enumerate(prose_documents(n, seed)):
-                yield f"{split}-{i:09d}", {"text": text, "timestamp": "2019-04-25T00:00:00Z",
-                                           "url": f"https://standin.invalid/{split}/{i}"}
+                yield (
+                    f"{split}-{i:09d}",
+                    {
+                        "text": text,
+                        "timestamp": "2019-04-25T00:00:00Z",
+                        "url": f"https://standin.invalid/{split}/{i}",
+                    },
+                )
 
     Standin.name = dataset
     return Standin
 
 
-def build_standin(name: str, data_dir: str, train_documents: int = 20_000,
-                  validation_documents: int = 1_000, num_shards: Optional[int] = None
-                  ) -> tfds.core.DatasetBuilder:
+def build_standin(
+    name: str,
+    data_dir: str,
+    train_documents: int = 20_000,
+    validation_documents: int = 1_000,
+    num_shards: Optional[int] = None,
+) -> tfds.core.DatasetBuilder:
     """Writes the stand-in for `name` into data_dir (array_record, `num_shards` files per split)."""
     builder = standin_builder(name)(
         documents={"train": train_documents, "validation": validation_documents},
-        data_dir=corpus.resolve_data_dir(data_dir), file_format="array_record")
+        data_dir=corpus.resolve_data_dir(data_dir),
+        file_format="array_record",
+    )
     if not builder.is_prepared():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False, num_shards=num_shards))
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                try_download_gcs=False, num_shards=num_shards
+            )
+        )
     return builder
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m jaxformer.data.standin NAME --data_dir DIR`: write a stand-in dataset."""
-    parser = argparse.ArgumentParser(prog="python -m jaxformer.data.standin", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxformer.data.standin",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("name", help="TFDS name to stand in for, e.g. c4/en")
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--documents", type=int, default=20_000, help="train documents")
     parser.add_argument("--validation_documents", type=int, default=1_000)
     parser.add_argument("--shards", type=int, default=None, help="array_record files per split")
     args = parser.parse_args(argv)
-    builder = build_standin(args.name, args.data_dir, args.documents, args.validation_documents,
-                            args.shards)
+    builder = build_standin(
+        args.name, args.data_dir, args.documents, args.validation_documents, args.shards
+    )
     print(f"{args.name} stand-in ready in {builder.data_dir}")
     return 0
 

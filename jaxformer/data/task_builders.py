@@ -20,7 +20,8 @@ import functools
 import hashlib
 import os
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import tensorflow_datasets as tfds
 
@@ -57,7 +58,9 @@ def extract_functions(source: str) -> list[dict[str, Any]]:
                     qualname = prefix + child.name
                     item = _function_item(child, lines)
                     if item is not None:
-                        found.append(dict(item, name=child.name, qualname=qualname, lineno=child.lineno))
+                        found.append(
+                            dict(item, name=child.name, qualname=qualname, lineno=child.lineno)
+                        )
                     visit(child, qualname + ".")
                 elif isinstance(child, ast.ClassDef):
                     visit(child, prefix + child.name + ".")
@@ -68,7 +71,9 @@ def extract_functions(source: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda f: f["lineno"])
 
 
-def _function_item(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> dict[str, str] | None:
+def _function_item(
+    node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]
+) -> dict[str, str] | None:
     docstring = ast.get_docstring(node, clean=True)
     if not docstring or not docstring.strip() or len(node.body) < 2:
         return None
@@ -84,7 +89,10 @@ def _function_item(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str
     start = min([d.lineno for d in node.decorator_list] + [node.lineno])
     kept = lines[start - 1 : doc.lineno - 1] + lines[drop_to : node.end_lineno]
     indent = node.col_offset
-    kept = ["" if not l.strip() else l[indent:] if l[:indent].isspace() else l for l in kept]
+    kept = [
+        "" if not line.strip() else line[indent:] if line[:indent].isspace() else line
+        for line in kept
+    ]
     summary = docstring.strip().split("\n")[0].strip()
     return {"docstring": docstring, "summary": summary, "source": "\n".join(kept)}
 
@@ -98,7 +106,7 @@ def code_chunks(text: str) -> list[tuple[int, str]]:
     chunks = []
     for i in range(0, len(lines), CHUNK_LINES):
         window = lines[i : i + CHUNK_LINES]
-        if sum(1 for l in window if l.strip()) < MIN_CHUNK_LINES:
+        if sum(1 for line in window if line.strip()) < MIN_CHUNK_LINES:
             continue
         while not window[0].strip():
             window = window[1:]
@@ -136,15 +144,21 @@ def stdlib_functions(paths: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]
 
 
 @functools.lru_cache(maxsize=2)
-def package_chunks(files: tuple[str, ...]) -> tuple[list[str], dict[str, list[tuple[str, str, str]]]]:
+def package_chunks(
+    files: tuple[str, ...],
+) -> tuple[list[str], dict[str, list[tuple[str, str, str]]]]:
     """(class names sorted, {split: [(key, package, text)] capped per class}) for the code_package task.
 
     Classes: the MAX_CLASSES packages with the most chunks among those with chunks in every split.
     """
-    by_split: dict[str, dict[str, list[tuple[str, str]]]] = {s: collections.defaultdict(list) for s in SPLITS}
+    by_split: dict[str, dict[str, list[tuple[str, str]]]] = {
+        s: collections.defaultdict(list) for s in SPLITS
+    }
     for path, text in _read_stdlib(tuple(f for f in files if "/" in f)):
         for line, chunk in code_chunks(text):
-            by_split[corpus.split_of(path)][path.split("/")[0]].append((f"{path}:{line + 1}", chunk))
+            by_split[corpus.split_of(path)][path.split("/")[0]].append(
+                (f"{path}:{line + 1}", chunk)
+            )
     common = set.intersection(*(set(by_split[s]) for s in SPLITS))
     ranked = sorted(common, key=lambda p: (-sum(len(by_split[s][p]) for s in SPLITS), p))
     names = sorted(ranked[:MAX_CLASSES])
@@ -152,7 +166,9 @@ def package_chunks(files: tuple[str, ...]) -> tuple[list[str], dict[str, list[tu
     for split in SPLITS:
         rows = []
         for package in names:
-            chunks = sorted(by_split[split][package], key=lambda kc: _key_hash(kc[0]))[: CLASS_CAP[split]]
+            chunks = sorted(by_split[split][package], key=lambda kc: _key_hash(kc[0]))[
+                : CLASS_CAP[split]
+            ]
             rows.extend((key, package, chunk) for key, chunk in chunks)
         selected[split] = rows
     return names, selected
@@ -190,7 +206,9 @@ class _StdlibTaskBuilder(corpus.StdlibBuilder, skip_registration=True):
             by_split[corpus.split_of(path)].append(path)
         return {s: self._generate_examples(s, tuple(paths)) for s, paths in by_split.items()}
 
-    def _generate_examples(self, split: str, paths: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _generate_examples(
+        self, split: str, paths: tuple[str, ...]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         for path, f in stdlib_functions(paths):
             yield f"{path}:{f['lineno']}", self._function_example(path, f)
 
@@ -215,10 +233,14 @@ class CodePackage(_StdlibTaskBuilder):
 
     def _extra_metadata(self) -> dict[str, Any]:
         names, selected = self._classes()
-        counts = {s: dict(collections.Counter(p for _, p, _ in rows)) for s, rows in selected.items()}
+        counts = {
+            s: dict(collections.Counter(p for _, p, _ in rows)) for s, rows in selected.items()
+        }
         return {"classes": names, "class_counts": counts}
 
-    def _generate_examples(self, split: str, paths: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _generate_examples(
+        self, split: str, paths: tuple[str, ...]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         del paths  # package_chunks already split the files
         for key, package, chunk in self._classes()[1][split]:
             yield key, {"text": chunk, "label": package, "path": key.rsplit(":", 1)[0]}
@@ -227,27 +249,39 @@ class CodePackage(_StdlibTaskBuilder):
 class CodeDocstring(_StdlibTaskBuilder):
     """Text-to-text: a function without its docstring -> the docstring's first line."""
 
-    DESCRIPTION = "Stdlib functions without their docstring, paired with the docstring's first line."
+    DESCRIPTION = (
+        "Stdlib functions without their docstring, paired with the docstring's first line."
+    )
 
     def _features(self) -> dict[str, Any]:
         return {k: tfds.features.Text() for k in ("source", "target", "path", "name")}
 
     def _function_example(self, path: str, function: dict[str, Any]) -> dict[str, Any]:
-        return {"source": function["source"], "target": function["summary"], "path": path,
-                "name": function["qualname"]}
+        return {
+            "source": function["source"],
+            "target": function["summary"],
+            "path": path,
+            "name": function["qualname"],
+        }
 
 
 class CodeCompletion(_StdlibTaskBuilder):
     """Completion: a docstring -> the function (signature and body) without its docstring."""
 
-    DESCRIPTION = "Stdlib docstrings as prompts; the function without its docstring as the completion."
+    DESCRIPTION = (
+        "Stdlib docstrings as prompts; the function without its docstring as the completion."
+    )
 
     def _features(self) -> dict[str, Any]:
         return {k: tfds.features.Text() for k in ("prompt", "completion", "path", "name")}
 
     def _function_example(self, path: str, function: dict[str, Any]) -> dict[str, Any]:
-        return {"prompt": function["docstring"], "completion": function["source"], "path": path,
-                "name": function["qualname"]}
+        return {
+            "prompt": function["docstring"],
+            "completion": function["source"],
+            "path": path,
+            "name": function["qualname"],
+        }
 
 
 BUILDERS: dict[str, type[_StdlibTaskBuilder]] = {
@@ -260,7 +294,9 @@ BUILDERS: dict[str, type[_StdlibTaskBuilder]] = {
 def build_task_dataset(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
     """Prepares a built-in task dataset offline (a no-op once prepared) and returns its builder."""
     if name not in BUILDERS:
-        raise ValueError(f"unknown built-in task dataset {name!r}; built-ins: {', '.join(BUILDERS)}")
+        raise ValueError(
+            f"unknown built-in task dataset {name!r}; built-ins: {', '.join(BUILDERS)}"
+        )
     builder = BUILDERS[name](data_dir=corpus.resolve_data_dir(data_dir))
     if builder.is_prepared():
         stored = builder.info.metadata.get("file_list_sha256")
@@ -272,5 +308,7 @@ def build_task_dataset(name: str, data_dir: str = "") -> tfds.core.DatasetBuilde
                 "use another data_dir or delete that directory"
             )
         return builder
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
     return builder

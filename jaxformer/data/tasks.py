@@ -24,7 +24,8 @@ import collections
 import dataclasses
 import importlib
 import math
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -47,7 +48,13 @@ DEFAULT_KEYS = {  # kind -> (input_key, target_key, label_key)
     "completion": ("prompt", "completion", ""),
 }
 # TFDS dataset collections registered only on import (the rest register by folder).
-_LEGACY_COLLECTIONS = ("text", "summarization", "question_answering", "translate", "text_simplification")
+_LEGACY_COLLECTIONS = (
+    "text",
+    "summarization",
+    "question_answering",
+    "translate",
+    "text_simplification",
+)
 _PERMUTATION_SALT = 0x7A5C
 
 
@@ -96,7 +103,7 @@ class TaskConfig:
         if self.max_examples is not None and self.max_examples < 0:
             raise ValueError(f"task max_examples must be >= 0 or None, got {self.max_examples}")
 
-    def resolved(self) -> "TaskConfig":
+    def resolved(self) -> TaskConfig:
         """A copy with kind and the feature keys filled in."""
         kind = BUILTIN_KINDS[self.name] if self.kind == "auto" else self.kind
         keys = DEFAULT_KEYS[kind]
@@ -114,8 +121,14 @@ class TaskExamples(corpus.RandomAccessView):
 
     item_name = "example"
 
-    def __init__(self, source: Sequence[Any], cfg: TaskConfig, split: str, length: int,
-                 label_names: Optional[list[str]] = None):
+    def __init__(
+        self,
+        source: Sequence[Any],
+        cfg: TaskConfig,
+        split: str,
+        length: int,
+        label_names: Optional[list[str]] = None,
+    ):
         super().__init__(source, length)
         self.cfg, self.split = cfg, split
         self.keys = tuple(k for k in (cfg.input_key, cfg.target_key, cfg.label_key) if k)
@@ -143,22 +156,38 @@ class _TextField(Sequence):
         return str(self._examples[index][self._key])
 
 
-def tokenize_task_fields(cfg: TaskConfig, examples: TaskExamples, tokenizer: Tokenizer, *,
-                         show_progress: bool = True,
-                         log: Callable[[str], None] = print) -> dict[str, TokenSource]:
+def tokenize_task_fields(
+    cfg: TaskConfig,
+    examples: TaskExamples,
+    tokenizer: Tokenizer,
+    *,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, TokenSource]:
     """The split's text fields tokenized once into token stores (example i is document i), kept
     beside the TFDS data and reused by later runs with the same tokenizer."""
     from jaxformer.data import prepare  # pylint: disable=g-import-not-at-top
+
     cfg = cfg.resolved()
     data = DataConfig(data_dir=cfg.data_dir)
     stores: dict[str, TokenSource] = {}
     for key in (cfg.input_key, cfg.target_key):
         if key:
-            source = SourceConfig(dataset=cfg.name, text_key=key, data_dir=cfg.data_dir,
-                                  max_documents=cfg.max_examples)
-            stores[key] = prepare.tokenize_split(data, source, examples.split, tokenizer,
-                                                 texts=_TextField(examples, key),
-                                                 show_progress=show_progress, log=log)
+            source = SourceConfig(
+                dataset=cfg.name,
+                text_key=key,
+                data_dir=cfg.data_dir,
+                max_documents=cfg.max_examples,
+            )
+            stores[key] = prepare.tokenize_split(
+                data,
+                source,
+                examples.split,
+                tokenizer,
+                texts=_TextField(examples, key),
+                show_progress=show_progress,
+                log=log,
+            )
     return stores
 
 
@@ -229,9 +258,15 @@ def _pad(ids: Sequence[int], length: int) -> np.ndarray:
 class TaskBatcher:
     """batch(step) -> dict of arrays for one task: a pure function of (seed, step), sliced per process."""
 
-    def __init__(self, cfg: TaskConfig, examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
-                 seed: int, shuffle: bool = True,
-                 token_fields: Optional[Mapping[str, TokenSource]] = None):
+    def __init__(
+        self,
+        cfg: TaskConfig,
+        examples: Sequence[Mapping[str, Any]],
+        tokenizer: Tokenizer,
+        seed: int,
+        shuffle: bool = True,
+        token_fields: Optional[Mapping[str, TokenSource]] = None,
+    ):
         """`token_fields` maps a text key to a token store holding example i's ids (then EOS) as
         document i, tokenized once (jaxformer.data.prepare); other text keys are encoded per batch."""
         self.cfg = cfg.resolved()
@@ -240,7 +275,12 @@ class TaskBatcher:
             raise ValueError("a task batcher needs at least one example")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
-        self.examples, self.tokenizer, self.seed, self.shuffle = examples, tokenizer, int(seed), shuffle
+        self.examples, self.tokenizer, self.seed, self.shuffle = (
+            examples,
+            tokenizer,
+            int(seed),
+            shuffle,
+        )
         self.num_labels: Optional[int] = getattr(examples, "num_labels", None)
         self._perms: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
@@ -261,7 +301,9 @@ class TaskBatcher:
 
     def _local_range(self, step: int, process_index: int, process_count: int) -> range:
         if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+            raise ValueError(
+                f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
+            )
         if self.cfg.batch_size % process_count:
             raise ValueError(
                 f"global batch size {self.cfg.batch_size} is not divisible by the process count "
@@ -273,15 +315,18 @@ class TaskBatcher:
         first = step * self.cfg.batch_size + process_index * local
         return range(first, first + local)
 
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+    def batch(
+        self, step: int, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
         """This process's share ([B / process_count, ...]) of the global training batch at `step`."""
         n = len(self.examples)
         rows = self._local_range(step, process_index, process_count)
         indices = [int(self._permutation(r // n)[r % n]) for r in rows]
         return self._rows(indices, [1.0] * len(indices))
 
-    def eval_batches(self, num_batches: Optional[int] = None, process_index: int = 0,
-                     process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    def eval_batches(
+        self, num_batches: Optional[int] = None, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Examples in order, unshuffled; rows past the end repeat example i % n with all weights 0.
 
         With the default num_batches (num_batches_per_epoch) every example is counted exactly once.
@@ -306,7 +351,9 @@ class TaskBatcher:
         items = [self.examples[i] for i in indices]
         inputs = self._token_ids(cfg.input_key, indices, items)
         if cfg.kind == "classification":
-            rows = [self._classification(ids, item[cfg.label_key]) for ids, item in zip(inputs, items)]
+            rows = [
+                self._classification(ids, item[cfg.label_key]) for ids, item in zip(inputs, items)
+            ]
         else:
             targets = self._token_ids(cfg.target_key, indices, items)
             make = self._text2text if cfg.kind == "text2text" else self._completion
@@ -318,8 +365,9 @@ class TaskBatcher:
             batch["loss_weights"] = batch["loss_weights"] * w_B[:, None]
         return batch
 
-    def _token_ids(self, key: str, indices: list[int], items: list[Mapping[str, Any]]
-                   ) -> list[list[int]]:
+    def _token_ids(
+        self, key: str, indices: list[int], items: list[Mapping[str, Any]]
+    ) -> list[list[int]]:
         store = self.token_fields.get(key)
         if store is None:
             return self.tokenizer.encode_batch([str(item[key]) for item in items])

@@ -18,7 +18,8 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Any, Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
@@ -57,6 +58,7 @@ def shard_name(index: int) -> str:
 
 def _path(root: str, name: str):
     from etils import epath  # pylint: disable=g-import-not-at-top
+
     return epath.Path(root) / name
 
 
@@ -82,8 +84,14 @@ def read_json(root: str, name: str) -> Optional[dict]:
     return json.loads(path.read_text())
 
 
-def write_shard(root: str, index: int, tokens: np.ndarray, doc_lengths: np.ndarray,
-                vocab_size: int, info: dict[str, Any]) -> dict[str, Any]:
+def write_shard(
+    root: str,
+    index: int,
+    tokens: np.ndarray,
+    doc_lengths: np.ndarray,
+    vocab_size: int,
+    info: dict[str, Any],
+) -> dict[str, Any]:
     """Writes one complete shard (data files first, its JSON marker last); returns the marker."""
     dtype = token_dtype(vocab_size)
     if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
@@ -94,8 +102,13 @@ def write_shard(root: str, index: int, tokens: np.ndarray, doc_lengths: np.ndarr
     write_bytes_atomic(root, f"{stem}.tokens", tokens.astype(dtype).tobytes())
     write_bytes_atomic(root, f"{stem}.docs", starts[: len(doc_lengths)].tobytes())
     write_bytes_atomic(root, f"{stem}.counts", counts.tobytes())
-    marker = dict(info, index=index, num_tokens=int(len(tokens)), num_docs=int(len(doc_lengths)),
-                  dtype=dtype.name)
+    marker = dict(
+        info,
+        index=index,
+        num_tokens=int(len(tokens)),
+        num_docs=int(len(doc_lengths)),
+        dtype=dtype.name,
+    )
     write_bytes_atomic(root, f"{stem}.json", json.dumps(marker).encode())
     return marker
 
@@ -115,8 +128,9 @@ def complete_shard(root: str, index: int, expect: dict[str, Any]) -> Optional[di
     return marker
 
 
-def write_manifest(root: str, markers: Sequence[dict[str, Any]], vocab_size: int,
-                   info: dict[str, Any]) -> None:
+def write_manifest(
+    root: str, markers: Sequence[dict[str, Any]], vocab_size: int, info: dict[str, Any]
+) -> None:
     """Seals a split: after this, readers may open it.
 
     The split's token histogram is summed here, once, so opening a store reads one small file
@@ -125,14 +139,20 @@ def write_manifest(root: str, markers: Sequence[dict[str, Any]], vocab_size: int
     total = np.zeros(vocab_size, np.int64)
     for m in markers:
         total += np.frombuffer(
-            _path(root, f"{shard_name(m['index'])}.counts").read_bytes(), np.int64)
+            _path(root, f"{shard_name(m['index'])}.counts").read_bytes(), np.int64
+        )
     write_bytes_atomic(root, "counts", total.tobytes())
-    manifest = dict(info, format=FORMAT, vocab_size=vocab_size, dtype=token_dtype(vocab_size).name,
-                    num_shards=len(markers),
-                    num_tokens=int(sum(m["num_tokens"] for m in markers)),
-                    num_docs=int(sum(m["num_docs"] for m in markers)),
-                    shard_tokens=[m["num_tokens"] for m in markers],
-                    shard_docs=[m["num_docs"] for m in markers])
+    manifest = dict(
+        info,
+        format=FORMAT,
+        vocab_size=vocab_size,
+        dtype=token_dtype(vocab_size).name,
+        num_shards=len(markers),
+        num_tokens=int(sum(m["num_tokens"] for m in markers)),
+        num_docs=int(sum(m["num_docs"] for m in markers)),
+        shard_tokens=[m["num_tokens"] for m in markers],
+        shard_docs=[m["num_docs"] for m in markers],
+    )
     write_bytes_atomic(root, MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
@@ -161,16 +181,24 @@ class TokenStore:
         self.root = root
         manifest = read_json(root, MANIFEST)
         if manifest is None:
-            raise FileNotFoundError(f"no prepared token store at {root} (missing {MANIFEST}); "
-                                    "run `python -m jaxformer.data.prepare --config ...`")
+            raise FileNotFoundError(
+                f"no prepared token store at {root} (missing {MANIFEST}); "
+                "run `python -m jaxformer.data.prepare --config ...`"
+            )
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"token store {root} has format {manifest.get('format')}, this "
-                             f"version reads {FORMAT}; prepare it again")
+            raise ValueError(
+                f"token store {root} has format {manifest.get('format')}, this "
+                f"version reads {FORMAT}; prepare it again"
+            )
         self.manifest = manifest
         self.vocab_size = int(manifest["vocab_size"])
         self._dtype = np.dtype(manifest["dtype"])
-        self._shard_starts = np.concatenate([[0], np.cumsum(manifest["shard_tokens"])]).astype(np.int64)
-        self._shard_first_doc = np.concatenate([[0], np.cumsum(manifest["shard_docs"])]).astype(np.int64)
+        self._shard_starts = np.concatenate([[0], np.cumsum(manifest["shard_tokens"])]).astype(
+            np.int64
+        )
+        self._shard_first_doc = np.concatenate([[0], np.cumsum(manifest["shard_docs"])]).astype(
+            np.int64
+        )
         self._open()
 
     def _open(self) -> None:
@@ -199,8 +227,12 @@ class TokenStore:
             elif length == 0:
                 array = np.zeros(0, self._dtype)
             else:
-                array = np.memmap(os.path.join(self.root, f"{shard_name(i)}.tokens"),
-                                  self._dtype, "r", shape=(length,))
+                array = np.memmap(
+                    os.path.join(self.root, f"{shard_name(i)}.tokens"),
+                    self._dtype,
+                    "r",
+                    shape=(length,),
+                )
             self._tokens[i] = array
         return self._tokens[i]
 
@@ -215,8 +247,9 @@ class TokenStore:
         elif count == 0:
             docs = np.zeros(0, np.int64)
         else:
-            docs = np.memmap(os.path.join(self.root, f"{shard_name(i)}.docs"), np.int64, "r",
-                             shape=(count,))
+            docs = np.memmap(
+                os.path.join(self.root, f"{shard_name(i)}.docs"), np.int64, "r", shape=(count,)
+            )
         self._docs[i] = docs
         limit = _REMOTE_DOC_SHARDS_CACHED if is_remote(self.root) else len(self._shard_starts)
         while len(self._docs) > limit:
@@ -259,8 +292,11 @@ class TokenStore:
         shard = int(np.searchsorted(self._shard_first_doc, index, side="right")) - 1
         local = index - int(self._shard_first_doc[shard])
         docs = self._shard_docs(shard)
-        end = (int(docs[local + 1]) if local + 1 < len(docs)
-               else int(self.manifest["shard_tokens"][shard]))
+        end = (
+            int(docs[local + 1])
+            if local + 1 < len(docs)
+            else int(self.manifest["shard_tokens"][shard])
+        )
         base = int(self._shard_starts[shard])
         return self.tokens(base + int(docs[local]), base + end)
 
@@ -276,9 +312,14 @@ class ArrayTokens:
         self._tokens = np.asarray(tokens)
         self._offsets = np.asarray(offsets, np.int64)
         if self._tokens.ndim != 1 or self._offsets.ndim != 1 or len(self._offsets) < 2:
-            raise ValueError("tokens must be a flat [N] array and offsets [n_docs + 1] document starts")
-        if (self._offsets[0] != 0 or self._offsets[-1] != len(self._tokens)
-                or np.any(np.diff(self._offsets) < 0)):
+            raise ValueError(
+                "tokens must be a flat [N] array and offsets [n_docs + 1] document starts"
+            )
+        if (
+            self._offsets[0] != 0
+            or self._offsets[-1] != len(self._tokens)
+            or np.any(np.diff(self._offsets) < 0)
+        ):
             raise ValueError("offsets must start at 0, be non-decreasing and end at len(tokens)")
 
     @property

@@ -14,7 +14,7 @@ import os
 import random
 import re
 import tempfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -46,7 +46,9 @@ class Tokenizer:
     def _require(self, piece: str) -> int:
         i = self._sp.piece_to_id(piece)
         if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i):
-            raise ValueError(f"sentencepiece model lacks the piece {piece!r}; train it with train_tokenizer")
+            raise ValueError(
+                f"sentencepiece model lacks the piece {piece!r}; train it with train_tokenizer"
+            )
         return i
 
     @property
@@ -128,12 +130,12 @@ class Tokenizer:
         return self._sp.serialized_model_proto()
 
     @classmethod
-    def from_bytes(cls, model: bytes) -> "Tokenizer":
+    def from_bytes(cls, model: bytes) -> Tokenizer:
         """Builds a tokenizer from serialized model proto bytes."""
         return cls(spm.SentencePieceProcessor(model_proto=model))
 
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
+    def load(cls, path: str) -> Tokenizer:
         """Loads a tokenizer from a .model file."""
         with open(os.path.expanduser(path), "rb") as f:
             return cls.from_bytes(f.read())
@@ -151,7 +153,9 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _training_sentences(texts: Iterable[str], max_sentences: int, max_chars: int, seed: int) -> list[str]:
+def _training_sentences(
+    texts: Iterable[str], max_sentences: int, max_chars: int, seed: int
+) -> list[str]:
     """Returns a deterministic uniform sample (reservoir) of the non-empty lines of texts."""
     rng = random.Random(seed)
     sample: list[str] = []
@@ -190,7 +194,9 @@ def train_tokenizer(
         return Tokenizer.load(model_path)
     reserved = 4 + 2 + 1 + NUM_SENTINELS + 256  # specials, cut ids, mask, sentinels, bytes
     if vocab_size <= reserved:
-        raise ValueError(f"vocab_size {vocab_size} is too small: {reserved} ids are reserved; use >= 512")
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: {reserved} ids are reserved; use >= 512"
+        )
     sentences = _training_sentences(texts, max_sentences, max_sentence_chars, seed)
     if not sentences:
         raise ValueError("cannot train a tokenizer on an empty corpus (no non-empty lines)")

@@ -19,8 +19,16 @@ from jaxformer.inference import cache as cache_lib
 Array = jax.Array
 
 
-def beam_loop(model: nnx.Module, prefix: cache_lib.Prefix, *, max_new_tokens: int,
-              num_beams: int, length_penalty: float, eos_id, pad_id: int) -> tuple[Array, Array]:
+def beam_loop(
+    model: nnx.Module,
+    prefix: cache_lib.Prefix,
+    *,
+    max_new_tokens: int,
+    num_beams: int,
+    length_penalty: float,
+    eos_id,
+    pad_id: int,
+) -> tuple[Array, Array]:
     """Hypotheses [B, num_beams, N] best first, and their scores [B, num_beams]."""
     b, vocab = prefix.logits_BxV.shape
     nb, n = num_beams, max_new_tokens
@@ -28,9 +36,15 @@ def beam_loop(model: nnx.Module, prefix: cache_lib.Prefix, *, max_new_tokens: in
     rows = cache_lib.repeat_rows(prefix.rows, nb)
     # Only beam 0 is live at first, so the first step does not pick the same token num_beams times.
     sums_BxK = jnp.where(jnp.arange(nb) == 0, 0.0, -jnp.inf)[None, :].repeat(b, 0)
-    carry = dict(i=jnp.int32(0), logits=cache_lib.repeat_rows(prefix.logits_BxV, nb),
-                 cache=cache, sums=sums_BxK, lengths=jnp.zeros((b, nb), jnp.int32),
-                 finished=jnp.zeros((b, nb), bool), seqs=jnp.full((b, nb, n), pad_id, jnp.int32))
+    carry = dict(
+        i=jnp.int32(0),
+        logits=cache_lib.repeat_rows(prefix.logits_BxV, nb),
+        cache=cache,
+        sums=sums_BxK,
+        lengths=jnp.zeros((b, nb), jnp.int32),
+        finished=jnp.zeros((b, nb), bool),
+        seqs=jnp.full((b, nb, n), pad_id, jnp.int32),
+    )
     pad_only_V = jnp.where(jnp.arange(vocab) == pad_id, 0.0, -jnp.inf)
 
     def select(c):
@@ -48,17 +62,26 @@ def beam_loop(model: nnx.Module, prefix: cache_lib.Prefix, *, max_new_tokens: in
         if eos_id is not None:
             finished = finished | (tok_BxK == eos_id)
         seqs = jnp.take_along_axis(c["seqs"], parent_BxK[..., None], axis=1)
-        new = dict(c, sums=jnp.take_along_axis(sums.reshape(b, nb * vocab), flat_BxK, axis=1),
-                   lengths=from_parent(lengths), finished=finished,
-                   seqs=jax.lax.dynamic_update_index_in_dim(seqs, tok_BxK, c["i"], axis=2))
+        new = dict(
+            c,
+            sums=jnp.take_along_axis(sums.reshape(b, nb * vocab), flat_BxK, axis=1),
+            lengths=from_parent(lengths),
+            finished=finished,
+            seqs=jax.lax.dynamic_update_index_in_dim(seqs, tok_BxK, c["i"], axis=2),
+        )
         return new, parent_BxK, tok_BxK
 
     def body(c):
         c, parent_BxK, tok_BxK = select(c)
         rows_R = (jnp.arange(b)[:, None] * nb + parent_BxK).reshape(-1)
-        logits, new_cache = cache_lib.step(model, tok_BxK.reshape(-1),
-                                           cache_lib.reorder(c["cache"], rows_R), rows,
-                                           prefix.first_slot, c["i"])
+        logits, new_cache = cache_lib.step(
+            model,
+            tok_BxK.reshape(-1),
+            cache_lib.reorder(c["cache"], rows_R),
+            rows,
+            prefix.first_slot,
+            c["i"],
+        )
         return dict(c, i=c["i"] + 1, logits=logits, cache=new_cache)
 
     def cond(c):

@@ -43,7 +43,8 @@ def family(model: nnx.Module) -> str:
     if fam not in ("decoder", "encoder_decoder") or not hasattr(model, "decode_step"):
         raise ValueError(
             f"generation needs a decoder-only or encoder-decoder model; got "
-            f"{type(model).__name__} (family {fam!r}), which has no autoregressive decoder")
+            f"{type(model).__name__} (family {fam!r}), which has no autoregressive decoder"
+        )
     return fam
 
 
@@ -55,8 +56,16 @@ def left_align(tokens_BxP: Array, lengths_B: Array, pad_id: int) -> Array:
     return jnp.where(src_BxP >= 0, moved, pad_id)
 
 
-def prefill(model: nnx.Module, prompt_BxP: Array, lengths_B: Array, encoder_mask_BxP: Array,
-            max_new_tokens: int, *, pad_id: int, decoder_start_id: int) -> Prefix:
+def prefill(
+    model: nnx.Module,
+    prompt_BxP: Array,
+    lengths_B: Array,
+    encoder_mask_BxP: Array,
+    max_new_tokens: int,
+    *,
+    pad_id: int,
+    decoder_start_id: int,
+) -> Prefix:
     """Runs the prompt (decoder: right-padded rows of `lengths_B` tokens) or the encoder on it
     (encoder-decoder: real tokens where `encoder_mask_BxP`) plus the start token."""
     b, p = prompt_BxP.shape
@@ -66,10 +75,18 @@ def prefill(model: nnx.Module, prompt_BxP: Array, lengths_B: Array, encoder_mask
         kv_valid_BxM = jnp.arange(length)[None, :] >= shift_B[:, None]
         positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - shift_B[:, None], 0)
         logits, cache = model.decode_step(
-            left_align(prompt_BxP, lengths_B, pad_id), model.init_cache(b, length), index=0,
-            positions=positions_BxP, kv_valid=kv_valid_BxM)
-        return Prefix(logits[:, -1].astype(jnp.float32), cache,
-                      dict(lengths=lengths_B, kv_valid=kv_valid_BxM), p)
+            left_align(prompt_BxP, lengths_B, pad_id),
+            model.init_cache(b, length),
+            index=0,
+            positions=positions_BxP,
+            kv_valid=kv_valid_BxM,
+        )
+        return Prefix(
+            logits[:, -1].astype(jnp.float32),
+            cache,
+            dict(lengths=lengths_B, kv_valid=kv_valid_BxM),
+            p,
+        )
     encoded = model.encode(prompt_BxP, encoder_mask=encoder_mask_BxP)
     cache = model.init_cache(encoded, max_new_tokens)
     start_Bx1 = jnp.full((b, 1), decoder_start_id, prompt_BxP.dtype)
@@ -77,17 +94,23 @@ def prefill(model: nnx.Module, prompt_BxP: Array, lengths_B: Array, encoder_mask
     return Prefix(logits[:, -1].astype(jnp.float32), cache, dict(encoder_mask=encoder_mask_BxP), 1)
 
 
-def step(model: nnx.Module, tokens_B: Array, cache: dict, rows: dict, first_slot: int,
-         i: Array) -> tuple[Array, dict]:
+def step(
+    model: nnx.Module, tokens_B: Array, cache: dict, rows: dict, first_slot: int, i: Array
+) -> tuple[Array, dict]:
     """Feeds generated token i of every row; returns the next logits [B, V] and the cache."""
     index = first_slot + i
     if "kv_valid" in rows:
-        logits, cache = model.decode_step(tokens_B[:, None], cache, index=index,
-                                          positions=(rows["lengths"] + i)[:, None],
-                                          kv_valid=rows["kv_valid"])
+        logits, cache = model.decode_step(
+            tokens_B[:, None],
+            cache,
+            index=index,
+            positions=(rows["lengths"] + i)[:, None],
+            kv_valid=rows["kv_valid"],
+        )
     else:
-        logits, cache = model.decode_step(tokens_B[:, None], cache, index=index,
-                                          encoder_mask=rows["encoder_mask"])
+        logits, cache = model.decode_step(
+            tokens_B[:, None], cache, index=index, encoder_mask=rows["encoder_mask"]
+        )
     return logits[:, -1].astype(jnp.float32), cache
 
 

@@ -23,13 +23,25 @@ Array = jax.Array
 METHODS = ("greedy", "sample", "beam")
 
 
-def generate(model: nnx.Module, prompt_tokens: Array, *, max_new_tokens: int,
-             prompt_lengths: Optional[Array] = None, encoder_mask: Optional[Array] = None,
-             method: str = "greedy",
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
-             length_penalty: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
-             decoder_start_id: int = 0, rng: Union[Array, int, None] = None,
-             return_scores: bool = False) -> Union[Array, tuple[Array, Array]]:
+def generate(
+    model: nnx.Module,
+    prompt_tokens: Array,
+    *,
+    max_new_tokens: int,
+    prompt_lengths: Optional[Array] = None,
+    encoder_mask: Optional[Array] = None,
+    method: str = "greedy",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_beams: int = 4,
+    length_penalty: float = 1.0,
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+    decoder_start_id: int = 0,
+    rng: Union[Array, int, None] = None,
+    return_scores: bool = False,
+) -> Union[Array, tuple[Array, Array]]:
     """Generated token ids [B, max_new_tokens] (with return_scores, also scores [B]).
 
     prompt_tokens: [B, P] right-padded token ids: row b's prompt is prompt_tokens[b, :L_b] with
@@ -44,42 +56,100 @@ def generate(model: nnx.Module, prompt_tokens: Array, *, max_new_tokens: int,
     Scores: the sum of the model's log-probabilities of the generated tokens up to and including
       EOS (greedy/sample), or the best hypothesis' length-normalised score (beam).
     """
-    seqs, scores = _run(model, prompt_tokens, max_new_tokens=max_new_tokens,
-                        prompt_lengths=prompt_lengths, encoder_mask=encoder_mask,
-                        method=method, temperature=temperature,
-                        top_k=top_k, top_p=top_p, num_beams=num_beams,
-                        length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
-                        decoder_start_id=decoder_start_id, rng=rng)
+    seqs, scores = _run(
+        model,
+        prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        prompt_lengths=prompt_lengths,
+        encoder_mask=encoder_mask,
+        method=method,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        decoder_start_id=decoder_start_id,
+        rng=rng,
+    )
     if method == "beam":
         seqs, scores = seqs[:, 0], scores[:, 0]
     return (seqs, scores) if return_scores else seqs
 
 
-def beam_search(model: nnx.Module, prompt_tokens: Array, *, max_new_tokens: int,
-                num_beams: int = 4, length_penalty: float = 1.0,
-                prompt_lengths: Optional[Array] = None, encoder_mask: Optional[Array] = None,
-                eos_id: Optional[int] = None, pad_id: int = 0,
-                decoder_start_id: int = 0) -> tuple[Array, Array]:
+def beam_search(
+    model: nnx.Module,
+    prompt_tokens: Array,
+    *,
+    max_new_tokens: int,
+    num_beams: int = 4,
+    length_penalty: float = 1.0,
+    prompt_lengths: Optional[Array] = None,
+    encoder_mask: Optional[Array] = None,
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+    decoder_start_id: int = 0,
+) -> tuple[Array, Array]:
     """All final hypotheses [B, num_beams, max_new_tokens], best first, and their scores."""
-    return _run(model, prompt_tokens, max_new_tokens=max_new_tokens,
-                prompt_lengths=prompt_lengths, encoder_mask=encoder_mask, method="beam",
-                temperature=1.0, top_k=0, top_p=1.0, num_beams=num_beams, length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
-                decoder_start_id=decoder_start_id, rng=None)
+    return _run(
+        model,
+        prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        prompt_lengths=prompt_lengths,
+        encoder_mask=encoder_mask,
+        method="beam",
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        decoder_start_id=decoder_start_id,
+        rng=None,
+    )
 
 
-def _run(model, prompt_tokens, *, max_new_tokens, prompt_lengths, encoder_mask, method,
-         temperature, top_k, top_p, num_beams, length_penalty, eos_id, pad_id, decoder_start_id,
-         rng):
+def _run(
+    model,
+    prompt_tokens,
+    *,
+    max_new_tokens,
+    prompt_lengths,
+    encoder_mask,
+    method,
+    temperature,
+    top_k,
+    top_p,
+    num_beams,
+    length_penalty,
+    eos_id,
+    pad_id,
+    decoder_start_id,
+    rng,
+):
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-    lengths = _check(model, prompt_tokens, max_new_tokens, prompt_lengths, method, temperature,
-                     top_k, top_p, num_beams)
+    lengths = _check(
+        model,
+        prompt_tokens,
+        max_new_tokens,
+        prompt_lengths,
+        method,
+        temperature,
+        top_k,
+        top_p,
+        num_beams,
+    )
     if encoder_mask is None:
         encoder_mask = jnp.arange(prompt_tokens.shape[1])[None, :] < lengths[:, None]
     elif model.config.family != "encoder_decoder" or prompt_lengths is not None:
         raise ValueError("encoder_mask is for encoder-decoder models, instead of prompt_lengths")
     elif jnp.shape(encoder_mask) != prompt_tokens.shape:
-        raise ValueError(f"encoder_mask {jnp.shape(encoder_mask)} must have the prompt's shape "
-                         f"{prompt_tokens.shape}")
+        raise ValueError(
+            f"encoder_mask {jnp.shape(encoder_mask)} must have the prompt's shape "
+            f"{prompt_tokens.shape}"
+        )
     greedy = method == "greedy" or (method == "sample" and temperature == 0)
     if method == "sample" and not greedy:
         if rng is None:
@@ -87,18 +157,42 @@ def _run(model, prompt_tokens, *, max_new_tokens, prompt_lengths, encoder_mask, 
         rng = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
     else:
         rng = jax.random.key(0)  # unused
-    options = dict(max_new_tokens=int(max_new_tokens), beam=method == "beam", greedy=greedy,
-                   top_k=int(top_k), top_p=float(top_p), num_beams=int(num_beams),
-                   length_penalty=float(length_penalty),
-                   eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id),
-                   decoder_start_id=int(decoder_start_id))
+    options = dict(
+        max_new_tokens=int(max_new_tokens),
+        beam=method == "beam",
+        greedy=greedy,
+        top_k=int(top_k),
+        top_p=float(top_p),
+        num_beams=int(num_beams),
+        length_penalty=float(length_penalty),
+        eos_id=None if eos_id is None else int(eos_id),
+        pad_id=int(pad_id),
+        decoder_start_id=int(decoder_start_id),
+    )
     graphdef, state = nnx.split(model)
-    return _compiled(graphdef, state, prompt_tokens, lengths, jnp.asarray(encoder_mask, bool),
-                     rng, jnp.float32(temperature if temperature else 1.0), **options)
+    return _compiled(
+        graphdef,
+        state,
+        prompt_tokens,
+        lengths,
+        jnp.asarray(encoder_mask, bool),
+        rng,
+        jnp.float32(temperature if temperature else 1.0),
+        **options,
+    )
 
 
-def _check(model, prompt_tokens, max_new_tokens, prompt_lengths, method, temperature, top_k,
-           top_p, num_beams) -> Array:
+def _check(
+    model,
+    prompt_tokens,
+    max_new_tokens,
+    prompt_lengths,
+    method,
+    temperature,
+    top_k,
+    top_p,
+    num_beams,
+) -> Array:
     """Raises a ValueError naming the problem; returns the prompt lengths [B] as int32."""
     fam = cache_lib.family(model)
     if method not in METHODS:
@@ -110,66 +204,131 @@ def _check(model, prompt_tokens, max_new_tokens, prompt_lengths, method, tempera
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if fam == "decoder" and p + max_new_tokens > max_len:
-        raise ValueError(f"prompt length {p} plus max_new_tokens {max_new_tokens} = "
-                         f"{p + max_new_tokens} exceeds the model's max_len {max_len}")
+        raise ValueError(
+            f"prompt length {p} plus max_new_tokens {max_new_tokens} = "
+            f"{p + max_new_tokens} exceeds the model's max_len {max_len}"
+        )
     if fam == "encoder_decoder" and (p > max_len or max_new_tokens > max_len):
-        raise ValueError(f"encoder prompt length {p} and max_new_tokens {max_new_tokens} must "
-                         f"each be at most the model's max_len {max_len}")
+        raise ValueError(
+            f"encoder prompt length {p} and max_new_tokens {max_new_tokens} must "
+            f"each be at most the model's max_len {max_len}"
+        )
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0 or num_beams < 1:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 and num_beams >= 1; "
-                         f"got temperature={temperature}, top_p={top_p}, top_k={top_k}, "
-                         f"num_beams={num_beams}")
+        raise ValueError(
+            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 and num_beams >= 1; "
+            f"got temperature={temperature}, top_p={top_p}, top_k={top_k}, "
+            f"num_beams={num_beams}"
+        )
     if prompt_lengths is None:
         return jnp.full((b,), p, jnp.int32)
     if not isinstance(prompt_lengths, jax.core.Tracer):
         lengths = np.asarray(prompt_lengths)
         low = 1 if fam == "decoder" else 0
         if lengths.shape != (b,) or lengths.min() < low or lengths.max() > p:
-            raise ValueError(f"prompt_lengths must be {b} integers in [{low}, {p}] (the padded "
-                             f"prompt width); got {lengths.tolist()}")
+            raise ValueError(
+                f"prompt_lengths must be {b} integers in [{low}, {p}] (the padded "
+                f"prompt width); got {lengths.tolist()}"
+            )
     return jnp.asarray(prompt_lengths, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=(
-    "max_new_tokens", "beam", "greedy", "top_k", "top_p", "num_beams", "length_penalty", "eos_id",
-    "pad_id", "decoder_start_id"))
-def _compiled(graphdef, state, prompt_BxP, lengths_B, mask_BxP, rng, temperature, *,
-              max_new_tokens, beam, greedy, top_k, top_p, num_beams, length_penalty, eos_id, pad_id, decoder_start_id):
+@functools.partial(
+    jax.jit,
+    static_argnums=0,
+    static_argnames=(
+        "max_new_tokens",
+        "beam",
+        "greedy",
+        "top_k",
+        "top_p",
+        "num_beams",
+        "length_penalty",
+        "eos_id",
+        "pad_id",
+        "decoder_start_id",
+    ),
+)
+def _compiled(
+    graphdef,
+    state,
+    prompt_BxP,
+    lengths_B,
+    mask_BxP,
+    rng,
+    temperature,
+    *,
+    max_new_tokens,
+    beam,
+    greedy,
+    top_k,
+    top_p,
+    num_beams,
+    length_penalty,
+    eos_id,
+    pad_id,
+    decoder_start_id,
+):
     model = nnx.merge(graphdef, state)
     model.eval()
-    prefix = cache_lib.prefill(model, prompt_BxP, lengths_B, mask_BxP, max_new_tokens,
-                               pad_id=pad_id, decoder_start_id=decoder_start_id)
+    prefix = cache_lib.prefill(
+        model,
+        prompt_BxP,
+        lengths_B,
+        mask_BxP,
+        max_new_tokens,
+        pad_id=pad_id,
+        decoder_start_id=decoder_start_id,
+    )
     if beam:
-        return beam_lib.beam_loop(model, prefix, max_new_tokens=max_new_tokens,
-                                  num_beams=num_beams, length_penalty=length_penalty,
-                                  eos_id=eos_id, pad_id=pad_id)
-    choose = functools.partial(sampling.next_token, greedy=greedy, temperature=temperature,
-                               top_k=top_k, top_p=top_p)
+        return beam_lib.beam_loop(
+            model,
+            prefix,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
+    choose = functools.partial(
+        sampling.next_token, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     return _token_loop(model, prefix, rng, choose, max_new_tokens, eos_id, pad_id)
 
 
 def _token_loop(model, prefix: cache_lib.Prefix, rng, choose, n: int, eos_id, pad_id):
     """Greedy or sampled decoding; returns tokens [B, n] and summed log-probabilities [B]."""
     b = prefix.logits_BxV.shape[0]
-    carry = dict(i=jnp.int32(0), logits=prefix.logits_BxV, cache=prefix.cache, rng=rng,
-                 finished=jnp.zeros((b,), bool), scores=jnp.zeros((b,), jnp.float32),
-                 out=jnp.full((b, n), pad_id, jnp.int32))
+    carry = dict(
+        i=jnp.int32(0),
+        logits=prefix.logits_BxV,
+        cache=prefix.cache,
+        rng=rng,
+        finished=jnp.zeros((b,), bool),
+        scores=jnp.zeros((b,), jnp.float32),
+        out=jnp.full((b, n), pad_id, jnp.int32),
+    )
 
     def emit(c):
         rng, key = jax.random.split(c["rng"])
         tok_B = choose(c["logits"], key)
-        logp_B = jnp.take_along_axis(jax.nn.log_softmax(c["logits"], axis=-1), tok_B[:, None],
-                                     axis=1)[:, 0]
+        logp_B = jnp.take_along_axis(
+            jax.nn.log_softmax(c["logits"], axis=-1), tok_B[:, None], axis=1
+        )[:, 0]
         tok_B = jnp.where(c["finished"], pad_id, tok_B)
         finished = c["finished"] if eos_id is None else c["finished"] | (tok_B == eos_id)
-        return dict(c, rng=rng, finished=finished,
-                    scores=c["scores"] + jnp.where(c["finished"], 0.0, logp_B),
-                    out=jax.lax.dynamic_update_index_in_dim(c["out"], tok_B, c["i"], axis=1)), tok_B
+        return dict(
+            c,
+            rng=rng,
+            finished=finished,
+            scores=c["scores"] + jnp.where(c["finished"], 0.0, logp_B),
+            out=jax.lax.dynamic_update_index_in_dim(c["out"], tok_B, c["i"], axis=1),
+        ), tok_B
 
     def body(c):
         c, tok_B = emit(c)
-        logits, cache = cache_lib.step(model, tok_B, c["cache"], prefix.rows, prefix.first_slot,
-                                       c["i"])
+        logits, cache = cache_lib.step(
+            model, tok_B, c["cache"], prefix.rows, prefix.first_slot, c["i"]
+        )
         return dict(c, i=c["i"] + 1, logits=logits, cache=cache)
 
     def cond(c):

@@ -12,7 +12,6 @@ relative-position tables stay in float. The quantized model keeps the float mode
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -84,8 +83,9 @@ class Int8Embed(nnx.Module):
 
     def attend(self, query: Array) -> Array:
         query = query.astype(self.dtype)
-        return (jnp.dot(query, self.embedding[...].T.astype(self.dtype))
-                * self.scale[...].astype(self.dtype))
+        return jnp.dot(query, self.embedding[...].T.astype(self.dtype)) * self.scale[...].astype(
+            self.dtype
+        )
 
 
 class Int8Einsum(nnx.Module):
@@ -120,14 +120,23 @@ def quantize_model(model: nnx.Module, *, embeddings: bool = True) -> nnx.Module:
     swaps = []
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.List):
-            swaps += [(node, i, child) for i, child in enumerate(node)
-                      if isinstance(child, targets)]
+            swaps += [
+                (node, i, child) for i, child in enumerate(node) if isinstance(child, targets)
+            ]
         elif isinstance(node, nnx.Module):
-            swaps += [(node, name, child) for name, child in vars(node).items()
-                      if isinstance(child, targets)]
+            swaps += [
+                (node, name, child)
+                for name, child in vars(node).items()
+                if isinstance(child, targets)
+            ]
     for parent, key, child in swaps:
-        new = (Int8Linear(child) if isinstance(child, nnx.Linear) else
-               Int8Einsum(child) if isinstance(child, nnx.Einsum) else Int8Embed(child))
+        new = (
+            Int8Linear(child)
+            if isinstance(child, nnx.Linear)
+            else Int8Einsum(child)
+            if isinstance(child, nnx.Einsum)
+            else Int8Embed(child)
+        )
         if isinstance(parent, nnx.List):
             parent[key] = new
         else:

@@ -23,8 +23,9 @@ def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0) -> A
     return logits_BxV
 
 
-def next_token(logits_BxV: Array, rng: Array, *, greedy: bool, temperature: Array, top_k: int,
-               top_p: float) -> Array:
+def next_token(
+    logits_BxV: Array, rng: Array, *, greedy: bool, temperature: Array, top_k: int, top_p: float
+) -> Array:
     """Token ids [B]: the argmax when greedy, else a sample of softmax(filtered logits / T)."""
     if greedy:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)

@@ -21,8 +21,19 @@ def count_params(model: nnx.Module) -> int:
     """Number of trainable parameters (works on abstract models from nnx.eval_shape too)."""
     import jax
     import numpy as np
+
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-__all__ = ["ModelConfig", "PRESETS", "PROMISED_PARAMS", "preset", "create", "count_params",
-           "DecoderLM", "EncoderLM", "EncoderDecoderLM", "FAMILIES"]
+__all__ = [
+    "ModelConfig",
+    "PRESETS",
+    "PROMISED_PARAMS",
+    "preset",
+    "create",
+    "count_params",
+    "DecoderLM",
+    "EncoderLM",
+    "EncoderDecoderLM",
+    "FAMILIES",
+]

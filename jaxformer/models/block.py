@@ -28,10 +28,18 @@ def dtypes(cfg: ModelConfig) -> dict[str, Any]:
 def make_attention(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.Attention:
     """An attention layer shaped by the config."""
     return layers.Attention(
-        cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dims_per_head, use_bias=cfg.use_bias,
+        cfg.d_model,
+        cfg.num_heads,
+        cfg.kv_heads,
+        cfg.dims_per_head,
+        use_bias=cfg.use_bias,
         scale_logits=cfg.scale_attention,
         rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
-        implementation=cfg.attention_impl, std=cfg.init_std, rngs=rngs, **dtypes(cfg))
+        implementation=cfg.attention_impl,
+        std=cfg.init_std,
+        rngs=rngs,
+        **dtypes(cfg),
+    )
 
 
 def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -46,20 +54,31 @@ class Embeddings(nnx.Module):
         kw = dict(std=cfg.init_std, rngs=rngs, **dtypes(cfg))
         self.max_len, self.position, self.dtype = cfg.max_len, cfg.position, jnp.dtype(cfg.dtype)
         self.token_embed = layers.embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
-        self.position_embed = (layers.embedding(cfg.max_len, cfg.d_model, ("position", "embed"), **kw)
-                               if cfg.position == "learned" else None)
-        self.type_embed = (layers.embedding(cfg.type_vocab_size, cfg.d_model, ("types", "embed"), **kw)
-                           if cfg.type_vocab_size else None)
+        self.position_embed = (
+            layers.embedding(cfg.max_len, cfg.d_model, ("position", "embed"), **kw)
+            if cfg.position == "learned"
+            else None
+        )
+        self.type_embed = (
+            layers.embedding(cfg.type_vocab_size, cfg.d_model, ("types", "embed"), **kw)
+            if cfg.type_vocab_size
+            else None
+        )
         self.norm = make_norm(cfg, rngs) if cfg.embedding_norm else None
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
-    def __call__(self, tokens_BxL: Array, positions_BxL: Optional[Array] = None,
-                 token_types_BxL: Optional[Array] = None) -> Array:
+    def __call__(
+        self,
+        tokens_BxL: Array,
+        positions_BxL: Optional[Array] = None,
+        token_types_BxL: Optional[Array] = None,
+    ) -> Array:
         """[B, L, D] input representations."""
         length = tokens_BxL.shape[1]
         if self.position in ("learned", "sinusoidal") and length > self.max_len:
-            raise ValueError(f"sequence of {length} tokens is longer than the model's "
-                             f"max_len={self.max_len}")
+            raise ValueError(
+                f"sequence of {length} tokens is longer than the model's max_len={self.max_len}"
+            )
         x_BxLxD = self.token_embed(tokens_BxL)
         if positions_BxL is None:
             positions_BxL = jnp.arange(length)[None, :]
@@ -85,9 +104,16 @@ class Block(nnx.Module):
         self.self_attn_norm = make_norm(cfg, rngs)
         self.cross_attn = make_attention(cfg, rngs) if cross_attention else None
         self.cross_attn_norm = make_norm(cfg, rngs) if cross_attention else None
-        self.mlp = layers.Mlp(cfg.d_model, cfg.d_ff, activation=cfg.mlp, use_bias=cfg.use_bias,
-                              dropout_rate=cfg.dropout_rate, std=cfg.init_std, rngs=rngs,
-                              **dtypes(cfg))
+        self.mlp = layers.Mlp(
+            cfg.d_model,
+            cfg.d_ff,
+            activation=cfg.mlp,
+            use_bias=cfg.use_bias,
+            dropout_rate=cfg.dropout_rate,
+            std=cfg.init_std,
+            rngs=rngs,
+            **dtypes(cfg),
+        )
         self.mlp_norm = make_norm(cfg, rngs)
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
@@ -96,31 +122,50 @@ class Block(nnx.Module):
             return x + self.dropout(fn(norm(x)))
         return norm(x + self.dropout(fn(x)))
 
-    def __call__(self, x_BxLxD: Array, self_inputs: AttentionInputs,
-                 context_BxSxD: Optional[Array] = None,
-                 cross_inputs: AttentionInputs = AttentionInputs()) -> Array:
-        x = self._residual(constrain(x_BxLxD, HIDDEN), self.self_attn_norm,
-                           lambda h: self.self_attn(h, inputs=self_inputs))
+    def __call__(
+        self,
+        x_BxLxD: Array,
+        self_inputs: AttentionInputs,
+        context_BxSxD: Optional[Array] = None,
+        cross_inputs: AttentionInputs = AttentionInputs(),
+    ) -> Array:
+        x = self._residual(
+            constrain(x_BxLxD, HIDDEN),
+            self.self_attn_norm,
+            lambda h: self.self_attn(h, inputs=self_inputs),
+        )
         if self.cross_attn is not None:
-            x = self._residual(x, self.cross_attn_norm,
-                               lambda h: self.cross_attn(h, context_BxSxD, cross_inputs))
+            x = self._residual(
+                x, self.cross_attn_norm, lambda h: self.cross_attn(h, context_BxSxD, cross_inputs)
+            )
         return constrain(self._residual(x, self.mlp_norm, self.mlp), HIDDEN)
 
-    def decode(self, x_BxTxD: Array, cache: dict, *, index: Array, self_inputs: AttentionInputs,
-               cross_inputs: AttentionInputs = AttentionInputs()) -> tuple[Array, dict]:
+    def decode(
+        self,
+        x_BxTxD: Array,
+        cache: dict,
+        *,
+        index: Array,
+        self_inputs: AttentionInputs,
+        cross_inputs: AttentionInputs = AttentionInputs(),
+    ) -> tuple[Array, dict]:
         """The block on T new tokens with a layer cache {k, v[, cross_k, cross_v]}."""
         new_cache = dict(cache)
 
         def self_attend(h):
             out, (new_cache["k"], new_cache["v"]) = self.self_attn.decode(
-                h, (cache["k"], cache["v"]), index=index, inputs=self_inputs)
+                h, (cache["k"], cache["v"]), index=index, inputs=self_inputs
+            )
             return out
 
         x = self._residual(x_BxTxD, self.self_attn_norm, self_attend)
         if self.cross_attn is not None:
             cross_kv = (cache["cross_k"], cache["cross_v"])
-            x = self._residual(x, self.cross_attn_norm,
-                               lambda h: self.cross_attn(h, None, cross_inputs, kv=cross_kv))
+            x = self._residual(
+                x,
+                self.cross_attn_norm,
+                lambda h: self.cross_attn(h, None, cross_inputs, kv=cross_kv),
+            )
         return self._residual(x, self.mlp_norm, self.mlp), new_cache
 
 
@@ -128,10 +173,20 @@ class LmHead(nnx.Module):
     """Output projection to the vocabulary: the transposed token embedding or its own matrix."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.proj = None if cfg.tie_embeddings else layers.dense(
-            cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False, std=cfg.init_std,
-            rngs=rngs, **dtypes(cfg))
-        self.scale = cfg.d_model ** -0.5 if (cfg.tie_embeddings and cfg.scale_tied_logits) else None
+        self.proj = (
+            None
+            if cfg.tie_embeddings
+            else layers.dense(
+                cfg.d_model,
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                use_bias=False,
+                std=cfg.init_std,
+                rngs=rngs,
+                **dtypes(cfg),
+            )
+        )
+        self.scale = cfg.d_model**-0.5 if (cfg.tie_embeddings and cfg.scale_tied_logits) else None
 
     def __call__(self, x_BxLxD: Array, embeddings: Embeddings) -> Array:
         """[B, L, V] float32 logits."""

@@ -76,12 +76,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice("family", self.family, ("decoder", "encoder", "encoder_decoder"))
-        _check_choice("position", self.position, ("learned", "sinusoidal", "rope", "relative", "none"))
+        _check_choice(
+            "position", self.position, ("learned", "sinusoidal", "rope", "relative", "none")
+        )
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("norm_position", self.norm_position, ("pre", "post"))
         _check_choice("mlp", self.mlp, ("gelu", "gelu_exact", "relu", "swiglu", "geglu"))
-        _check_choice("attention_impl", self.attention_impl,
-                      ("auto", "plain", "chunked", "cudnn", "splash"))
+        _check_choice(
+            "attention_impl", self.attention_impl, ("auto", "plain", "chunked", "cudnn", "splash")
+        )
         _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _check_choice("remat", self.remat, ("none", "full", "dots_saveable", "offload_dots"))
@@ -89,11 +92,13 @@ class ModelConfig:
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
-                "set head_dim explicitly or change one of them")
+                "set head_dim explicitly or change one of them"
+            )
         if self.kv_heads < 1 or self.num_heads % self.kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}: "
-                "each K/V head must serve the same number of query heads")
+                "each K/V head must serve the same number of query heads"
+            )
         if self.position == "rope" and self.dims_per_head % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.dims_per_head}")
 
@@ -118,27 +123,81 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"ModelConfig.{name}={value!r} is not one of {', '.join(choices)}")
 
 
-_GPT2 = dict(family="decoder", vocab_size=50257, max_len=1024, position="learned", norm="layernorm",
-             mlp="gelu", use_bias=True, tie_embeddings=True)
-_BERT = dict(family="encoder", vocab_size=30522, max_len=512, position="learned", norm="layernorm",
-             norm_eps=1e-12, norm_position="post", embedding_norm=True, mlp="gelu_exact",
-             use_bias=True, tie_embeddings=True, type_vocab_size=2)
-_T5 = dict(family="encoder_decoder", vocab_size=32128, max_len=512, position="relative",
-           norm="rmsnorm", norm_eps=1e-6, mlp="relu", use_bias=False, tie_embeddings=True,
-           scale_tied_logits=True, scale_attention=False, head_dim=64)
-_LLAMA = dict(family="decoder", position="rope", norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
-              use_bias=False)
+_GPT2 = dict(
+    family="decoder",
+    vocab_size=50257,
+    max_len=1024,
+    position="learned",
+    norm="layernorm",
+    mlp="gelu",
+    use_bias=True,
+    tie_embeddings=True,
+)
+_BERT = dict(
+    family="encoder",
+    vocab_size=30522,
+    max_len=512,
+    position="learned",
+    norm="layernorm",
+    norm_eps=1e-12,
+    norm_position="post",
+    embedding_norm=True,
+    mlp="gelu_exact",
+    use_bias=True,
+    tie_embeddings=True,
+    type_vocab_size=2,
+)
+_T5 = dict(
+    family="encoder_decoder",
+    vocab_size=32128,
+    max_len=512,
+    position="relative",
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    mlp="relu",
+    use_bias=False,
+    tie_embeddings=True,
+    scale_tied_logits=True,
+    scale_attention=False,
+    head_dim=64,
+)
+_LLAMA = dict(
+    family="decoder", position="rope", norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", use_bias=False
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # Test-sized models: a few thousand parameters per layer, fast to compile on a CPU.
-    "gpt-tiny": ModelConfig(**{**_GPT2, "vocab_size": 512, "max_len": 128}, d_model=64, num_layers=2,
-                            num_heads=4, d_ff=256),
-    "bert-tiny": ModelConfig(**{**_BERT, "vocab_size": 512, "max_len": 128}, d_model=64, num_layers=2,
-                             num_heads=4, d_ff=256),
-    "t5-tiny": ModelConfig(**{**_T5, "vocab_size": 512, "max_len": 128, "head_dim": 16}, d_model=64,
-                           num_layers=2, num_heads=4, d_ff=256),
-    "llama-tiny": ModelConfig(**_LLAMA, vocab_size=512, max_len=128, d_model=64, num_layers=2,
-                              num_heads=4, num_kv_heads=2, d_ff=192),
+    "gpt-tiny": ModelConfig(
+        **{**_GPT2, "vocab_size": 512, "max_len": 128},
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        d_ff=256,
+    ),
+    "bert-tiny": ModelConfig(
+        **{**_BERT, "vocab_size": 512, "max_len": 128},
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        d_ff=256,
+    ),
+    "t5-tiny": ModelConfig(
+        **{**_T5, "vocab_size": 512, "max_len": 128, "head_dim": 16},
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        d_ff=256,
+    ),
+    "llama-tiny": ModelConfig(
+        **_LLAMA,
+        vocab_size=512,
+        max_len=128,
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        d_ff=192,
+    ),
     # Published shapes; the parameter count is in the name.
     "gpt2-124m": ModelConfig(**_GPT2, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
     "gpt2-350m": ModelConfig(**_GPT2, d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
@@ -146,18 +205,43 @@ PRESETS: dict[str, ModelConfig] = {
     "t5-small": ModelConfig(**_T5, d_model=512, num_layers=6, num_heads=8, d_ff=2048),
     "t5-base": ModelConfig(**_T5, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
     # A Llama-3.2-1B-shaped decoder: RoPE, RMSNorm, SwiGLU, GQA (32 query heads, 8 K/V heads).
-    "llama-1b": ModelConfig(**_LLAMA, vocab_size=128256, max_len=8192, d_model=2048, num_layers=16,
-                            num_heads=32, num_kv_heads=8, d_ff=8192, tie_embeddings=True,
-                            rope_theta=500000.0),
+    "llama-1b": ModelConfig(
+        **_LLAMA,
+        vocab_size=128256,
+        max_len=8192,
+        d_model=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        d_ff=8192,
+        tie_embeddings=True,
+        rope_theta=500000.0,
+    ),
     # A Llama-3-8B-shaped decoder: 32 layers, 32 query / 8 K/V heads, untied 128k vocabulary.
-    "llama3-8b": ModelConfig(**_LLAMA, vocab_size=128256, max_len=8192, d_model=4096,
-                             num_layers=32, num_heads=32, num_kv_heads=8, d_ff=14336,
-                             tie_embeddings=False, rope_theta=500000.0),
+    "llama3-8b": ModelConfig(
+        **_LLAMA,
+        vocab_size=128256,
+        max_len=8192,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        d_ff=14336,
+        tie_embeddings=False,
+        rope_theta=500000.0,
+    ),
 }
 
 # Parameter counts the preset names promise (the published figures).
-PROMISED_PARAMS = {"gpt2-124m": 124e6, "gpt2-350m": 350e6, "bert-base": 110e6, "t5-small": 60e6,
-                   "t5-base": 220e6, "llama-1b": 1.24e9, "llama3-8b": 8.03e9}
+PROMISED_PARAMS = {
+    "gpt2-124m": 124e6,
+    "gpt2-350m": 350e6,
+    "bert-base": 110e6,
+    "t5-small": 60e6,
+    "t5-base": 220e6,
+    "llama-1b": 1.24e9,
+    "llama3-8b": 8.03e9,
+}
 
 
 def preset(name: str) -> ModelConfig:
@@ -165,5 +249,7 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model preset {name!r}.{hint} Valid presets: {', '.join(PRESETS)}")
+        raise ValueError(
+            f"unknown model preset {name!r}.{hint} Valid presets: {', '.join(PRESETS)}"
+        )
     return dataclasses.replace(PRESETS[name], preset=name)

@@ -27,18 +27,32 @@ class DecoderLM(nnx.Module):
         self.final_norm = make_norm(cfg, rngs) if cfg.norm_position == "pre" else None
         self.head = LmHead(cfg, rngs=rngs)
 
-    def __call__(self, tokens_BxL: Array, *, segment_ids: Optional[Array] = None,
-                 positions: Optional[Array] = None) -> Array:
+    def __call__(
+        self,
+        tokens_BxL: Array,
+        *,
+        segment_ids: Optional[Array] = None,
+        positions: Optional[Array] = None,
+    ) -> Array:
         """Logits [B, L, V]; with segment_ids, packed documents do not attend to each other."""
         return self.logits(self.hidden(tokens_BxL, segment_ids=segment_ids, positions=positions))
 
-    def hidden(self, tokens_BxL: Array, *, segment_ids: Optional[Array] = None,
-               positions: Optional[Array] = None) -> Array:
+    def hidden(
+        self,
+        tokens_BxL: Array,
+        *,
+        segment_ids: Optional[Array] = None,
+        positions: Optional[Array] = None,
+    ) -> Array:
         """Final hidden states [B, L, D], before the LM head (see `logits`)."""
         cfg = self.config
         x_BxLxD = self.embed(tokens_BxL, positions)
-        inputs = AttentionInputs(is_causal=True, segment_ids=segment_ids, positions=positions,
-                                 sliding_window=cfg.sliding_window)
+        inputs = AttentionInputs(
+            is_causal=True,
+            segment_ids=segment_ids,
+            positions=positions,
+            sliding_window=cfg.sliding_window,
+        )
         return run_blocks(self.blocks, x_BxLxD, inputs, remat=cfg.remat, scan=cfg.scan_layers)
 
     def logits(self, x_BxLxD: Array) -> Array:
@@ -51,9 +65,15 @@ class DecoderLM(nnx.Module):
         """An empty K/V cache of `length` slots per row: {k, v}, each [layers, B, length, K, H]."""
         return init_cache(self.config, self.config.num_layers, batch, length)
 
-    def decode_step(self, tokens_BxT: Array, cache: dict, *, index: Array,
-                    positions: Optional[Array] = None,
-                    kv_valid: Optional[Array] = None) -> tuple[Array, dict]:
+    def decode_step(
+        self,
+        tokens_BxT: Array,
+        cache: dict,
+        *,
+        index: Array,
+        positions: Optional[Array] = None,
+        kv_valid: Optional[Array] = None,
+    ) -> tuple[Array, dict]:
         """Logits [B, T, V] of T new tokens written to cache slots index..index+T-1, and the cache.
 
         `positions` [B, T] defaults to index + arange(T); `kv_valid` [B, M] marks the cache slots
@@ -65,8 +85,15 @@ class DecoderLM(nnx.Module):
             positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         x_BxTxD = self.embed(tokens_BxT, positions)
         mask = None if kv_valid is None else attn_lib.padding_mask(kv_valid)
-        inputs = AttentionInputs(positions=positions, mask=mask,
-                                 sliding_window=self.config.sliding_window)
-        x_BxTxD, cache = decode_blocks(self.blocks, x_BxTxD, cache, index=index,
-                                       self_inputs=inputs, scan=self.config.scan_layers)
+        inputs = AttentionInputs(
+            positions=positions, mask=mask, sliding_window=self.config.sliding_window
+        )
+        x_BxTxD, cache = decode_blocks(
+            self.blocks,
+            x_BxTxD,
+            cache,
+            index=index,
+            self_inputs=inputs,
+            scan=self.config.scan_layers,
+        )
         return self.logits(x_BxTxD), cache

@@ -31,33 +31,59 @@ class EncoderLM(nnx.Module):
         # Masked-LM head: transform, norm, then the tied (or own) vocabulary projection plus a bias.
         self.mlm_dense = layers.dense(cfg.d_model, cfg.d_model, ("embed", "mlp"), **kw)
         self.mlm_norm = make_norm(cfg, rngs)
-        self.mlm_out = None if cfg.tie_embeddings else layers.dense(
-            cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False, std=cfg.init_std,
-            rngs=rngs, **dtypes(cfg))
-        self.mlm_bias = nnx.Param(layers.zeros_init(("vocab",))(
-            rngs.params(), (cfg.vocab_size,), jnp.dtype(cfg.param_dtype)))
+        self.mlm_out = (
+            None
+            if cfg.tie_embeddings
+            else layers.dense(
+                cfg.d_model,
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                use_bias=False,
+                std=cfg.init_std,
+                rngs=rngs,
+                **dtypes(cfg),
+            )
+        )
+        self.mlm_bias = nnx.Param(
+            layers.zeros_init(("vocab",))(
+                rngs.params(), (cfg.vocab_size,), jnp.dtype(cfg.param_dtype)
+            )
+        )
         # Classification head: tanh pooler over the first token, then a linear classifier.
         self.pooler = layers.dense(cfg.d_model, cfg.d_model, ("embed", "mlp"), **kw)
         self.classifier = layers.dense(cfg.d_model, cfg.num_labels, ("embed", None), **kw)
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
-    def encode(self, tokens_BxL: Array, *, attention_mask: Optional[Array] = None,
-               segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
-               token_types: Optional[Array] = None) -> Array:
+    def encode(
+        self,
+        tokens_BxL: Array,
+        *,
+        attention_mask: Optional[Array] = None,
+        segment_ids: Optional[Array] = None,
+        positions: Optional[Array] = None,
+        token_types: Optional[Array] = None,
+    ) -> Array:
         """Hidden states [B, L, D]; padded positions (attention_mask == 0) are never attended to."""
         x_BxLxD = self.embed(tokens_BxL, positions, token_types)
         mask = None if attention_mask is None else attn_lib.padding_mask(attention_mask)
-        inputs = AttentionInputs(mask=mask, segment_ids=segment_ids, positions=positions,
-                                 sliding_window=self.config.sliding_window)
-        x_BxLxD = run_blocks(self.blocks, x_BxLxD, inputs, remat=self.config.remat,
-                             scan=self.config.scan_layers)
+        inputs = AttentionInputs(
+            mask=mask,
+            segment_ids=segment_ids,
+            positions=positions,
+            sliding_window=self.config.sliding_window,
+        )
+        x_BxLxD = run_blocks(
+            self.blocks, x_BxLxD, inputs, remat=self.config.remat, scan=self.config.scan_layers
+        )
         if self.final_norm is not None:
             x_BxLxD = self.final_norm(x_BxLxD)
         return x_BxLxD
 
     def mlm_logits(self, hidden_BxLxD: Array) -> Array:
         """Masked-LM logits [B, L, V] (float32) from hidden states."""
-        act = layers.ACTIVATIONS[self.config.mlp if self.config.mlp in layers.ACTIVATIONS else "gelu"]
+        act = layers.ACTIVATIONS[
+            self.config.mlp if self.config.mlp in layers.ACTIVATIONS else "gelu"
+        ]
         h = self.mlm_norm(act(self.mlm_dense(hidden_BxLxD)))
         if self.mlm_out is not None:
             logits = self.mlm_out(h)
@@ -74,21 +100,40 @@ class EncoderLM(nnx.Module):
         """The loss's view of `mlm_logits` (called per chunk of positions)."""
         return self.mlm_logits(hidden_BxLxD)
 
-    def __call__(self, tokens_BxL: Array, *, attention_mask: Optional[Array] = None,
-                 segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
-                 token_types: Optional[Array] = None) -> Array:
+    def __call__(
+        self,
+        tokens_BxL: Array,
+        *,
+        attention_mask: Optional[Array] = None,
+        segment_ids: Optional[Array] = None,
+        positions: Optional[Array] = None,
+        token_types: Optional[Array] = None,
+    ) -> Array:
         """Masked-LM logits [B, L, V]."""
-        hidden = self.encode(tokens_BxL, attention_mask=attention_mask, segment_ids=segment_ids,
-                             positions=positions, token_types=token_types)
+        hidden = self.encode(
+            tokens_BxL,
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            positions=positions,
+            token_types=token_types,
+        )
         return self.mlm_logits(hidden)
 
-    def classify(self, tokens_BxL: Array, *, attention_mask: Optional[Array] = None,
-                 token_types: Optional[Array] = None) -> Array:
+    def classify(
+        self,
+        tokens_BxL: Array,
+        *,
+        attention_mask: Optional[Array] = None,
+        token_types: Optional[Array] = None,
+    ) -> Array:
         """Class logits [B, num_labels] from the pooled sequence (see ModelConfig.pooling)."""
         hidden = self.encode(tokens_BxL, attention_mask=attention_mask, token_types=token_types)
         if self.config.pooling == "mean":
-            valid = (jnp.ones(tokens_BxL.shape) if attention_mask is None
-                     else attention_mask.astype(jnp.float32))[..., None]
+            valid = (
+                jnp.ones(tokens_BxL.shape)
+                if attention_mask is None
+                else attention_mask.astype(jnp.float32)
+            )[..., None]
             pooled_BxD = (hidden * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0)
         else:
             pooled_BxD = jnp.tanh(self.pooler(hidden[:, 0]))

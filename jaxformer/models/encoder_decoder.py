@@ -22,9 +22,14 @@ def _relative_bias(cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
     if cfg.position != "relative":
         return None
     return layers.RelativePositionBias(
-        cfg.num_heads, bidirectional=bidirectional, num_buckets=cfg.relative_buckets,
-        max_distance=cfg.relative_max_distance, std=cfg.init_std,
-        param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        cfg.num_heads,
+        bidirectional=bidirectional,
+        num_buckets=cfg.relative_buckets,
+        max_distance=cfg.relative_max_distance,
+        std=cfg.init_std,
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        rngs=rngs,
+    )
 
 
 class EncoderDecoderLM(nnx.Module):
@@ -53,31 +58,54 @@ class EncoderDecoderLM(nnx.Module):
         x = self.embed(encoder_tokens_BxS)
         mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
         inputs = AttentionInputs(mask=mask, bias=self._position_bias(self.encoder_bias, s, s))
-        x = run_blocks(self.encoder_blocks, x, inputs, remat=self.config.remat,
-                       scan=self.config.scan_layers)
+        x = run_blocks(
+            self.encoder_blocks, x, inputs, remat=self.config.remat, scan=self.config.scan_layers
+        )
         return self.dropout(self.encoder_norm(x))
 
-    def decode(self, decoder_tokens_BxT: Array, encoded_BxSxD: Array, *,
-               encoder_mask: Optional[Array] = None,
-               decoder_mask: Optional[Array] = None) -> Array:
+    def decode(
+        self,
+        decoder_tokens_BxT: Array,
+        encoded_BxSxD: Array,
+        *,
+        encoder_mask: Optional[Array] = None,
+        decoder_mask: Optional[Array] = None,
+    ) -> Array:
         """Decoder logits [B, T, V] given the encoder's hidden states."""
-        return self.logits(self.decoder_hidden(decoder_tokens_BxT, encoded_BxSxD,
-                                               encoder_mask=encoder_mask,
-                                               decoder_mask=decoder_mask))
+        return self.logits(
+            self.decoder_hidden(
+                decoder_tokens_BxT,
+                encoded_BxSxD,
+                encoder_mask=encoder_mask,
+                decoder_mask=decoder_mask,
+            )
+        )
 
-    def decoder_hidden(self, decoder_tokens_BxT: Array, encoded_BxSxD: Array, *,
-                       encoder_mask: Optional[Array] = None,
-                       decoder_mask: Optional[Array] = None) -> Array:
+    def decoder_hidden(
+        self,
+        decoder_tokens_BxT: Array,
+        encoded_BxSxD: Array,
+        *,
+        encoder_mask: Optional[Array] = None,
+        decoder_mask: Optional[Array] = None,
+    ) -> Array:
         """Final decoder hidden states [B, T, D] (normed), before the LM head (see `logits`)."""
         t = decoder_tokens_BxT.shape[1]
         x = self.embed(decoder_tokens_BxT)
         self_mask = None if decoder_mask is None else attn_lib.padding_mask(decoder_mask)
-        self_inputs = AttentionInputs(mask=self_mask, is_causal=True,
-                                      bias=self._position_bias(self.decoder_bias, t, t))
+        self_inputs = AttentionInputs(
+            mask=self_mask, is_causal=True, bias=self._position_bias(self.decoder_bias, t, t)
+        )
         cross_mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
-        x = run_blocks(self.decoder_blocks, x, self_inputs, remat=self.config.remat,
-                       scan=self.config.scan_layers, context_BxSxD=encoded_BxSxD,
-                       cross_inputs=AttentionInputs(mask=cross_mask))
+        x = run_blocks(
+            self.decoder_blocks,
+            x,
+            self_inputs,
+            remat=self.config.remat,
+            scan=self.config.scan_layers,
+            context_BxSxD=encoded_BxSxD,
+            cross_inputs=AttentionInputs(mask=cross_mask),
+        )
         return self._final(x)
 
     def _final(self, x_BxTxD: Array) -> Array:
@@ -100,8 +128,14 @@ class EncoderDecoderLM(nnx.Module):
         cache = init_cache(self.config, self.config.decoder_layers, encoded_BxSxD.shape[0], length)
         return dict(cache, cross_k=cross_k, cross_v=cross_v)
 
-    def decode_step(self, decoder_tokens_BxT: Array, cache: dict, *, index: Array,
-                    encoder_mask: Optional[Array] = None) -> tuple[Array, dict]:
+    def decode_step(
+        self,
+        decoder_tokens_BxT: Array,
+        cache: dict,
+        *,
+        index: Array,
+        encoder_mask: Optional[Array] = None,
+    ) -> tuple[Array, dict]:
         """Logits [B, T, V] of T new decoder tokens at positions index..index+T-1, and the cache."""
         b, t = decoder_tokens_BxT.shape
         length = cache["k"].shape[2]
@@ -109,25 +143,48 @@ class EncoderDecoderLM(nnx.Module):
         x = self.embed(decoder_tokens_BxT, positions)
         self_inputs = AttentionInputs(
             positions=positions,
-            bias=self._position_bias(self.decoder_bias, t, length, offset=index))
+            bias=self._position_bias(self.decoder_bias, t, length, offset=index),
+        )
         cross_mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
-        x, cache = decode_blocks(self.decoder_blocks, x, cache, index=index,
-                                 self_inputs=self_inputs, scan=self.config.scan_layers,
-                                 cross_inputs=AttentionInputs(mask=cross_mask,
-                                                              positions=positions))
+        x, cache = decode_blocks(
+            self.decoder_blocks,
+            x,
+            cache,
+            index=index,
+            self_inputs=self_inputs,
+            scan=self.config.scan_layers,
+            cross_inputs=AttentionInputs(mask=cross_mask, positions=positions),
+        )
         return self.logits(self._final(x)), cache
 
-    def hidden(self, encoder_tokens_BxS: Array, decoder_tokens_BxT: Array, *,
-               encoder_mask: Optional[Array] = None,
-               decoder_mask: Optional[Array] = None) -> Array:
+    def hidden(
+        self,
+        encoder_tokens_BxS: Array,
+        decoder_tokens_BxT: Array,
+        *,
+        encoder_mask: Optional[Array] = None,
+        decoder_mask: Optional[Array] = None,
+    ) -> Array:
         """Decoder hidden states [B, T, D] for the whole model (the loss's view; see `logits`)."""
         encoded = self.encode(encoder_tokens_BxS, encoder_mask=encoder_mask)
-        return self.decoder_hidden(decoder_tokens_BxT, encoded, encoder_mask=encoder_mask,
-                                   decoder_mask=decoder_mask)
+        return self.decoder_hidden(
+            decoder_tokens_BxT, encoded, encoder_mask=encoder_mask, decoder_mask=decoder_mask
+        )
 
-    def __call__(self, encoder_tokens_BxS: Array, decoder_tokens_BxT: Array, *,
-                 encoder_mask: Optional[Array] = None,
-                 decoder_mask: Optional[Array] = None) -> Array:
+    def __call__(
+        self,
+        encoder_tokens_BxS: Array,
+        decoder_tokens_BxT: Array,
+        *,
+        encoder_mask: Optional[Array] = None,
+        decoder_mask: Optional[Array] = None,
+    ) -> Array:
         """Logits [B, T, V] of the decoder tokens' successors."""
-        return self.logits(self.hidden(encoder_tokens_BxS, decoder_tokens_BxT,
-                                       encoder_mask=encoder_mask, decoder_mask=decoder_mask))
+        return self.logits(
+            self.hidden(
+                encoder_tokens_BxS,
+                decoder_tokens_BxT,
+                encoder_mask=encoder_mask,
+                decoder_mask=decoder_mask,
+            )
+        )

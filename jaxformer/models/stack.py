@@ -8,7 +8,8 @@ per-layer body once. The KV cache is stacked the same way: [layers, batch, lengt
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +28,14 @@ REMAT_POLICIES: dict[str, Optional[Callable]] = {
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # Keep the same matmul outputs, but in host memory (TPU/GPU backends with pinned host memory).
     "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
-        offload_src="device", offload_dst="pinned_host"),
+        offload_src="device", offload_dst="pinned_host"
+    ),
 }
 
 
-def make_blocks(cfg: ModelConfig, depth: int, *, cross_attention: bool = False,
-                rngs: nnx.Rngs) -> Block:
+def make_blocks(
+    cfg: ModelConfig, depth: int, *, cross_attention: bool = False, rngs: nnx.Rngs
+) -> Block:
     """`depth` blocks as one Block whose parameters are stacked on a leading `layers` axis."""
 
     @nnx.split_rngs(splits=depth)
@@ -67,9 +70,16 @@ def _loop(body: Callable, carry, xs, depth: int, scan: bool):
     return carry, _stack(ys)
 
 
-def run_blocks(blocks: Block, x_BxLxD: Array, self_inputs: AttentionInputs, *,
-               remat: str = "none", scan: bool = True, context_BxSxD: Optional[Array] = None,
-               cross_inputs: AttentionInputs = AttentionInputs()) -> Array:
+def run_blocks(
+    blocks: Block,
+    x_BxLxD: Array,
+    self_inputs: AttentionInputs,
+    *,
+    remat: str = "none",
+    scan: bool = True,
+    context_BxSxD: Optional[Array] = None,
+    cross_inputs: AttentionInputs = AttentionInputs(),
+) -> Array:
     """Applies the stacked blocks in order; rematerialises each layer as `remat` asks."""
     graphdef, params, rest = nnx.split(blocks, nnx.Param, ...)
 
@@ -80,25 +90,34 @@ def run_blocks(blocks: Block, x_BxLxD: Array, self_inputs: AttentionInputs, *,
 
     if remat != "none":
         if remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; valid: none, "
-                             f"{', '.join(REMAT_POLICIES)}")
+            raise ValueError(
+                f"unknown remat policy {remat!r}; valid: none, {', '.join(REMAT_POLICIES)}"
+            )
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     x_BxLxD, rest = _loop(body, x_BxLxD, (params, rest), num_layers(blocks), scan)
     nnx.update(blocks, rest)
     return x_BxLxD
 
 
-def decode_blocks(blocks: Block, x_BxTxD: Array, cache: dict, *, index: Array,
-                  self_inputs: AttentionInputs, cross_inputs: AttentionInputs = AttentionInputs(),
-                  scan: bool = True) -> tuple[Array, dict]:
+def decode_blocks(
+    blocks: Block,
+    x_BxTxD: Array,
+    cache: dict,
+    *,
+    index: Array,
+    self_inputs: AttentionInputs,
+    cross_inputs: AttentionInputs = AttentionInputs(),
+    scan: bool = True,
+) -> tuple[Array, dict]:
     """Applies the stacked blocks to new tokens with a stacked cache; returns the new cache."""
     graphdef, state = nnx.split(blocks)
 
     def body(x, layer):
         layer_state, layer_cache = layer
         block = nnx.merge(graphdef, layer_state)
-        return block.decode(x, layer_cache, index=index, self_inputs=self_inputs,
-                            cross_inputs=cross_inputs)
+        return block.decode(
+            x, layer_cache, index=index, self_inputs=self_inputs, cross_inputs=cross_inputs
+        )
 
     x_BxTxD, cache = _loop(body, x_BxTxD, (state, cache), num_layers(blocks), scan)
     return x_BxTxD, {k: constrain(v, CACHE_AXES) for k, v in cache.items()}

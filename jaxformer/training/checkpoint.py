@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
-import sys
 import os
 import shutil
+import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,16 @@ from flax import nnx
 
 from jaxformer import sharding as shard_lib
 from jaxformer.training.checkpoint_faults import (
-    MISMATCH, Unreadable, error_chain, everywhere, first_line, install_test_save_delay,
-    looks_damaged, quiet_read_failures, reason)
+    MISMATCH,
+    Unreadable,
+    error_chain,
+    everywhere,
+    first_line,
+    install_test_save_delay,
+    looks_damaged,
+    quiet_read_failures,
+    reason,
+)
 
 # 2: blocks stacked on a leading `layers` axis, per-head attention kernels (1 had per-layer
 # blocks.{i} parameters and 2-D attention matrices).
@@ -55,13 +64,20 @@ def _abstract_storable(pure_abstract: Any) -> Any:
             data = jax.eval_shape(jax.random.key_data, x)
             return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
         return x
+
     return jax.tree.map(one, pure_abstract)
 
 
 def _from_storable(stored: Any, pure_abstract: Any) -> Any:
     return jax.tree.map(
-        lambda x, ref: jax.random.wrap_key_data(x, impl=getattr(ref.dtype, "_impl", None))
-        if _is_key(ref) else x, stored, pure_abstract)
+        lambda x, ref: (
+            jax.random.wrap_key_data(x, impl=getattr(ref.dtype, "_impl", None))
+            if _is_key(ref)
+            else x
+        ),
+        stored,
+        pure_abstract,
+    )
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -80,16 +96,18 @@ class Checkpointer:
     step reads, it is a CheckpointError and nothing is moved.
     """
 
-    def __init__(self, run_dir: str, *, keep: int = 3, async_save: bool = True,
-                 create: bool = True):
+    def __init__(
+        self, run_dir: str, *, keep: int = 3, async_save: bool = True, create: bool = True
+    ):
         """`keep` newest checkpoints are kept, and never fewer than two: the newest is not read
         back after saving, so the one before it stays as the fallback."""
         self.directory = directory = checkpoint_dir(run_dir)
         if not create and not os.path.isdir(directory):
             raise CheckpointError(f"no checkpoints in {run_dir} (expected {directory})")
         install_test_save_delay()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 2), create=create,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max(keep, 2), create=create, enable_async_checkpointing=async_save
+        )
         self.manager = ocp.CheckpointManager(directory, options=options)
 
     @property
@@ -102,14 +120,24 @@ class Checkpointer:
         """All finished checkpoint steps, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: nnx.State, *, config: dict, tokenizer_model: bytes,
-             data_state: dict) -> None:
+    def save(
+        self, step: int, state: nnx.State, *, config: dict, tokenizer_model: bytes, data_state: dict
+    ) -> None:
         """Starts saving (asynchronously when configured); `wait()` blocks until it is on disk."""
-        meta = dict(format_version=FORMAT_VERSION, step=int(step), data=data_state, config=config,
-                    tokenizer=base64.b64encode(tokenizer_model).decode("ascii"))
+        meta = dict(
+            format_version=FORMAT_VERSION,
+            step=int(step),
+            data=data_state,
+            config=config,
+            tokenizer=base64.b64encode(tokenizer_model).decode("ascii"),
+        )
         storable = _to_storable(nnx.to_pure_dict(state))
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(storable), meta=ocp.args.JsonSave(meta)))
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(storable), meta=ocp.args.JsonSave(meta)
+            ),
+        )
 
     def read_meta(self, step: Optional[int] = None) -> dict:
         """The JSON part (step, data state, config, tokenizer) of a checkpoint: of `step`, or of
@@ -118,31 +146,43 @@ class Checkpointer:
             return self._one(self._resolve(step), self._read_meta)
         return self._newest(self._read_meta)[1]
 
-    def restore_state(self, abstract_state: nnx.State, mesh: jax.sharding.Mesh,
-                      rules, step: Optional[int] = None, *, partial: bool = False) -> nnx.State:
+    def restore_state(
+        self,
+        abstract_state: nnx.State,
+        mesh: jax.sharding.Mesh,
+        rules,
+        step: Optional[int] = None,
+        *,
+        partial: bool = False,
+    ) -> nnx.State:
         """Restores onto `mesh` (any shape): arrays land with the shardings the rules give there.
 
         With partial=True only the leaves present in `abstract_state` are read (e.g. the model
         parameters of a checkpoint that also holds optimizer state). Without `step`, the newest
         checkpoint whose arrays read.
         """
+
         def read(s):
             return self._restore_arrays(s, abstract_state, mesh, rules, partial)
+
         if step is not None:
             return self._one(self._resolve(step), read)
         return self._newest(read)[1]
 
-    def restore_newest(self, abstract_state: nnx.State, mesh: jax.sharding.Mesh, rules, *,
-                       set_aside: bool = True) -> tuple[nnx.State, dict]:
+    def restore_newest(
+        self, abstract_state: nnx.State, mesh: jax.sharding.Mesh, rules, *, set_aside: bool = True
+    ) -> tuple[nnx.State, dict]:
         """(state, metadata) of the newest checkpoint that reads completely, for resuming a run.
 
         With `set_aside`, newer steps that do not read are moved to `checkpoints/corrupt/` and
         interrupted saves (`<step>.orbax-checkpoint-tmp`) are removed, so the run saves those
         steps again; each is reported in one line.
         """
+
         def read(s):
             meta = self._read_meta(s)
             return self._restore_arrays(s, abstract_state, mesh, rules, False), meta
+
         return self._newest(read, set_aside=set_aside)[1]
 
     # ------------------------------------------------------------------ reading one step
@@ -169,7 +209,8 @@ class Checkpointer:
         try:
             with quiet_read_failures():
                 restored = self.manager.restore(
-                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )
             meta = dict(restored["meta"])
         except Exception as err:  # any way the files can fail to read
             raise Unreadable(f"its metadata does not read ({reason(err)})") from err
@@ -179,7 +220,8 @@ class Checkpointer:
                 f"the checkpoint at step {step} in {self.manager.directory} has format "
                 f"{version}; this jaxformer reads format {FORMAT_VERSION} (parameters stacked over "
                 "layers, per-head attention kernels). Load it with the jaxformer release that "
-                "wrote it, or start a new run.dir")
+                "wrote it, or start a new run.dir"
+            )
         try:
             meta["tokenizer"] = base64.b64decode(meta["tokenizer"])
             stored_step = int(meta["step"])
@@ -189,25 +231,38 @@ class Checkpointer:
             raise Unreadable(f"its metadata is of step {stored_step}")
         return meta
 
-    def _restore_arrays(self, step: int, abstract_state: nnx.State, mesh, rules,
-                        partial: bool) -> nnx.State:
+    def _restore_arrays(
+        self, step: int, abstract_state: nnx.State, mesh, rules, partial: bool
+    ) -> nnx.State:
         shardings = shard_lib.state_shardings(abstract_state, mesh, rules)
-        pure_abstract = nnx.to_pure_dict(jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_state, shardings))
+        pure_abstract = nnx.to_pure_dict(
+            jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                abstract_state,
+                shardings,
+            )
+        )
         target = _abstract_storable(pure_abstract)
-        restore = ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True) if partial else ocp.args.StandardRestore(target)
+        restore = (
+            ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            )
+            if partial
+            else ocp.args.StandardRestore(target)
+        )
         try:
             with quiet_read_failures():
                 restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
         except Exception as err:
             text = "\n".join(str(e) for e in error_chain(err))
             if any(marker in text for marker in MISMATCH) or (
-                    isinstance(err, (ValueError, KeyError, TypeError)) and not looks_damaged(err)):
-                raise CheckpointError(f"checkpoint at step {step} does not match this model: "
-                                      f"{first_line(err)}") from err
+                isinstance(err, (ValueError, KeyError, TypeError)) and not looks_damaged(err)
+            ):
+                raise CheckpointError(
+                    f"checkpoint at step {step} does not match this model: {first_line(err)}"
+                ) from err
             raise Unreadable(f"its arrays do not read ({reason(err)})") from err
         state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
         nnx.replace_by_pure_dict(state, _from_storable(restored["state"], pure_abstract))
@@ -221,8 +276,9 @@ class Checkpointer:
                 return read(step)
             except Unreadable as err:
                 problem = str(err)
-        raise CheckpointError(f"the checkpoint at step {step} in {self.directory} is unreadable: "
-                              f"{problem}")
+        raise CheckpointError(
+            f"the checkpoint at step {step} in {self.directory} is unreadable: {problem}"
+        )
 
     # ------------------------------------------------------------------ falling back
 
@@ -249,7 +305,8 @@ class Checkpointer:
             f"no readable checkpoint in {self.directory}: "
             + "; ".join(f"step {s}: {why}" for s, why in damaged)
             + ". Nothing was moved or deleted; fix or move away the damaged steps, or start a "
-              "new run.dir")
+            "new run.dir"
+        )
 
     def _handle_damaged(self, damaged: list[tuple[int, str]], good: int, set_aside: bool) -> None:
         lead = jax.process_index() == 0
@@ -260,9 +317,12 @@ class Checkpointer:
             _reported.add(path)
             if set_aside:
                 where = self._set_aside(step) if lead else "corrupt/"
-                line = (f"moved the unreadable checkpoint of step {step} to {where}" if said else
-                        f"the checkpoint at step {step} in {self.directory} is unreadable: {why}; "
-                        f"moved it to {where}")
+                line = (
+                    f"moved the unreadable checkpoint of step {step} to {where}"
+                    if said
+                    else f"the checkpoint at step {step} in {self.directory} is unreadable: {why}; "
+                    f"moved it to {where}"
+                )
             elif said:
                 continue
             else:
@@ -274,11 +334,15 @@ class Checkpointer:
         for name in self._interrupted_saves():
             if lead:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-                print(f"[checkpoint] the save of step {name.split('.')[0]} was interrupted before "
-                      f"it committed; removed its partial {name} ({going_on})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[checkpoint] the save of step {name.split('.')[0]} was interrupted before "
+                    f"it committed; removed its partial {name} ({going_on})",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices("jaxformer_checkpoint_set_aside")
         self.manager.reload()  # orbax must not see the moved steps (it skips saves <= its latest)
 
@@ -306,8 +370,9 @@ class Checkpointer:
         if not steps:
             raise CheckpointError(f"no finished checkpoint in {self.manager.directory}")
         if step not in steps:
-            raise CheckpointError(f"no checkpoint at step {step}; available steps: "
-                                  f"{', '.join(map(str, steps))}")
+            raise CheckpointError(
+                f"no checkpoint at step {step}; available steps: {', '.join(map(str, steps))}"
+            )
         return step
 
     def wait(self) -> None:

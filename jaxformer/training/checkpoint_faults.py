@@ -23,8 +23,11 @@ TEST_SAVE_DELAY_ENV = "JAXFORMER_TEST_SAVE_DELAY"
 # Orbax errors that mean "another model", not "damaged files": never a reason to fall back.
 MISMATCH = ("tree structures do not match", "is not compatible with the stored shape")
 # TensorStore's status line of a failed read: DATA_LOSS: ..., OUT_OF_RANGE: ..., NOT_FOUND: ...
-STATUS = re.compile(r"^[ \t]*(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION|UNAVAILABLE|"
-                    r"ABORTED|INTERNAL|UNKNOWN): .*$", re.MULTILINE)
+STATUS = re.compile(
+    r"^[ \t]*(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION|UNAVAILABLE|"
+    r"ABORTED|INTERNAL|UNKNOWN): .*$",
+    re.MULTILINE,
+)
 
 
 class Unreadable(Exception):
@@ -59,9 +62,12 @@ def looks_damaged(err: BaseException) -> bool:
     """Whether a failed read looks like damaged files (rather than another model's state)."""
     for e in error_chain(err):
         text = str(e)
-        if (isinstance(e, (OSError, json.JSONDecodeError)) or STATUS.search(text)
-                or "was not found in the checkpoint" in text
-                or "Encountered error while reading" in text):
+        if (
+            isinstance(e, (OSError, json.JSONDecodeError))
+            or STATUS.search(text)
+            or "was not found in the checkpoint" in text
+            or "Encountered error while reading" in text
+        ):
             return True
     return False
 
@@ -95,6 +101,7 @@ def everywhere(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     from jax.experimental import multihost_utils
+
     return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
@@ -109,16 +116,21 @@ def install_test_save_delay() -> None:
     if _delay_installed or seconds <= 0:
         return
     from orbax.checkpoint._src.path import atomicity  # private: this is only a test hook
+
     for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
         original = cls.finalize
         if inspect.iscoroutinefunction(original):
+
             async def finalize(self, *args, _original=original, **kwargs):
                 import asyncio
+
                 await asyncio.sleep(seconds)
                 return await _original(self, *args, **kwargs)
         else:
+
             def finalize(self, *args, _original=original, **kwargs):
                 time.sleep(seconds)
                 return _original(self, *args, **kwargs)
+
         cls.finalize = finalize
     _delay_installed = True

@@ -19,15 +19,18 @@ import functools
 import importlib.util
 import os
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 BAD_INPUT_EXIT = 2
 INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 
 
 # Where a training command stopped outside its loop (e.g. Ctrl-C while preparing data) stands.
-RESUME_HINT = ("checkpoints already in the run directory are intact; rerun the same command to "
-               "resume (or start) the run")
+RESUME_HINT = (
+    "checkpoints already in the run directory are intact; rerun the same command to "
+    "resume (or start) the run"
+)
 
 
 def already_complete(trainer: Any, result: dict) -> bool:
@@ -42,8 +45,10 @@ class MissingDependency(RuntimeError):
 def require(module: str, extra: str, purpose: str) -> None:
     """Raises MissingDependency, naming the pip extra, unless `module` can be imported."""
     if importlib.util.find_spec(module) is None:
-        raise MissingDependency(f"{purpose} needs the {module} package: pip install -e "
-                                f"'.[{extra}]' (or pip install {module})")
+        raise MissingDependency(
+            f"{purpose} needs the {module} package: pip install -e "
+            f"'.[{extra}]' (or pip install {module})"
+        )
 
 
 # OSErrors that describe the user's paths or machine rather than a bug, with what to do.
@@ -55,29 +60,32 @@ USER_ERRNOS = {
     errno.ENOTEMPTY: "",
     errno.ENAMETOOLONG: "",
     errno.EACCES: "check that path's permissions (run directories, --out and data "
-                  "directories must be writable, checkpoints readable)",
+    "directories must be writable, checkpoints readable)",
     errno.EPERM: "check that path's permissions (run directories, --out and data "
-                 "directories must be writable, checkpoints readable)",
+    "directories must be writable, checkpoints readable)",
     errno.EROFS: "the file system is read-only: choose a run.dir (or --out) on a writable one",
     errno.ENOSPC: "the disk is full: free some space (or use a run.dir on another disk) and rerun "
-                  "the same command; checkpoints already written are intact",
+    "the same command; checkpoints already written are intact",
     errno.EDQUOT: "the disk quota is exhausted: free some space and rerun the same command; "
-                  "checkpoints already written are intact",
+    "checkpoints already written are intact",
 }
 
 
 def describe(err: BaseException) -> Optional[str]:
     """The one-line message for a user error, or None for anything else (a bug: let it raise)."""
     if isinstance(err, UnicodeDecodeError):  # a ValueError too, but its text names no file
-        return (f"input is not valid UTF-8 ({err.reason}, byte {err.object[err.start:err.end]!r} "
-                f"at offset {err.start}); convert the file or dataset to UTF-8")
+        return (
+            f"input is not valid UTF-8 ({err.reason}, byte {err.object[err.start : err.end]!r} "
+            f"at offset {err.start}); convert the file or dataset to UTF-8"
+        )
     if isinstance(err, (ValueError, MissingDependency)):
         return str(err) or type(err).__name__
     if isinstance(err, OSError) and err.errno is None and str(err):
         return str(err)  # raised by a library with a message for the user (no system error)
     if isinstance(err, OSError) and err.errno in USER_ERRNOS:
-        where = " or ".join(repr(os.fsdecode(f)) for f in (err.filename, err.filename2)
-                            if f is not None)
+        where = " or ".join(
+            repr(os.fsdecode(f)) for f in (err.filename, err.filename2) if f is not None
+        )
         text = f"{err.strerror or os.strerror(err.errno)}{': ' + where if where else ''}"
         hint = USER_ERRNOS[err.errno]
         return f"{text}; {hint}" if hint else text
@@ -94,6 +102,7 @@ def _close_progress_bars() -> None:
 def command(interrupted: str = "") -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorates a command's library function (which returns an exit status) so that user
     errors end as `error: ...` and status 2, Ctrl-C as one line (plus `interrupted`) and 130."""
+
     def wrap(fn: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(fn)
         def run(*args, **kwargs) -> int:
@@ -101,8 +110,10 @@ def command(interrupted: str = "") -> Callable[[Callable[..., int]], Callable[..
                 return fn(*args, **kwargs)
             except KeyboardInterrupt:
                 _close_progress_bars()
-                print(f"\ninterrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}",
-                      file=sys.stderr)
+                print(
+                    f"\ninterrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}",
+                    file=sys.stderr,
+                )
                 return INTERRUPTED_EXIT
             except Exception as err:  # pylint: disable=broad-except
                 message = describe(err)
@@ -111,5 +122,7 @@ def command(interrupted: str = "") -> Callable[[Callable[..., int]], Callable[..
                 _close_progress_bars()
                 print(f"error: {message}", file=sys.stderr)
                 return BAD_INPUT_EXIT
+
         return run
+
     return wrap

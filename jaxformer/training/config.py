@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from jaxformer.config import ConfigError, config_from_dict, config_to_dict, load_config, read_yaml
 from jaxformer.data.config import DataConfig
@@ -12,8 +13,11 @@ from jaxformer.models.config import PRESETS, ModelConfig, preset
 from jaxformer.sharding import MeshConfig
 from jaxformer.training.optimizer import OptimizerConfig
 
-OBJECTIVE_OF_FAMILY = {"decoder": "causal_lm", "encoder": "masked_lm",
-                       "encoder_decoder": "span_corruption"}
+OBJECTIVE_OF_FAMILY = {
+    "decoder": "causal_lm",
+    "encoder": "masked_lm",
+    "encoder_decoder": "span_corruption",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +62,9 @@ class TrainConfig:
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.nonfinite={self.nonfinite!r} is not one of stop, skip")
         if self.spike_factor and self.spike_factor <= 1.0:
-            raise ValueError(f"train.spike_factor must be > 1 (or 0 to disable), got "
-                             f"{self.spike_factor}")
+            raise ValueError(
+                f"train.spike_factor must be > 1 (or 0 to disable), got {self.spike_factor}"
+            )
         if self.spike_window < 1 or self.spike_warmup < 0:
             raise ValueError("train.spike_window must be >= 1 and train.spike_warmup >= 0")
         if self.z_loss < 0 or self.loss_chunk_size < 0:
@@ -123,8 +128,9 @@ def _preset_name(yaml_path: Optional[str], overrides: Sequence[str]) -> Optional
     return name or None
 
 
-def load_experiment(yaml_path: Optional[str] = None,
-                    overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_experiment(
+    yaml_path: Optional[str] = None, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
     """Defaults, then the model preset the YAML or overrides name, the YAML, the overrides."""
     name = _preset_name(yaml_path, overrides)
     base: dict[str, Any] = {}
@@ -144,46 +150,59 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     """Checks between sections, made before any work (tokenizer, token caches, run directory),
     each naming the override that fixes it."""
     if cfg.objective not in OBJECTIVE_OF_FAMILY.values():
-        raise ConfigError(f"data.objective={cfg.data.objective!r} is not one of auto, "
-                          f"{', '.join(OBJECTIVE_OF_FAMILY.values())}")
+        raise ConfigError(
+            f"data.objective={cfg.data.objective!r} is not one of auto, "
+            f"{', '.join(OBJECTIVE_OF_FAMILY.values())}"
+        )
     # Span corruption makes encoder and decoder inputs; the other objectives one sequence.
     if (cfg.objective == "span_corruption") != (cfg.model.family == "encoder_decoder"):
-        raise ConfigError(f"data.objective={cfg.data.objective} does not fit a "
-                          f"model.family={cfg.model.family} model; set data.objective=auto "
-                          f"({OBJECTIVE_OF_FAMILY[cfg.model.family]})")
+        raise ConfigError(
+            f"data.objective={cfg.data.objective} does not fit a "
+            f"model.family={cfg.model.family} model; set data.objective=auto "
+            f"({OBJECTIVE_OF_FAMILY[cfg.model.family]})"
+        )
     check_schedule(cfg.optimizer, cfg.train.steps)
     data, model = cfg.data, cfg.model
     if model.position in ("learned", "sinusoidal") and model.max_len < data.seq_len:
-        raise ConfigError(f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len} "
-                          f"(the {model.position} position table); set data.seq_len=<="
-                          f"{model.max_len} or model.max_len={data.seq_len}")
+        raise ConfigError(
+            f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len} "
+            f"(the {model.position} position table); set data.seq_len=<="
+            f"{model.max_len} or model.max_len={data.seq_len}"
+        )
     if cfg.objective == "span_corruption":
         from jaxformer.data.objectives import span_corruption_raw_length
+
         try:
-            span_corruption_raw_length(data.seq_len, data.target_len, data.noise_density,
-                                       data.mean_noise_span)
+            span_corruption_raw_length(
+                data.seq_len, data.target_len, data.noise_density, data.mean_noise_span
+            )
         except ValueError as err:
             raise ConfigError(f"{err}; raise data.target_len or data.seq_len") from None
     if data.tokenizer_path and not os.path.isfile(data.tokenizer_path):
-        raise ConfigError(f"data.tokenizer_path={data.tokenizer_path!r} is not a file; give an "
-                          "existing sentencepiece .model, or data.tokenizer_path='' to train one")
+        raise ConfigError(
+            f"data.tokenizer_path={data.tokenizer_path!r} is not a file; give an "
+            "existing sentencepiece .model, or data.tokenizer_path='' to train one"
+        )
 
 
 def check_schedule(optimizer: OptimizerConfig, steps: int) -> None:
     """The learning-rate schedule fits the run (the checks make_schedule makes, made early)."""
     warmup = optimizer.warmup_steps
     if warmup > steps and optimizer.schedule != "inverse_sqrt":
-        raise ConfigError(f"optimizer.warmup_steps={warmup} exceeds train.steps={steps} (the run "
-                          f"would end before its peak learning rate); set optimizer.warmup_steps"
-                          f"=<={steps} (e.g. optimizer.warmup_steps={steps // 10}) or "
-                          f"train.steps=>={warmup}")
+        raise ConfigError(
+            f"optimizer.warmup_steps={warmup} exceeds train.steps={steps} (the run "
+            f"would end before its peak learning rate); set optimizer.warmup_steps"
+            f"=<={steps} (e.g. optimizer.warmup_steps={steps // 10}) or "
+            f"train.steps=>={warmup}"
+        )
     if optimizer.schedule == "warmup_stable_decay":
         decay_steps = max(round(optimizer.decay_fraction * steps), 1)
         if steps - decay_steps < warmup:
             raise ConfigError(
                 f"optimizer.warmup_steps={warmup} overlaps the decay phase of warmup_stable_decay "
                 f"(the last {decay_steps} of train.steps={steps}); set optimizer.warmup_steps=<="
-                f"{steps - decay_steps} or lower optimizer.decay_fraction")
+                f"{steps - decay_steps} or lower optimizer.decay_fraction"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,11 +212,27 @@ def check_schedule(optimizer: OptimizerConfig, steps: int) -> None:
 # none of these changes what the saved steps computed. (train.steps also re-spreads the schedule
 # over the new length, which is what extending a run means.)
 RESUME_CHANGEABLE = (
-    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.nonfinite",
-    "train.loss_chunk_size", "train.peak_flops", "train.sample_prompt", "train.sample_tokens",
-    "checkpoint.", "mesh.", "run.", "model.remat", "model.attention_impl", "model.scan_layers",
-    "data.data_dir", "data.tokens_dir", "data.prepare_workers", "data.prefetch",
-    "data.prefetch_threads", "task.data_dir",
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.nonfinite",
+    "train.loss_chunk_size",
+    "train.peak_flops",
+    "train.sample_prompt",
+    "train.sample_tokens",
+    "checkpoint.",
+    "mesh.",
+    "run.",
+    "model.remat",
+    "model.attention_impl",
+    "model.scan_layers",
+    "data.data_dir",
+    "data.tokens_dir",
+    "data.prepare_workers",
+    "data.prefetch",
+    "data.prefetch_threads",
+    "task.data_dir",
 )
 # Filled in when the run is prepared (from the checkpoint's tokenizer and task) and compared
 # then; the preset is only the name the model fields started from.
@@ -217,8 +252,9 @@ def _changeable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_CHANGEABLE)
 
 
-def resume_changes(stored: dict[str, Any], cfg: Any) -> tuple[list[tuple[str, Any, Any]],
-                                                              list[tuple[str, Any, Any]]]:
+def resume_changes(
+    stored: dict[str, Any], cfg: Any
+) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
     """([(key, checkpoint value, new value)] that may change on resume, [those that may not]),
     comparing the config stored in a checkpoint with the one asked for now."""
     old, new = _flat(stored), _flat(config_to_dict(cfg))
@@ -235,8 +271,11 @@ def check_resume(cfg: Any, stored: dict[str, Any], step: int, run_dir: str) -> s
     naming the changeable settings that differ from the checkpoint's ('' when none)."""
     allowed, refused = resume_changes(stored, cfg)
     if refused:
-        kind = ("a different model" if any(k.startswith("model.") for k, _, _ in refused)
-                else "different settings")
+        kind = (
+            "a different model"
+            if any(k.startswith("model.") for k, _, _ in refused)
+            else "different settings"
+        )
         shown = "; ".join(f"{k} {o!r} -> {n!r}" for k, o, n in refused[:8])
         more = f"; and {len(refused) - 8} more" if len(refused) > 8 else ""
         raise ConfigError(
@@ -244,17 +283,22 @@ def check_resume(cfg: Any, stored: dict[str, Any], step: int, run_dir: str) -> s
             f"{more}. Resuming it so would silently make a different run: use a new run.dir, or "
             "drop these overrides to resume the run as it was (changeable on resume: "
             "train.steps, train.log_every/eval_every/eval_batches, checkpoint.*, mesh.*, "
-            "model.remat/attention_impl/scan_layers)")
+            "model.remat/attention_impl/scan_layers)"
+        )
     steps = cfg.train.steps
     if steps < step:
-        raise ConfigError(f"train.steps={steps} is below step {step}, where the checkpoint in "
-                          f"{run_dir} already is; give train.steps=>={step} to resume (more "
-                          "steps extend the run), or use a new run.dir")
+        raise ConfigError(
+            f"train.steps={steps} is below step {step}, where the checkpoint in "
+            f"{run_dir} already is; give train.steps=>={step} to resume (more "
+            "steps extend the run), or use a new run.dir"
+        )
     if not allowed:
         return ""
-    return ("[resume] settings changed since the checkpoint: "
-            + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in allowed)
-            + "; config.yaml now records them")
+    return (
+        "[resume] settings changed since the checkpoint: "
+        + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in allowed)
+        + "; config.yaml now records them"
+    )
 
 
 def experiment_from_dict(data: dict[str, Any]) -> ExperimentConfig:

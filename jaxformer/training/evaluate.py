@@ -22,9 +22,11 @@ def open_run(run_dir: str, step: Optional[int], split: Optional[str]):
     stored = dict(meta["config"])
     stored["run"] = {"dir": os.path.abspath(run_dir)}
     from jaxformer.training.loop import Trainer
+
     if "task" in stored:
         from jaxformer.config import config_from_dict
         from jaxformer.training.finetune import FinetuneExperiment, Finetuning
+
         cfg = config_from_dict(FinetuneExperiment, stored)
         if split:
             cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, eval_split=split))
@@ -32,6 +34,7 @@ def open_run(run_dir: str, step: Optional[int], split: Optional[str]):
     else:
         from jaxformer.training.config import experiment_from_dict
         from jaxformer.training.pretraining import Pretraining
+
         cfg = experiment_from_dict(stored)
         if split:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split=split))
@@ -56,8 +59,13 @@ def generate_text(trainer, prompt: str, max_new_tokens: int = 48) -> str:
         max_new_tokens = min(max_new_tokens, budget) if budget > 0 else max_new_tokens
     else:
         ids = ids + [tok.eos_id]  # encoder inputs end with EOS, as in training
-    out = generate(model, np.asarray([ids], np.int32), max_new_tokens=max_new_tokens,
-                   method="greedy", eos_id=tok.eos_id)
+    out = generate(
+        model,
+        np.asarray([ids], np.int32),
+        max_new_tokens=max_new_tokens,
+        method="greedy",
+        eos_id=tok.eos_id,
+    )
     return tok.decode(until_eos(np.asarray(out)[0], tok.eos_id))
 
 
@@ -68,14 +76,17 @@ def evaluate_int8(trainer, num_batches: Optional[int] = None) -> dict[str, float
     model = trainer.model()
     quantized = quantize_model(model)
     metrics = trainer.evaluate(num_batches, model=quantized)
-    metrics.update(weight_bytes_float=float(param_bytes(model)),
-                   weight_bytes_int8=float(param_bytes(quantized)))
+    metrics.update(
+        weight_bytes_float=float(param_bytes(model)),
+        weight_bytes_int8=float(param_bytes(quantized)),
+    )
     return metrics
 
 
 def plot_curves(run_dir: str, path: str) -> str:
     """Writes a PNG of the training and validation loss curves from metrics.jsonl."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -109,9 +120,16 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 @cli.command(interrupted="no report written")
-def run_eval(run_dir: str, step: Optional[int], split: Optional[str], out: Optional[str],
-             plot: bool, prompt: Optional[str], num_batches: Optional[int] = None,
-             int8: bool = False) -> int:
+def run_eval(
+    run_dir: str,
+    step: Optional[int],
+    split: Optional[str],
+    out: Optional[str],
+    plot: bool,
+    prompt: Optional[str],
+    num_batches: Optional[int] = None,
+    int8: bool = False,
+) -> int:
     """Evaluates and reports; 0 on success, 2 with one clear message on bad input.
 
     Everything an option needs (matplotlib for --plot, a directory for --out) is checked before
@@ -151,10 +169,12 @@ def run_eval(run_dir: str, step: Optional[int], split: Optional[str], out: Optio
     return 0
 
 
-def _evaluate(trainer, run_dir: str, num_batches: Optional[int], int8: bool,
-              prompt: Optional[str]) -> dict[str, Any]:
-    report: dict[str, Any] = dict(run_dir=os.path.abspath(run_dir), step=trainer.start_step,
-                                  family=trainer.cfg.model.family)
+def _evaluate(
+    trainer, run_dir: str, num_batches: Optional[int], int8: bool, prompt: Optional[str]
+) -> dict[str, Any]:
+    report: dict[str, Any] = dict(
+        run_dir=os.path.abspath(run_dir), step=trainer.start_step, family=trainer.cfg.model.family
+    )
     report["metrics"] = trainer.evaluate(num_batches)
     if int8:
         report["int8"] = evaluate_int8(trainer, num_batches)
@@ -162,8 +182,10 @@ def _evaluate(trainer, run_dir: str, num_batches: Optional[int], int8: bool,
     if prompt is not None:
         samples.append(dict(prompt=prompt, output=generate_text(trainer, prompt)))
     else:
-        samples = [dict(prompt=p, output=generate_text(trainer, p, 24))
-                   for p in trainer.workload.sample_prompts(trainer.cfg)]
+        samples = [
+            dict(prompt=p, output=generate_text(trainer, p, 24))
+            for p in trainer.workload.sample_prompts(trainer.cfg)
+        ]
     report["samples"] = samples
     return report
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import optax
@@ -24,8 +25,11 @@ from jaxformer.training.optimizer import OptimizerConfig, make_optimizer, path_n
 from jaxformer.training.pretraining import EVAL_SEED
 from jaxformer.training.workload import Evaluator, RunEnv, Workload
 
-FAMILY_OF_KIND = {"classification": "encoder", "text2text": "encoder_decoder",
-                  "completion": "decoder"}
+FAMILY_OF_KIND = {
+    "classification": "encoder",
+    "text2text": "encoder_decoder",
+    "completion": "decoder",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,21 +52,27 @@ class FinetuneExperiment:
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     finetune: FinetuneSection = dataclasses.field(default_factory=FinetuneSection)
     optimizer: OptimizerConfig = dataclasses.field(
-        default_factory=lambda: OptimizerConfig(learning_rate=1e-3, warmup_steps=10,
-                                                weight_decay=0.01))
+        default_factory=lambda: OptimizerConfig(
+            learning_rate=1e-3, warmup_steps=10, weight_decay=0.01
+        )
+    )
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(steps=200, eval_every=100, sample_prompt=""))
+        default_factory=lambda: TrainConfig(steps=200, eval_every=100, sample_prompt="")
+    )
     run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(dir="runs/finetune"))
 
 
-def load_finetune(from_dir: str, from_step: Optional[int], yaml_path: Optional[str],
-                  overrides: Sequence[str]) -> tuple[FinetuneExperiment, dict]:
+def load_finetune(
+    from_dir: str, from_step: Optional[int], yaml_path: Optional[str], overrides: Sequence[str]
+) -> tuple[FinetuneExperiment, dict]:
     """The fine-tuning config (model section from the checkpoint) and the checkpoint's metadata."""
     meta = Checkpointer(from_dir, create=False).read_meta(from_step)
-    base = {"model": meta["config"]["model"],
-            "finetune": {"from_dir": os.path.abspath(from_dir), "from_step": meta["step"]}}
+    base = {
+        "model": meta["config"]["model"],
+        "finetune": {"from_dir": os.path.abspath(from_dir), "from_step": meta["step"]},
+    }
     cfg = load_config(FinetuneExperiment, yaml_path, overrides, base=base)
     check_finetune(cfg)
     return cfg, meta
@@ -76,7 +86,8 @@ def check_finetune(cfg: FinetuneExperiment) -> None:
     if cfg.model.family != needed:
         raise CheckpointError(
             f"task {cfg.task.name!r} ({kind}) needs a model of family {needed!r}, but the "
-            f"checkpoint in {cfg.finetune.from_dir} holds a {cfg.model.family!r} model")
+            f"checkpoint in {cfg.finetune.from_dir} holds a {cfg.model.family!r} model"
+        )
     model = cfg.model
     if model.position in ("learned", "sinusoidal"):
         lengths = [("task.max_input_len", cfg.task.max_input_len)]
@@ -84,9 +95,11 @@ def check_finetune(cfg: FinetuneExperiment) -> None:
             lengths.append(("task.max_target_len", cfg.task.max_target_len))
         for key, length in lengths:
             if length > model.max_len:
-                raise ConfigError(f"{key}={length} exceeds the checkpoint's model.max_len="
-                                  f"{model.max_len} (its {model.position} position table); set "
-                                  f"{key}=<={model.max_len}")
+                raise ConfigError(
+                    f"{key}={length} exceeds the checkpoint's model.max_len="
+                    f"{model.max_len} (its {model.position} position table); set "
+                    f"{key}=<={model.max_len}"
+                )
 
 
 class Finetuning(Workload):
@@ -103,15 +116,19 @@ class Finetuning(Workload):
 
     def tokens_per_step(self, cfg: FinetuneExperiment) -> int:
         task = cfg.task
-        return task.batch_size * (task.max_target_len if self.kind == "text2text"
-                                  else task.max_input_len)
+        return task.batch_size * (
+            task.max_target_len if self.kind == "text2text" else task.max_input_len
+        )
 
-    def prepare(self, cfg: FinetuneExperiment, meta: Optional[dict],
-                env: RunEnv) -> FinetuneExperiment:
+    def prepare(
+        self, cfg: FinetuneExperiment, meta: Optional[dict], env: RunEnv
+    ) -> FinetuneExperiment:
         source = meta if meta is not None else self.pretrained_meta
         if not source["tokenizer"]:
-            raise CheckpointError(f"{cfg.finetune.from_dir} stores no tokenizer (a converted "
-                                  "checkpoint?); fine-tuning needs one")
+            raise CheckpointError(
+                f"{cfg.finetune.from_dir} stores no tokenizer (a converted "
+                "checkpoint?); fine-tuning needs one"
+            )
         self.tokenizer = Tokenizer.from_bytes(source["tokenizer"])
         train = load_task(cfg.task, cfg.task.train_split)
         evaluation = load_task(cfg.task, cfg.task.eval_split)
@@ -120,20 +137,26 @@ class Finetuning(Workload):
         if cfg.model.family != needed:
             raise CheckpointError(
                 f"task {cfg.task.name!r} ({self.kind}) needs a model of family {needed!r}, but "
-                f"the checkpoint in {cfg.finetune.from_dir} holds a {cfg.model.family!r} model")
+                f"the checkpoint in {cfg.finetune.from_dir} holds a {cfg.model.family!r} model"
+            )
         model_cfg = cfg.model
         if self.kind == "classification":
             model_cfg = dataclasses.replace(model_cfg, num_labels=train.num_labels)
         self.label_names = getattr(train, "label_names", None)
         cfg = dataclasses.replace(cfg, model=model_cfg)
         # Text fields are tokenized once into token stores, as pretraining corpora are.
-        fields = [tokenize_task_fields(cfg.task, split, self.tokenizer, log=env.log,
-                                       show_progress=env.show_progress)
-                  for split in (train, evaluation)]
-        self.batcher = TaskBatcher(cfg.task, train, self.tokenizer, cfg.train.seed,
-                                   token_fields=fields[0])
-        self.eval_batcher = TaskBatcher(cfg.task, evaluation, self.tokenizer, EVAL_SEED,
-                                        shuffle=False, token_fields=fields[1])
+        fields = [
+            tokenize_task_fields(
+                cfg.task, split, self.tokenizer, log=env.log, show_progress=env.show_progress
+            )
+            for split in (train, evaluation)
+        ]
+        self.batcher = TaskBatcher(
+            cfg.task, train, self.tokenizer, cfg.train.seed, token_fields=fields[0]
+        )
+        self.eval_batcher = TaskBatcher(
+            cfg.task, evaluation, self.tokenizer, EVAL_SEED, shuffle=False, token_fields=fields[1]
+        )
         return cfg
 
     def optimizer(self, cfg: FinetuneExperiment):
@@ -152,33 +175,45 @@ class Finetuning(Workload):
                 hits = {p for p in prefixes if dotted == p or dotted.startswith(p + ".")}
                 used.update(hits)
                 return "frozen" if hits else "trained"
+
             tree = jax.tree_util.tree_map_with_path(
-                label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+                label, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+            )
             unused = sorted(set(prefixes) - used)
             if unused:
                 # Layers are stacked on one axis, so per-layer prefixes such as blocks.0 are gone.
                 tops = sorted({".".join(n.split(".")[:2]) for n in names})
-                raise ValueError(f"finetune.freeze prefixes {unused} match no parameter; "
-                                 f"parameter paths start with: {', '.join(tops)}")
+                raise ValueError(
+                    f"finetune.freeze prefixes {unused} match no parameter; "
+                    f"parameter paths start with: {', '.join(tops)}"
+                )
             return tree
+
         return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
     def initialize(self, model: nnx.Module, cfg: FinetuneExperiment, env: RunEnv) -> None:
         """Copies the pretrained parameters in; the task head (if new) keeps its initialisation."""
         self.new_parameters = load_pretrained_params(
-            model, cfg.finetune.from_dir, self.pretrained_meta, env.mesh, env.rules)
+            model, cfg.finetune.from_dir, self.pretrained_meta, env.mesh, env.rules
+        )
         if self.new_parameters:
             env.log("[finetune] newly initialised: " + ", ".join(self.new_parameters))
 
-    def evaluate(self, evaluator: Evaluator, cfg: FinetuneExperiment,
-                 num_batches: Optional[int]) -> dict[str, float]:
+    def evaluate(
+        self, evaluator: Evaluator, cfg: FinetuneExperiment, num_batches: Optional[int]
+    ) -> dict[str, float]:
         """Task metrics over the whole validation split (or its first batches)."""
-        return task_metrics.evaluate_task(evaluator, self.kind, self.eval_batcher,
-                                          self.tokenizer, cfg.task.max_target_len, num_batches)
+        return task_metrics.evaluate_task(
+            evaluator,
+            self.kind,
+            self.eval_batcher,
+            self.tokenizer,
+            cfg.task.max_target_len,
+            num_batches,
+        )
 
 
-def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh,
-                           rules) -> list[str]:
+def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh, rules) -> list[str]:
     """Copies the parameters of run_dir's checkpoint (`meta` from read_meta) into `model`
     wherever path and shape agree.
 
@@ -188,8 +223,9 @@ def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh,
     stored_cfg = ModelConfig(**meta["config"]["model"])
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: models.create(stored_cfg, rngs=nnx.Rngs(0)))
-    restored = checkpointer.restore_state(nnx.state((abstract,)), mesh, rules, meta["step"],
-                                          partial=True)
+    restored = checkpointer.restore_state(
+        nnx.state((abstract,)), mesh, rules, meta["step"], partial=True
+    )
     pretrained = dict(nnx.to_flat_state(nnx.state(restored[0], nnx.Param)))
     fresh = []
     target = nnx.state(model, nnx.Param)
@@ -204,8 +240,9 @@ def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh,
 
 
 @cli.command(interrupted=cli.RESUME_HINT)
-def run_finetune(from_dir: str, from_step: Optional[int], config_path: Optional[str],
-                 overrides: Sequence[str]) -> int:
+def run_finetune(
+    from_dir: str, from_step: Optional[int], config_path: Optional[str], overrides: Sequence[str]
+) -> int:
     """What `finetune.py` does; 0 on success, 2 with one message on bad input, 3, 75 and 130
     as `run_training`."""
     cfg, meta = load_finetune(from_dir, from_step, config_path, overrides)
@@ -216,11 +253,15 @@ def run_finetune(from_dir: str, from_step: Optional[int], config_path: Optional[
     val = result.get("validation") or {}
     scores = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
     if cli.already_complete(trainer, result):
-        print(f"\n[done] {trainer.run_dir} was already complete at step {trainer.start_step} "
-              f"(train.steps={cfg.train.steps}): no training done; raise train.steps to extend "
-              f"it. Validation: {scores}")
+        print(
+            f"\n[done] {trainer.run_dir} was already complete at step {trainer.start_step} "
+            f"(train.steps={cfg.train.steps}): no training done; raise train.steps to extend "
+            f"it. Validation: {scores}"
+        )
     else:
         trained = result["steps"] - trainer.start_step
-        print(f"\n[done] fine-tuned to step {result['steps']} ({trained} step"
-              f"{'s' if trained != 1 else ''}) in {trainer.run_dir}: {scores}")
+        print(
+            f"\n[done] fine-tuned to step {result['steps']} ({trained} step"
+            f"{'s' if trained != 1 else ''}) in {trainer.run_dir}: {scores}"
+        )
     return 0

@@ -9,7 +9,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -28,7 +29,6 @@ from jaxformer.training.pretraining import Pretraining
 from jaxformer.training.step import make_eval_step, make_train_step, spike_guard
 from jaxformer.training.workload import Evaluator, RunEnv, Workload
 
-
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run saved its state; rerunning the command resumes it
 
 
@@ -36,8 +36,10 @@ class Preempted(Exception):
     """SIGTERM/SIGINT arrived; the state after `step` is saved and durable."""
 
     def __init__(self, step: int, signal_name: str):
-        super().__init__(f"{signal_name}: saved a checkpoint at step {step}; rerun the same "
-                         "command to resume from it")
+        super().__init__(
+            f"{signal_name}: saved a checkpoint at step {step}; rerun the same "
+            "command to resume from it"
+        )
         self.step = step
 
 
@@ -48,10 +50,11 @@ class NonFiniteStep(ValueError):
 NONFINITE_EXIT = 3
 
 
-def run_to_exit_status(trainer: "Trainer") -> tuple[int, Optional[dict]]:
+def run_to_exit_status(trainer: Trainer) -> tuple[int, Optional[dict]]:
     """Runs the trainer; (0, result), or the exit status of a preemption or a non-finite stop
     (the message printed, the state saved or left at the last good checkpoint) and None."""
     import sys
+
     try:
         return 0, trainer.run()
     except Preempted as stop:
@@ -86,16 +89,19 @@ def _stop_signals(flag: list) -> Iterator[None]:
 
 def train_state_factory(model_cfg: models.ModelConfig, tx, seed: int) -> Callable[[], tuple]:
     """A function building the (model, optimizer) pair that a run trains."""
+
     def factory():
         model = models.create(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
     return factory
 
 
 def build_state(model_cfg: models.ModelConfig, tx, mesh, rules, seed: int):
     """(graphdef, state) of (model, optimizer), every array born sharded on the mesh."""
-    return nnx.split(shard_lib.create_sharded(train_state_factory(model_cfg, tx, seed), mesh,
-                                              rules))
+    return nnx.split(
+        shard_lib.create_sharded(train_state_factory(model_cfg, tx, seed), mesh, rules)
+    )
 
 
 def check_batch_size(batch_size: int, grad_accum_steps: int, mesh, rules) -> None:
@@ -103,18 +109,25 @@ def check_batch_size(batch_size: int, grad_accum_steps: int, mesh, rules) -> Non
     shards = shard_lib.batch_shards(mesh, rules)
     axes = shard_lib.batch_axes(mesh, rules)
     if batch_size % shards:
-        raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} ways the "
-                         f"batch is split (mesh axes {axes})")
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the {shards} ways the "
+            f"batch is split (mesh axes {axes})"
+        )
     if batch_size % (grad_accum_steps * shards):
-        raise ValueError(f"batch_size={batch_size} must split into optimizer.grad_accum_steps="
-                         f"{grad_accum_steps} micro-batches of a multiple of {shards} rows")
+        raise ValueError(
+            f"batch_size={batch_size} must split into optimizer.grad_accum_steps="
+            f"{grad_accum_steps} micro-batches of a multiple of {shards} rows"
+        )
 
 
 def _model_mismatch(stored: dict, wanted: models.ModelConfig) -> list[str]:
     mine = dataclasses.asdict(wanted)
-    return [f"{k}: checkpoint {stored.get(k)!r} vs config {v!r}" for k, v in mine.items()
-            if k not in ("preset", "dtype", "remat", "attention_impl", "dropout_rate")
-            and stored.get(k) != v]
+    return [
+        f"{k}: checkpoint {stored.get(k)!r} vs config {v!r}"
+        for k, v in mine.items()
+        if k not in ("preset", "dtype", "remat", "attention_impl", "dropout_rate")
+        and stored.get(k) != v
+    ]
 
 
 class Trainer:
@@ -122,9 +135,16 @@ class Trainer:
     workload (pretraining by default, or fine-tuning); `run()` trains from the latest checkpoint
     (or scratch) to the end."""
 
-    def __init__(self, cfg, workload: Optional[Workload] = None, *, show_progress: bool = True,
-                 log: Callable[[str], None] = print, read_only: bool = False,
-                 step: Optional[int] = None):
+    def __init__(
+        self,
+        cfg,
+        workload: Optional[Workload] = None,
+        *,
+        show_progress: bool = True,
+        log: Callable[[str], None] = print,
+        read_only: bool = False,
+        step: Optional[int] = None,
+    ):
         """Builds everything; `read_only` (evaluation) writes nothing and needs a checkpoint."""
         self.workload = workload = workload if workload is not None else Pretraining()
         self.log, self.show_progress = log, show_progress
@@ -151,20 +171,27 @@ class Trainer:
             if mismatch:
                 raise CheckpointError(
                     f"{self.run_dir} holds a checkpoint of a different model ("
-                    + "; ".join(mismatch[:4]) + "); use another run.dir or move that one away")
+                    + "; ".join(mismatch[:4])
+                    + "); use another run.dir or move that one away"
+                )
         self.schedule = make_schedule(cfg.optimizer, cfg.train.steps)
         tx = workload.optimizer(cfg)
         # Only now, with the input checked, may the run directory be created or written.
-        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save,
-                                         create=not read_only)
+        self.checkpointer = Checkpointer(
+            self.run_dir,
+            keep=cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_save,
+            create=not read_only,
+        )
         if not read_only and jax.process_index() == 0:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
-        self.log(f"[model] {cfg.model.family} {cfg.model.preset or ''} on mesh "
-                 f"{dict(self.mesh.shape)}")
-        self.graphdef, self.state = build_state(cfg.model, tx, self.mesh, cfg.mesh.rules,
-                                                cfg.train.seed)
+        self.log(
+            f"[model] {cfg.model.family} {cfg.model.preset or ''} on mesh {dict(self.mesh.shape)}"
+        )
+        self.graphdef, self.state = build_state(
+            cfg.model, tx, self.mesh, cfg.mesh.rules, cfg.train.seed
+        )
         if meta is None:  # a resumed run's own checkpoint replaces the whole state instead
             model, optimizer = nnx.merge(self.graphdef, self.state)
             workload.initialize(model, cfg, self.env)
@@ -172,46 +199,61 @@ class Trainer:
         self.num_params = models.count_params(nnx.merge(self.graphdef, self.state)[0])
         self.start_step = 0
         if meta is not None and step is not None:
-            self.state = self.checkpointer.restore_state(self.state, self.mesh, cfg.mesh.rules,
-                                                         int(meta["step"]))
+            self.state = self.checkpointer.restore_state(
+                self.state, self.mesh, cfg.mesh.rules, int(meta["step"])
+            )
         elif meta is not None:  # the newest step that reads; damaged newer ones are set aside
             self.state, meta = self.checkpointer.restore_newest(
-                self.state, self.mesh, cfg.mesh.rules, set_aside=not read_only)
+                self.state, self.mesh, cfg.mesh.rules, set_aside=not read_only
+            )
         if meta is not None:
             self.start_step = int(meta["step"])
             self.log(f"[resume] from step {self.start_step} of {self.run_dir}")
-        step_kw = dict(rules=cfg.mesh.rules, mesh=self.mesh,
-                       loss_chunk_size=cfg.train.loss_chunk_size)
+        step_kw = dict(
+            rules=cfg.mesh.rules, mesh=self.mesh, loss_chunk_size=cfg.train.loss_chunk_size
+        )
         self.train_step = make_train_step(
-            self.graphdef, cfg.optimizer.grad_accum_steps,
+            self.graphdef,
+            cfg.optimizer.grad_accum_steps,
             shard_lib.state_shardings(self.state, self.mesh, cfg.mesh.rules),
-            z_loss=cfg.train.z_loss, spike_factor=cfg.train.spike_factor,
-            spike_window=cfg.train.spike_window, spike_warmup=cfg.train.spike_warmup, **step_kw)
+            z_loss=cfg.train.z_loss,
+            spike_factor=cfg.train.spike_factor,
+            spike_window=cfg.train.spike_window,
+            spike_warmup=cfg.train.spike_warmup,
+            **step_kw,
+        )
         # Running means for spike skipping travel with the checkpoint, so a resumed run skips
         # exactly the updates the uninterrupted one would.
         stored = (meta or {}).get("data", {})
-        self.spike_guard = (spike_guard(stored.get("spike_guard"))
-                            if cfg.train.spike_factor else None)
+        self.spike_guard = (
+            spike_guard(stored.get("spike_guard")) if cfg.train.spike_factor else None
+        )
         # Skipped-update counts continue across a resume, as the logged metrics would.
         self.skipped_steps = int(stored.get("skipped_steps", 0))
         self.spike_steps = int(stored.get("spike_steps", 0))
         self.eval_step = make_eval_step(self.graphdef, **step_kw)
         self.is_lead = jax.process_index() == 0
-        self.writer = metrics_lib.MetricsWriter(self.run_dir,
-                                                enabled=self.is_lead and not read_only)
+        self.writer = metrics_lib.MetricsWriter(
+            self.run_dir, enabled=self.is_lead and not read_only
+        )
 
     # ------------------------------------------------------------------ pieces
 
-    def evaluate(self, num_batches: Optional[int] = None,
-                 model: Optional[nnx.Module] = None) -> dict[str, float]:
+    def evaluate(
+        self, num_batches: Optional[int] = None, model: Optional[nnx.Module] = None
+    ) -> dict[str, float]:
         """The workload's validation metrics of the trained state, or of another `model` of the
         same task (e.g. its int8 copy) on the same batches."""
         if model is None:
             evaluator = Evaluator(self.env, self.eval_step, self.state, self.graphdef)
         else:
             graphdef, state = nnx.split((model, None))
-            step = make_eval_step(graphdef, rules=self.rules, mesh=self.mesh,
-                                  loss_chunk_size=self.cfg.train.loss_chunk_size)
+            step = make_eval_step(
+                graphdef,
+                rules=self.rules,
+                mesh=self.mesh,
+                loss_chunk_size=self.cfg.train.loss_chunk_size,
+            )
             evaluator = Evaluator(self.env, step, state, graphdef)
         return self.workload.evaluate(evaluator, self.cfg, num_batches)
 
@@ -221,16 +263,25 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Starts an (asynchronous) checkpoint of the state after `step` updates."""
-        self.checkpointer.save(step, self.state, config=config_to_dict(self.cfg),
-                               tokenizer_model=self.tokenizer.serialized_model(),
-                               data_state=self._data_state(step))
+        self.checkpointer.save(
+            step,
+            self.state,
+            config=config_to_dict(self.cfg),
+            tokenizer_model=self.tokenizer.serialized_model(),
+            data_state=self._data_state(step),
+        )
 
     def _data_state(self, step: int) -> dict:
-        state = dict(seed=self.cfg.train.seed, step=step, skipped_steps=self.skipped_steps,
-                     spike_steps=self.spike_steps)
+        state = dict(
+            seed=self.cfg.train.seed,
+            step=step,
+            skipped_steps=self.skipped_steps,
+            spike_steps=self.spike_steps,
+        )
         if self.spike_guard is not None:
-            state["spike_guard"] = {k: float(v) for k, v in
-                                    jax.device_get(self.spike_guard).items()}
+            state["spike_guard"] = {
+                k: float(v) for k, v in jax.device_get(self.spike_guard).items()
+            }
         return state
 
     # ------------------------------------------------------------------ the loop
@@ -244,14 +295,23 @@ class Trainer:
         stop = total if until is None else min(until, total)
         tokens_per_step = self.workload.tokens_per_step(cfg)
         peak = cfg.train.peak_flops or metrics_lib.detect_peak_flops()
-        flops_per_step = metrics_lib.flops_per_token(
-            cfg.model, self.num_params, tokens_per_step // self.batch_size
-        ) * tokens_per_step
+        flops_per_step = (
+            metrics_lib.flops_per_token(
+                cfg.model, self.num_params, tokens_per_step // self.batch_size
+            )
+            * tokens_per_step
+        )
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         pending = None  # (step, device metrics): fetched one step late so the device never waits
-        bar = tqdm(total=total, initial=self.start_step, desc="train", unit="step",
-                   disable=not (self.show_progress and self.is_lead), dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=self.start_step,
+            desc="train",
+            unit="step",
+            disable=not (self.show_progress and self.is_lead),
+            dynamic_ncols=True,
+        )
         clock, clock_step = time.perf_counter(), self.start_step
 
         def flush(item):
@@ -262,9 +322,11 @@ class Trainer:
             steps_done = max(step - clock_step, 1)
             seconds = max(now - clock, 1e-9) / steps_done
             clock, clock_step = now, step
-            values.update(learning_rate=float(self.schedule(step - 1)),
-                          tokens_per_second=tokens_per_step / seconds,
-                          step_seconds=seconds)
+            values.update(
+                learning_rate=float(self.schedule(step - 1)),
+                tokens_per_second=tokens_per_step / seconds,
+                step_seconds=seconds,
+            )
             if peak:
                 values["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
             self.writer.write(step, values)
@@ -282,9 +344,11 @@ class Trainer:
             checked[0] = step
             if spike is not None and float(jax.device_get(spike)):
                 self.spike_steps += 1
-                bar.write(f"[skip] step {step}: loss or gradient norm above "
-                          f"train.spike_factor={cfg.train.spike_factor} x its running mean; "
-                          "update not applied")
+                bar.write(
+                    f"[skip] step {step}: loss or gradient norm above "
+                    f"train.spike_factor={cfg.train.spike_factor} x its running mean; "
+                    "update not applied"
+                )
             if float(jax.device_get(flag)) == 0.0:
                 return
             self.skipped_steps += 1
@@ -292,22 +356,29 @@ class Trainer:
                 raise NonFiniteStep(
                     f"loss or gradients were NaN/Inf at step {step}; that update was not applied "
                     "and no checkpoint holds it. Lower optimizer.learning_rate, try "
-                    "train.z_loss=1e-4, or set train.nonfinite=skip to skip such steps")
+                    "train.z_loss=1e-4, or set train.nonfinite=skip to skip such steps"
+                )
             bar.write(f"[skip] step {step}: loss or gradients not finite; update not applied")
 
         batcher = self.workload.batcher
         host_batches = prefetch.ahead(
             lambda s: batcher.batch(s, jax.process_index(), jax.process_count()),
-            self.start_step, stop, **self.workload.prefetch_options(cfg))
+            self.start_step,
+            stop,
+            **self.workload.prefetch_options(cfg),
+        )
         next_batch = None
         with _stop_signals(signals):
             for step in range(self.start_step, stop):
-                batch = next_batch if next_batch is not None else self._on_devices(next(host_batches))
+                batch = (
+                    next_batch if next_batch is not None else self._on_devices(next(host_batches))
+                )
                 if self.spike_guard is None:
                     self.state, device_metrics = self.train_step(self.state, batch)
                 else:
-                    self.state, device_metrics = self.train_step(self.state, batch,
-                                                                 self.spike_guard)
+                    self.state, device_metrics = self.train_step(
+                        self.state, batch, self.spike_guard
+                    )
                     self.spike_guard = device_metrics.pop("guard")
                 # The step runs asynchronously; meanwhile the next batch goes onto the devices.
                 next_batch = self._on_devices(next(host_batches)) if step + 1 < stop else None
@@ -331,8 +402,12 @@ class Trainer:
                         pending = None
                     last_eval = self.evaluate()
                     self.writer.write(done, last_eval, prefix="validation")
-                    bar.write(f"[eval] step {done}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in last_eval.items() if k != "unigram_loss"))
+                    bar.write(
+                        f"[eval] step {done}: "
+                        + ", ".join(
+                            f"{k} {v:.4f}" for k, v in last_eval.items() if k != "unigram_loss"
+                        )
+                    )
                 if done % cfg.checkpoint.every == 0 or done == stop:
                     check_finite(last_flag)  # never checkpoint past an unchecked step
                     self.save(done)
@@ -354,8 +429,13 @@ class Trainer:
             self.log(f"[resume] {self.run_dir} is already at step {self.start_step}")
             last_eval = self.evaluate()
         self.checkpointer.wait()
-        return dict(train=last_train, validation=last_eval, steps=stop,
-                    skipped_steps=self.skipped_steps, spike_steps=self.spike_steps)
+        return dict(
+            train=last_train,
+            validation=last_eval,
+            steps=stop,
+            skipped_steps=self.skipped_steps,
+            spike_steps=self.spike_steps,
+        )
 
     def _on_devices(self, local: dict) -> dict:
         return shard_lib.shard_batch(local, self.mesh, self.rules)
@@ -366,6 +446,7 @@ class Trainer:
         if jax.process_count() == 1:
             return local
         from jax.experimental import multihost_utils
+
         return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
     def close(self) -> None:

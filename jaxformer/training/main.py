@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from jaxformer.training import cli
 
@@ -23,6 +24,7 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     start = time.perf_counter()
     from jaxformer.training.loop import Trainer, run_to_exit_status
+
     trainer = Trainer(cfg)
     status, result = run_to_exit_status(trainer)
     if status == 0:
@@ -33,28 +35,40 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
 def _report(trainer, result: dict, seconds: float) -> None:
     val = result.get("validation") or {}
     if cli.already_complete(trainer, result):
-        print(f"\n[done] {trainer.run_dir} was already complete at step {trainer.start_step} "
-              f"(train.steps={trainer.cfg.train.steps}): no training done; raise train.steps to "
-              "extend it")
+        print(
+            f"\n[done] {trainer.run_dir} was already complete at step {trainer.start_step} "
+            f"(train.steps={trainer.cfg.train.steps}): no training done; raise train.steps to "
+            "extend it"
+        )
     else:
         trained = result["steps"] - trainer.start_step
-        print(f"\n[done] trained to step {result['steps']} ({trained} step"
-              f"{'s' if trained != 1 else ''} in {seconds / 60:.1f} min); run directory "
-              f"{trainer.run_dir}")
+        print(
+            f"\n[done] trained to step {result['steps']} ({trained} step"
+            f"{'s' if trained != 1 else ''} in {seconds / 60:.1f} min); run directory "
+            f"{trainer.run_dir}"
+        )
     if val:
-        print(f"[done] validation loss {val['loss']:.4f} nats/token (perplexity "
-              f"{val['perplexity']:.1f}, {val.get('bits_per_byte', float('nan')):.3f} bits/byte) "
-              f"vs unigram model {val.get('unigram_loss', float('nan')):.4f} nats/token")
+        print(
+            f"[done] validation loss {val['loss']:.4f} nats/token (perplexity "
+            f"{val['perplexity']:.1f}, {val.get('bits_per_byte', float('nan')):.3f} bits/byte) "
+            f"vs unigram model {val.get('unigram_loss', float('nan')):.4f} nats/token"
+        )
     prompt = trainer.cfg.train.sample_prompt
     if prompt and trainer.cfg.model.family == "decoder":
         from jaxformer.training.evaluate import generate_text
+
         text = generate_text(trainer, prompt, trainer.cfg.train.sample_tokens)
         print(f"[sample] greedy continuation of {prompt!r}:\n{prompt}{text}")
 
 
 @cli.command()
-def run_compile_only(config_path: Optional[str], overrides: Sequence[str], topology: str,
-                     slices: Optional[int] = None, as_json: bool = False) -> int:
+def run_compile_only(
+    config_path: Optional[str],
+    overrides: Sequence[str],
+    topology: str,
+    slices: Optional[int] = None,
+    as_json: bool = False,
+) -> int:
     """Compiles the train step for a TPU topology and reports per-chip memory.
 
     Returns 0 if it fits in HBM, 1 if it does not, 2 on bad input (config, topology, no libtpu).

@@ -14,9 +14,18 @@ from jaxformer.models.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip, by the start of jax.Device.device_kind.
 PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12, "NVIDIA GH200": 989e12, "NVIDIA B200": 2250e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA GH200": 989e12,
+    "NVIDIA B200": 2250e12,
 }
 
 
@@ -62,8 +71,9 @@ def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
     """Loss, accuracy, perplexity and bits per byte from summed eval totals."""
     weight = max(sums["weight_sum"], 1.0)
     loss = sums["loss_sum"] / weight
-    out = dict(loss=loss, accuracy=sums["correct_sum"] / weight,
-               perplexity=math.exp(min(loss, 50.0)))
+    out = dict(
+        loss=loss, accuracy=sums["correct_sum"] / weight, perplexity=math.exp(min(loss, 50.0))
+    )
     if sums.get("byte_sum"):
         out["bits_per_byte"] = sums["loss_sum"] / math.log(2) / sums["byte_sum"]
     return out

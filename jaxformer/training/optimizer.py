@@ -51,17 +51,27 @@ class OptimizerConfig:
         _check_choice("name", self.name, NAMES)
         _check_choice("schedule", self.schedule, SCHEDULES)
         if self.grad_accum_steps < 1:
-            raise ValueError(f"OptimizerConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+            raise ValueError(
+                f"OptimizerConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}"
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"OptimizerConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.learning_rate < 0:
-            raise ValueError(f"OptimizerConfig.learning_rate must be >= 0, got {self.learning_rate}")
+            raise ValueError(
+                f"OptimizerConfig.learning_rate must be >= 0, got {self.learning_rate}"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"OptimizerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ValueError(
+                f"OptimizerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
+            )
         if not 0.0 < self.decay_fraction <= 1.0:
-            raise ValueError(f"OptimizerConfig.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+            raise ValueError(
+                f"OptimizerConfig.decay_fraction must be in (0, 1], got {self.decay_fraction}"
+            )
         if self.clip_norm is not None and self.clip_norm < 0:
-            raise ValueError(f"OptimizerConfig.clip_norm must be >= 0 or None, got {self.clip_norm}")
+            raise ValueError(
+                f"OptimizerConfig.clip_norm must be >= 0 or None, got {self.clip_norm}"
+            )
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -80,8 +90,9 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     if cfg.schedule == "warmup_cosine":
         # optax counts decay_steps from step 0, warmup included, and needs a cosine part of at
         # least one step even when the whole run is warmup.
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup,
-                                                  max(total_steps, warmup + 1), end)
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warmup, max(total_steps, warmup + 1), end
+        )
     if cfg.schedule == "warmup_linear":
         decay = optax.linear_schedule(peak, end, max(total_steps - warmup, 1))
         return optax.join_schedules([_warmup(peak, warmup), decay], [warmup])
@@ -95,11 +106,21 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
         if decay_start < warmup:
             raise ValueError(
                 f"warmup_stable_decay: warmup ({warmup} steps) overlaps the decay phase "
-                f"(last {decay_steps} of {total_steps} steps); lower warmup_steps or decay_fraction")
+                f"(last {decay_steps} of {total_steps} steps); lower warmup_steps or decay_fraction"
+            )
         return optax.join_schedules(
-            [_warmup(peak, warmup), optax.constant_schedule(peak), optax.linear_schedule(peak, end, decay_steps)],
-            [warmup, decay_start])
-    return optax.warmup_constant_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+            [
+                _warmup(peak, warmup),
+                optax.constant_schedule(peak),
+                optax.linear_schedule(peak, end, decay_steps),
+            ],
+            [warmup, decay_start],
+        )
+    return (
+        optax.warmup_constant_schedule(0.0, peak, warmup)
+        if warmup
+        else optax.constant_schedule(peak)
+    )
 
 
 def _warmup(peak: float, warmup: int) -> optax.Schedule:
@@ -142,8 +163,10 @@ def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
     # nnx.Optimizer hands the transformation an nnx.State of nnx.Param at init and of raw arrays at
     # update; treating Variables as leaves gives one bool per parameter in both cases.
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: _decays(path, decay_embeddings), params,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
+        lambda path, _: _decays(path, decay_embeddings),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
@@ -152,7 +175,9 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     schedule = make_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731
     if cfg.name == "adamw":
-        tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+        tx = optax.adamw(
+            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
+        )
     else:
         # optax's Adafactor adds wd * param after the lr scaling; scaling wd by the schedule keeps
         # the decay decoupled-and-proportional to lr, as in AdamW.

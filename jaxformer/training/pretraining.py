@@ -30,36 +30,52 @@ class Pretraining(Workload):
         length = cfg.data.target_len if cfg.objective == "span_corruption" else cfg.data.seq_len
         return cfg.data.batch_size * length
 
-    def prepare(self, cfg: ExperimentConfig, meta: Optional[dict],
-                env: RunEnv) -> ExperimentConfig:
-        env.log(f"[data] preparing {', '.join(s.dataset for s in cfg.data.sources())} "
-                "(tokenizer, token shards)")
-        self.data = prepare_data(cfg.data, env.run_dir, show_progress=env.show_progress,
-                                 log=env.log,
-                                 tokenizer_model=None if meta is None else meta["tokenizer"])
+    def prepare(self, cfg: ExperimentConfig, meta: Optional[dict], env: RunEnv) -> ExperimentConfig:
+        env.log(
+            f"[data] preparing {', '.join(s.dataset for s in cfg.data.sources())} "
+            "(tokenizer, token shards)"
+        )
+        self.data = prepare_data(
+            cfg.data,
+            env.run_dir,
+            show_progress=env.show_progress,
+            log=env.log,
+            tokenizer_model=None if meta is None else meta["tokenizer"],
+        )
         self.tokenizer = self.data.tokenizer
         model_cfg = dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
         if model_cfg.position in ("learned", "sinusoidal") and model_cfg.max_len < cfg.data.seq_len:
-            raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len="
-                             f"{model_cfg.max_len}")
+            raise ValueError(
+                f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={model_cfg.max_len}"
+            )
         cfg = dataclasses.replace(cfg, model=model_cfg)
         special, sources = self.data.special_ids, self.data.sources
-        batchers = [make_batcher(cfg.data, s.train, special, cfg.train.seed, cfg.objective,
-                                 source_index=i) for i, s in enumerate(sources)]
-        self.batcher = batchers[0] if len(batchers) == 1 else MixtureBatcher(
-            batchers, [s.weight for s in sources], cfg.train.seed)
+        batchers = [
+            make_batcher(cfg.data, s.train, special, cfg.train.seed, cfg.objective, source_index=i)
+            for i, s in enumerate(sources)
+        ]
+        self.batcher = (
+            batchers[0]
+            if len(batchers) == 1
+            else MixtureBatcher(batchers, [s.weight for s in sources], cfg.train.seed)
+        )
         # Validation rows are spread over the whole split with a fixed seed, so every run (and
         # every training seed) is measured on the same tokens; each source is measured alone.
-        self.eval_batchers = {s.name: make_batcher(cfg.data, s.eval, special, EVAL_SEED,
-                                                   cfg.objective, source_index=i)
-                              for i, s in enumerate(sources)}
+        self.eval_batchers = {
+            s.name: make_batcher(
+                cfg.data, s.eval, special, EVAL_SEED, cfg.objective, source_index=i
+            )
+            for i, s in enumerate(sources)
+        }
         self.token_bytes = metrics_lib.token_byte_lengths(self.tokenizer)
         self.unigram_log_probs = metrics_lib.unigram_log_probs_from_counts(
-            self.data.train_token_counts())
+            self.data.train_token_counts()
+        )
         return cfg
 
-    def evaluate(self, evaluator: Evaluator, cfg: ExperimentConfig,
-                 num_batches: Optional[int]) -> dict[str, float]:
+    def evaluate(
+        self, evaluator: Evaluator, cfg: ExperimentConfig, num_batches: Optional[int]
+    ) -> dict[str, float]:
         """Validation loss, accuracy, perplexity and bits per byte over the first batches of each
         source; with several sources, also each one's as '<source>/<metric>'."""
         num_batches = num_batches or cfg.train.eval_batches
@@ -81,12 +97,14 @@ class Pretraining(Workload):
             for k, v in totals.items():
                 overall[k] += v
             if len(self.eval_batchers) > 1:
-                summary.update({f"{name}/{k}": v
-                                for k, v in metrics_lib.summarize_eval(totals).items()})
+                summary.update(
+                    {f"{name}/{k}": v for k, v in metrics_lib.summarize_eval(totals).items()}
+                )
         summary = dict(metrics_lib.summarize_eval(overall), **summary)
         if targets_seen:
             summary["unigram_loss"] = float(
-                -self.unigram_log_probs[np.concatenate(targets_seen)].mean())
+                -self.unigram_log_probs[np.concatenate(targets_seen)].mean()
+            )
         return summary
 
     def prefetch_options(self, cfg: ExperimentConfig) -> dict[str, int]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,20 +26,29 @@ def forward_hidden(model: nnx.Module, batch: Batch) -> tuple[Array, Array, Array
     """
     family = model.config.family
     if family == "decoder":
-        hidden = model.hidden(batch["inputs"], segment_ids=batch["segment_ids"],
-                              positions=batch["positions"])
+        hidden = model.hidden(
+            batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+        )
     elif family == "encoder":
-        hidden = model.hidden(batch["inputs"], attention_mask=batch["segment_ids"] > 0,
-                              segment_ids=batch["segment_ids"], positions=batch["positions"])
+        hidden = model.hidden(
+            batch["inputs"],
+            attention_mask=batch["segment_ids"] > 0,
+            segment_ids=batch["segment_ids"],
+            positions=batch["positions"],
+        )
     else:
-        hidden = model.hidden(batch["encoder_inputs"], batch["decoder_inputs"],
-                              encoder_mask=batch["encoder_segment_ids"] > 0,
-                              decoder_mask=batch["decoder_segment_ids"] > 0)
+        hidden = model.hidden(
+            batch["encoder_inputs"],
+            batch["decoder_inputs"],
+            encoder_mask=batch["encoder_segment_ids"] > 0,
+            decoder_mask=batch["decoder_segment_ids"] > 0,
+        )
     return hidden, batch["targets"], batch["loss_weights"]
 
 
-def _sums_and_predictions(model: nnx.Module, batch: Batch, chunk_size: int = 0,
-                          z_loss: float = 0.0) -> tuple[dict[str, Array], Array]:
+def _sums_and_predictions(
+    model: nnx.Module, batch: Batch, chunk_size: int = 0, z_loss: float = 0.0
+) -> tuple[dict[str, Array], Array]:
     """Summed loss/weight/correct totals and argmax predictions; LM logits never exist whole
     when `chunk_size` > 0 (positions per chunk of the cross-entropy)."""
     if "labels" in batch:  # classification: [B, num_labels] logits are small
@@ -46,24 +56,37 @@ def _sums_and_predictions(model: nnx.Module, batch: Batch, chunk_size: int = 0,
         return _classification_sums(logits_BxC, batch["labels"], batch["example_weight"])
     hidden, targets, weights = forward_hidden(model, batch)
     if chunk_size <= 0 or chunk_size >= hidden.shape[1]:
-        return losses.full_cross_entropy_sums(hidden, model.logits, targets, weights,
-                                              z_loss=z_loss, return_predictions=True)
-    return losses.cross_entropy_sums(hidden, model.logits, targets, weights, z_loss=z_loss,
-                                     chunk_size=chunk_size, return_predictions=True)
+        return losses.full_cross_entropy_sums(
+            hidden, model.logits, targets, weights, z_loss=z_loss, return_predictions=True
+        )
+    return losses.cross_entropy_sums(
+        hidden,
+        model.logits,
+        targets,
+        weights,
+        z_loss=z_loss,
+        chunk_size=chunk_size,
+        return_predictions=True,
+    )
 
 
-def _classification_sums(logits_BxC: Array, labels_B: Array,
-                         weights_B: Array) -> tuple[dict[str, Array], Array]:
+def _classification_sums(
+    logits_BxC: Array, labels_B: Array, weights_B: Array
+) -> tuple[dict[str, Array], Array]:
     nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
     predictions_B = jnp.argmax(logits_BxC, axis=-1)
     weights_B = weights_B.astype(jnp.float32)
-    sums = dict(loss_sum=jnp.sum(nll_B * weights_B), weight_sum=jnp.sum(weights_B),
-                correct_sum=jnp.sum((predictions_B == labels_B) * weights_B))
+    sums = dict(
+        loss_sum=jnp.sum(nll_B * weights_B),
+        weight_sum=jnp.sum(weights_B),
+        correct_sum=jnp.sum((predictions_B == labels_B) * weights_B),
+    )
     return sums, predictions_B
 
 
-def loss_sums(model: nnx.Module, batch: Batch, chunk_size: int = 0,
-              z_loss: float = 0.0) -> dict[str, Array]:
+def loss_sums(
+    model: nnx.Module, batch: Batch, chunk_size: int = 0, z_loss: float = 0.0
+) -> dict[str, Array]:
     """Summed (not averaged) loss, weight and correct-prediction totals over a batch, in float32
     (plus z_loss_sum when z_loss > 0)."""
     return _sums_and_predictions(model, batch, chunk_size, z_loss)[0]
@@ -76,14 +99,23 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
     each micro-batch stays sharded over the whole data axis.
     """
     return jax.tree.map(
-        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1), batch)
+        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1), batch
+    )
 
 
-def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
-                    state_sharding: Any = None, *, rules: Optional[Sequence[Rule]] = None,
-                    mesh: Optional[Mesh] = None, loss_chunk_size: int = 0,
-                    z_loss: float = 0.0, spike_factor: float = 0.0, spike_window: int = 100,
-                    spike_warmup: int = 20) -> Callable:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    grad_accum_steps: int = 1,
+    state_sharding: Any = None,
+    *,
+    rules: Optional[Sequence[Rule]] = None,
+    mesh: Optional[Mesh] = None,
+    loss_chunk_size: int = 0,
+    z_loss: float = 0.0,
+    spike_factor: float = 0.0,
+    spike_window: int = 100,
+    spike_warmup: int = 20,
+) -> Callable:
     """A jitted `(state, batch) -> (state, metrics)`; gradients are averaged per target token.
 
     `state_sharding` (e.g. `sharding.state_shardings(state, mesh, rules)`) pins the new state to
@@ -124,11 +156,11 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
                 return (jax.tree.map(jnp.add, totals, step_totals), state), None
 
             micros = _micro_batches(batch, grad_accum_steps)
-            shapes, _ = jax.eval_shape(micro_grads, model_state,
-                                       jax.tree.map(lambda x: x[0], micros))
+            shapes, _ = jax.eval_shape(
+                micro_grads, model_state, jax.tree.map(lambda x: x[0], micros)
+            )
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            ((grads, sums), model_state), _ = jax.lax.scan(accumulate, (zeros, model_state),
-                                                           micros)
+            ((grads, sums), model_state), _ = jax.lax.scan(accumulate, (zeros, model_state), micros)
             nnx.update(model, model_state)
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -138,13 +170,21 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
         apply = finite
         if guard is not None:
             warm = guard["count"] >= spike_warmup
-            spike = finite & warm & ((loss > spike_factor * guard["loss"])
-                                     | (grad_norm > spike_factor * guard["grad_norm"]))
+            spike = (
+                finite
+                & warm
+                & (
+                    (loss > spike_factor * guard["loss"])
+                    | (grad_norm > spike_factor * guard["grad_norm"])
+                )
+            )
             apply = finite & ~spike
             rate = 1.0 / jnp.minimum(guard["count"] + 1.0, float(spike_window))
-            seen = dict(loss=guard["loss"] + rate * (loss - guard["loss"]),
-                        grad_norm=guard["grad_norm"] + rate * (grad_norm - guard["grad_norm"]),
-                        count=guard["count"] + 1.0)
+            seen = dict(
+                loss=guard["loss"] + rate * (loss - guard["loss"]),
+                grad_norm=guard["grad_norm"] + rate * (grad_norm - guard["grad_norm"]),
+                count=guard["count"] + 1.0,
+            )
             guard = jax.tree.map(lambda new, old: jnp.where(apply, new, old), seen, guard)
 
         def apply_update(state):
@@ -153,10 +193,16 @@ def make_train_step(graphdef: nnx.GraphDef, grad_accum_steps: int = 1,
             return nnx.state((model, optimizer))
 
         # cond, not select: a skipped step costs no second copy of the state.
-        new_state = jax.lax.cond(apply, apply_update, lambda state: state,
-                                 nnx.state((model, optimizer)))
-        metrics = dict(loss=loss, accuracy=sums["correct_sum"] / denom, grad_norm=grad_norm,
-                       tokens=sums["weight_sum"], nonfinite=1.0 - finite.astype(jnp.float32))
+        new_state = jax.lax.cond(
+            apply, apply_update, lambda state: state, nnx.state((model, optimizer))
+        )
+        metrics = dict(
+            loss=loss,
+            accuracy=sums["correct_sum"] / denom,
+            grad_norm=grad_norm,
+            tokens=sums["weight_sum"],
+            nonfinite=1.0 - finite.astype(jnp.float32),
+        )
         if "z_loss_sum" in sums:
             metrics["z_loss"] = sums["z_loss_sum"] / denom
         if guard is not None:
@@ -173,8 +219,13 @@ def spike_guard(stored: Optional[dict] = None) -> dict:
     return {k: jnp.float32(stored.get(k, 0.0)) for k in ("loss", "grad_norm", "count")}
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, rules: Optional[Sequence[Rule]] = None,
-                   mesh: Optional[Mesh] = None, loss_chunk_size: int = 0) -> Callable:
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    *,
+    rules: Optional[Sequence[Rule]] = None,
+    mesh: Optional[Mesh] = None,
+    loss_chunk_size: int = 0,
+) -> Callable:
     """A jitted `(state, batch) -> (sums, predictions)` in evaluation mode (no dropout).
 
     Predictions are the argmax classes (classification) or next tokens (language models).
@@ -191,6 +242,7 @@ def make_eval_step(graphdef: nnx.GraphDef, *, rules: Optional[Sequence[Rule]] = 
 
 def _with_rules(rules: Optional[Sequence[Rule]], mesh: Optional[Mesh]) -> Callable:
     """Decorator: trace the step inside `axis_rules`, so activations follow the rule table."""
+
     def wrap(fn: Callable) -> Callable:
         if rules is None:
             return fn
@@ -199,5 +251,7 @@ def _with_rules(rules: Optional[Sequence[Rule]], mesh: Optional[Mesh]) -> Callab
         def traced(*args):
             with axis_rules(rules, mesh):
                 return fn(*args)
+
         return traced
+
     return wrap

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -16,25 +17,38 @@ from jaxformer.training.workload import Evaluator
 def classification_metrics(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
     """Accuracy and macro-averaged F1 (scikit-learn)."""
     from sklearn.metrics import accuracy_score, f1_score
-    return dict(accuracy=float(accuracy_score(labels, predictions)),
-                macro_f1=float(f1_score(labels, predictions, average="macro", zero_division=0)))
+
+    return dict(
+        accuracy=float(accuracy_score(labels, predictions)),
+        macro_f1=float(f1_score(labels, predictions, average="macro", zero_division=0)),
+    )
 
 
 def text_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
     """ROUGE-L F-measure (rouge-score), corpus BLEU (sacrebleu) and exact match, in percent."""
     import sacrebleu
     from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses)]
     bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
     exact = [r.strip() == h.strip() for r, h in zip(references, hypotheses)]
-    return dict(rouge_l=100 * float(np.mean(rouge)), bleu=float(bleu),
-                exact_match=100 * float(np.mean(exact)))
+    return dict(
+        rouge_l=100 * float(np.mean(rouge)),
+        bleu=float(bleu),
+        exact_match=100 * float(np.mean(exact)),
+    )
 
 
-def evaluate_task(evaluator: Evaluator, kind: str, batcher: TaskBatcher, tokenizer: Tokenizer,
-                  max_target_len: int, num_batches: Optional[int] = None,
-                  max_generations: int = 64) -> dict[str, float]:
+def evaluate_task(
+    evaluator: Evaluator,
+    kind: str,
+    batcher: TaskBatcher,
+    tokenizer: Tokenizer,
+    max_target_len: int,
+    num_batches: Optional[int] = None,
+    max_generations: int = 64,
+) -> dict[str, float]:
     """Loss plus the task's metrics over a task's validation batches: accuracy and macro-F1
     (classification), token accuracy and perplexity, and for text2text ROUGE-L/BLEU/exact match
     of greedy outputs for the first `max_generations` examples."""
@@ -46,8 +60,17 @@ def evaluate_task(evaluator: Evaluator, kind: str, batcher: TaskBatcher, tokeniz
         for k in totals:
             totals[k] += float(jax.device_get(sums[k]))
         # Every host computes the metrics of the whole global batch.
-        rows = {k: _global(batch[k]) for k in ("example_weight", "labels", "encoder_inputs",
-                                               "encoder_segment_ids", "targets") if k in batch}
+        rows = {
+            k: _global(batch[k])
+            for k in (
+                "example_weight",
+                "labels",
+                "encoder_inputs",
+                "encoder_segment_ids",
+                "targets",
+            )
+            if k in batch
+        }
         real = rows["example_weight"] > 0
         if kind == "classification":
             labels.extend(rows["labels"][real].tolist())
@@ -63,9 +86,15 @@ def evaluate_task(evaluator: Evaluator, kind: str, batcher: TaskBatcher, tokeniz
         result["token_accuracy"] = totals["correct_sum"] / weight
         result["perplexity"] = math.exp(min(result["loss"], 50.0))
     if kind == "text2text" and sources:
-        result.update(_generation_metrics(evaluator.model(), tokenizer, max_target_len,
-                                          sources[:max_generations],
-                                          references[:max_generations]))
+        result.update(
+            _generation_metrics(
+                evaluator.model(),
+                tokenizer,
+                max_target_len,
+                sources[:max_generations],
+                references[:max_generations],
+            )
+        )
     return result
 
 
@@ -74,18 +103,27 @@ def _global(x: jax.Array) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(x)
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _generation_metrics(model, tok: Tokenizer, max_target_len: int, sources: list,
-                        references: list) -> dict[str, Any]:
+def _generation_metrics(
+    model, tok: Tokenizer, max_target_len: int, sources: list, references: list
+) -> dict[str, Any]:
     from jaxformer.inference import generate
 
     tokens = np.stack([s[0] for s in sources])
     mask = np.stack([s[1] > 0 for s in sources])
-    out = np.asarray(generate(model, tokens, encoder_mask=mask,
-                              max_new_tokens=max_target_len,
-                              method="greedy", eos_id=tok.eos_id))
+    out = np.asarray(
+        generate(
+            model,
+            tokens,
+            encoder_mask=mask,
+            max_new_tokens=max_target_len,
+            method="greedy",
+            eos_id=tok.eos_id,
+        )
+    )
     hypotheses = [tok.decode(until_eos(row, tok.eos_id)) for row in out]
     refs = [tok.decode(until_eos(row, tok.eos_id)) for row in references]
     return text_metrics(refs, hypotheses)
@@ -94,4 +132,4 @@ def _generation_metrics(model, tok: Tokenizer, max_target_len: int, sources: lis
 def until_eos(ids, eos_id: int) -> list[int]:
     """Token ids up to (not including) the first EOS."""
     ids = [int(i) for i in ids]
-    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import optax
 from flax import nnx
@@ -82,8 +83,9 @@ class Workload(abc.ABC):
         """Target tokens a step trains on (for tokens/s and MFU)."""
 
     @abc.abstractmethod
-    def evaluate(self, evaluator: Evaluator, cfg: Any,
-                 num_batches: Optional[int]) -> dict[str, float]:
+    def evaluate(
+        self, evaluator: Evaluator, cfg: Any, num_batches: Optional[int]
+    ) -> dict[str, float]:
         """Validation metrics of the evaluator's model."""
 
     def prefetch_options(self, cfg: Any) -> dict[str, int]:
@@ -97,7 +99,7 @@ class Workload(abc.ABC):
         `learning_rate` is always cfg.optimizer's schedule, whatever this returns."""
         return make_optimizer(cfg.optimizer, cfg.train.steps)
 
-    def initialize(self, model: nnx.Module, cfg: Any, env: RunEnv) -> None:
+    def initialize(self, model: nnx.Module, cfg: Any, env: RunEnv) -> None:  # noqa: B027
         """Changes a fresh (not resumed) run's initial parameters in place; default: none."""
 
     def sample_prompts(self, cfg: Any) -> tuple[str, ...]:
