@@ -3,6 +3,7 @@
 argv: coordinator_port num_processes process_id devices_per_process run_dir overrides...
 """
 
+import json
 import os
 import sys
 
@@ -33,8 +34,10 @@ def main() -> None:
         step_fn = trainer.train_step
         trainer.train_step = lambda *args: (time.sleep(pause), step_fn(*args))[1]
     until = os.environ.get("JAXFORMER_TEST_UNTIL")  # stop (and checkpoint) after this step
-    trainer.run(until=int(until) if until else None)
+    result = trainer.run(until=int(until) if until else None)
     trainer.close()
+    # Only process 0 writes metrics.jsonl; each host prints its own, to be compared across hosts.
+    print("validation " + json.dumps(result["validation"]), flush=True)
     print(
         f"process {jax.process_index()} of {jax.process_count()} done on "
         f"{jax.device_count()} devices",

@@ -62,12 +62,28 @@ def _losses(run_dir):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
 
 
+def _validation(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if r["split"] == "validation"}
+
+
+def _printed_validation(outputs):
+    """Each process's own final validation metrics, as the worker prints them."""
+    return [
+        json.loads(line.split(" ", 1)[1])
+        for out in outputs
+        for line in out.splitlines()
+        if line.startswith("validation ")
+    ]
+
+
 @pytest.mark.slow
 def test_resuming_on_fewer_devices_and_more_processes_sees_the_same_batches(
     stdlib_data_dir, stdlib_tokenizer, tmp_path
 ):
     """8 devices -> 4 devices -> 2 processes x 2 devices, from a multi-shard token store: the
-    global batches (hence the losses) are the uninterrupted run's at every step."""
+    global batches (hence the losses) are the uninterrupted run's at every step, and the final
+    validation (bits per byte, unigram baseline) counts every process's rows, on every host."""
     tokenizer_path = str(tmp_path / "tok.model")
     stdlib_tokenizer.save(tokenizer_path)
     overrides = [
@@ -98,6 +114,19 @@ def test_resuming_on_fewer_devices_and_more_processes_sees_the_same_batches(
     assert sorted(got) == [1, 2, 3, 4]
     for step in expected:  # other device counts reduce in another order: float rounding only
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+
+    # Validation totals (bytes, unigram log-probabilities) are summed over both processes before
+    # dividing: the same figures as one process over all the rows, and the same on both hosts.
+    hosts = _printed_validation(outputs)
+    assert len(hosts) == 2 and hosts[0] == hosts[1], hosts
+    one, two = _validation(single)[4], _validation(moved)[4]
+    assert two["unigram_loss"] == pytest.approx(one["unigram_loss"], rel=1e-6)
+    assert two["bits_per_byte"] == pytest.approx(one["bits_per_byte"], rel=1e-6)
+    # bytes per target token: a property of the validation rows alone, free of float rounding
+    assert two["loss"] / two["bits_per_byte"] == pytest.approx(
+        one["loss"] / one["bits_per_byte"], rel=1e-6
+    )
+    assert hosts[0]["bits_per_byte"] == two["bits_per_byte"]
 
 
 @pytest.mark.slow

@@ -79,6 +79,19 @@ def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def sum_over_processes(values) -> np.ndarray:
+    """Float64 sums, over all processes, of each process's host-side vector of totals."""
+    local = np.ascontiguousarray(values, np.float64).reshape(-1)
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    # Without jax_enable_x64 a float64 gather would round to float32; int32 words travel exactly.
+    gathered = multihost_utils.process_allgather(local.view(np.int32))
+    # Summed in process order, so every host gets the same bits.
+    return np.ascontiguousarray(gathered).view(np.float64).sum(axis=0)
+
+
 def unigram_log_probs_from_counts(counts_V: np.ndarray) -> np.ndarray:
     """[V] add-one-smoothed log-probabilities from token counts."""
     counts = counts_V.astype(np.float64) + 1.0

@@ -6,7 +6,6 @@ import dataclasses
 from typing import Optional
 
 import jax
-import numpy as np
 
 from jaxformer.data.mixture import MixtureBatcher
 from jaxformer.data.pipeline import make_batcher
@@ -80,10 +79,13 @@ class Pretraining(Workload):
         source; with several sources, also each one's as '<source>/<metric>'."""
         num_batches = num_batches or cfg.train.eval_batches
         process = (jax.process_index(), jax.process_count())
-        overall = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0, byte_sum=0.0)
-        summary, targets_seen = {}, []
+        # The device sums are global already; the host-side ones (bytes, unigram -log p) count
+        # only this process's rows until summed over all processes below.
+        device_totals, local_bytes = {}, {}
+        unigram_nll, unigram_count = 0.0, 0
         for name, batcher in self.eval_batchers.items():
-            totals = dict.fromkeys(overall, 0.0)
+            totals = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0)
+            local_bytes[name] = 0.0
             # Stay within one pass over the validation split.
             count = max(1, min(num_batches, batcher.stream.rows_per_epoch // cfg.data.batch_size))
             for i in range(count):
@@ -92,8 +94,17 @@ class Pretraining(Workload):
                 for k, v in jax.device_get(sums).items():  # replicated: readable on every host
                     totals[k] += float(v)
                 targets = local["targets"][local["loss_weights"] > 0]
-                totals["byte_sum"] += float(self.token_bytes[targets].sum())
-                targets_seen.append(targets)
+                local_bytes[name] += float(self.token_bytes[targets].sum())
+                unigram_nll -= float(self.unigram_log_probs[targets].sum())
+                unigram_count += targets.size
+            device_totals[name] = totals
+        *byte_sums, unigram_nll, unigram_count = metrics_lib.sum_over_processes(
+            [*local_bytes.values(), unigram_nll, unigram_count]
+        )
+        overall = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0, byte_sum=0.0)
+        summary = {}
+        for (name, totals), byte_sum in zip(device_totals.items(), byte_sums):
+            totals = dict(totals, byte_sum=float(byte_sum))
             for k, v in totals.items():
                 overall[k] += v
             if len(self.eval_batchers) > 1:
@@ -101,10 +112,8 @@ class Pretraining(Workload):
                     {f"{name}/{k}": v for k, v in metrics_lib.summarize_eval(totals).items()}
                 )
         summary = dict(metrics_lib.summarize_eval(overall), **summary)
-        if targets_seen:
-            summary["unigram_loss"] = float(
-                -self.unigram_log_probs[np.concatenate(targets_seen)].mean()
-            )
+        if unigram_count:
+            summary["unigram_loss"] = float(unigram_nll / unigram_count)
         return summary
 
     def prefetch_options(self, cfg: ExperimentConfig) -> dict[str, int]:
