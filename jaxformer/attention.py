@@ -26,6 +26,7 @@ Array = jax.Array
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 IMPLEMENTATIONS = ("auto", "plain", "chunked", "cudnn", "splash")
+"""The kernels `implementation` (and ModelConfig.attention_impl) may name."""
 
 # "auto" switches from plain to chunked attention at this many logits per (example, head). Plain
 # materialises [B, N, T, S] float32 logits and probabilities and keeps them for the backward pass

@@ -8,7 +8,7 @@ import enum
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar, Union
 
 import yaml
@@ -63,6 +63,16 @@ def save_config(cfg: Any, path: str | os.PathLike[str]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(dump_config(cfg))
     os.replace(tmp, path)
+
+
+def check_choice(field: str, value: Any, choices: Iterable[str]) -> None:
+    """ValueError naming `field`, the value, the valid choices and the closest one, if any."""
+    choices = tuple(choices)
+    if value in choices:
+        return
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{field}={value!r} is not one of {', '.join(choices)}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------

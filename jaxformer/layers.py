@@ -117,39 +117,45 @@ def embedding(
     )
 
 
+NORMS: dict[str, type[nnx.Module]] = {"layernorm": nnx.LayerNorm, "rmsnorm": nnx.RMSNorm}
+"""The norm kinds ModelConfig.norm accepts."""
+
+
 def norm(
     kind: str, features: int, *, eps: float, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
 ) -> nnx.Module:
     """LayerNorm ('layernorm') or RMSNorm ('rmsnorm') over the embedding axis."""
-    if kind == "rmsnorm":
-        return nnx.RMSNorm(
-            features,
-            epsilon=eps,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scale_init=ones_init(("embed",)),
-            rngs=rngs,
-        )
-    if kind == "layernorm":
-        return nnx.LayerNorm(
-            features,
-            epsilon=eps,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scale_init=ones_init(("embed",)),
-            bias_init=zeros_init(("embed",)),
-            rngs=rngs,
-        )
-    raise ValueError(f"unknown norm {kind!r}; valid: layernorm, rmsnorm")
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm {kind!r}; valid: {', '.join(NORMS)}")
+    # RMSNorm has a scale only; LayerNorm also has a bias.
+    bias = dict(bias_init=zeros_init(("embed",))) if kind == "layernorm" else {}
+    return NORMS[kind](
+        features,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=ones_init(("embed",)),
+        rngs=rngs,
+        **bias,
+    )
+
+
+def _gelu_tanh(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_exact(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": _gelu_tanh,  # GPT-2's gelu_new
+    "gelu_exact": _gelu_exact,  # BERT's erf GELU
     "relu": jax.nn.relu,
     "swiglu": jax.nn.silu,
-    "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+    "geglu": _gelu_tanh,
 }
+"""The MLP kinds ModelConfig.mlp accepts, by the activation each applies."""
 GATED = ("swiglu", "geglu")
 
 

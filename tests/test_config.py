@@ -7,9 +7,22 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from jaxformer.config import ConfigError, config_from_dict, dump_config, load_config, save_config
+from jaxformer import attention, layers, models
+from jaxformer.config import (
+    ConfigError,
+    check_choice,
+    config_from_dict,
+    dump_config,
+    load_config,
+    save_config,
+)
+from jaxformer.models.config import CHOICES, ModelConfig
+from jaxformer.models.stack import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,3 +218,43 @@ def test_missing_mandatory_value():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_check_choice_names_field_value_choices_and_closest():
+    check_choice("Cfg.kind", "b", ("a", "b"))
+    with pytest.raises(
+        ValueError, match=r"^Cfg.kind='gleu' is not one of gelu, relu; did you mean 'gelu'\?$"
+    ):
+        check_choice("Cfg.kind", "gleu", ("gelu", "relu"))
+    with pytest.raises(ValueError, match=r"^Cfg.kind='zzz' is not one of gelu, relu$"):
+        check_choice("Cfg.kind", "zzz", ("gelu", "relu"))
+
+
+def test_model_choices_are_the_implementations_tables():
+    assert set(CHOICES) <= {f.name for f in dataclasses.fields(ModelConfig)}
+    assert CHOICES["mlp"] == tuple(layers.ACTIVATIONS)
+    assert CHOICES["norm"] == tuple(layers.NORMS)
+    assert CHOICES["attention_impl"] == attention.IMPLEMENTATIONS
+    assert CHOICES["family"] == tuple(models.FAMILIES)
+    assert set(CHOICES["remat"]) == {"none", *REMAT_POLICIES}
+
+
+@pytest.mark.parametrize("field", sorted(CHOICES))
+def test_bad_model_choice_names_field_value_and_choices(field):
+    valid = ", ".join(CHOICES[field])
+    with pytest.raises(ValueError, match=rf"ModelConfig.{field}='bogus' is not one of {valid}"):
+        ModelConfig(**{field: "bogus"})
+
+
+def test_bad_model_choice_from_yaml_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"ModelConfig.mlp='gleu' .*; did you mean 'gelu'\?"):
+        load_config(ModelConfig, None, ["mlp=gleu"])
+
+
+def test_gelu_mlp_is_tanh_approximate():
+    x = jnp.linspace(-4.0, 4.0, 33)
+    np.testing.assert_array_equal(layers.ACTIVATIONS["gelu"](x), jax.nn.gelu(x, approximate=True))
+    np.testing.assert_array_equal(
+        layers.ACTIVATIONS["gelu_exact"](x), jax.nn.gelu(x, approximate=False)
+    )
+    assert not np.allclose(layers.ACTIVATIONS["gelu"](x), layers.ACTIVATIONS["gelu_exact"](x))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jaxformer.models.config import PRESETS, PROMISED_PARAMS, ModelConfig, preset
+from jaxformer.models.config import CHOICES, PRESETS, PROMISED_PARAMS, ModelConfig, preset
 from jaxformer.models.decoder import DecoderLM
 from jaxformer.models.encoder import EncoderLM
 from jaxformer.models.encoder_decoder import EncoderDecoderLM
 
 FAMILIES = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}
+# ModelConfig validates `family` against its own list (it can't import the model classes).
+assert tuple(FAMILIES) == CHOICES["family"], "FAMILIES vs CHOICES"
 
 
 def create(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxformer import layers, positional
 from jaxformer.layers import AttentionInputs
 from jaxformer.logical import constrain
-from jaxformer.models.config import ModelConfig
+from jaxformer.models.config import TABLE_POSITIONS, ModelConfig
 
 Array = jax.Array
 HIDDEN = ("batch", "length", "embed")
@@ -75,7 +75,7 @@ class Embeddings(nnx.Module):
     ) -> Array:
         """[B, L, D] input representations."""
         length = tokens_BxL.shape[1]
-        if self.position in ("learned", "sinusoidal") and length > self.max_len:
+        if self.position in TABLE_POSITIONS and length > self.max_len:
             raise ValueError(
                 f"sequence of {length} tokens is longer than the model's max_len={self.max_len}"
             )

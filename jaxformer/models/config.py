@@ -4,9 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Literal, Optional
+from typing import Optional
 
-Family = Literal["decoder", "encoder", "encoder_decoder"]
+from jaxformer.attention import IMPLEMENTATIONS
+from jaxformer.config import check_choice
+from jaxformer.layers import ACTIVATIONS, NORMS
+
+TABLE_POSITIONS = ("learned", "sinusoidal")
+"""Position kinds read from a [max_len, d_model] table, so sequences are at most max_len long."""
+
+# The valid values of each choice field. Names implemented by a table below this module come from
+# that table (layers, attention); the tables above it, which import this module (models.FAMILIES,
+# models.stack.REMAT_POLICIES), check themselves against the names here; the other fields are read
+# by comparisons in the model code, so this is their one list.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "family": ("decoder", "encoder", "encoder_decoder"),
+    "position": (*TABLE_POSITIONS, "rope", "relative", "none"),
+    "norm": tuple(NORMS),
+    "norm_position": ("pre", "post"),
+    "mlp": tuple(ACTIVATIONS),
+    "attention_impl": IMPLEMENTATIONS,
+    "dtype": ("float32", "bfloat16", "float16"),
+    "param_dtype": ("float32", "bfloat16"),
+    "remat": ("none", "full", "dots_saveable", "offload_dots"),
+    "pooling": ("first", "mean"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,20 +97,8 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        _check_choice("family", self.family, ("decoder", "encoder", "encoder_decoder"))
-        _check_choice(
-            "position", self.position, ("learned", "sinusoidal", "rope", "relative", "none")
-        )
-        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice("norm_position", self.norm_position, ("pre", "post"))
-        _check_choice("mlp", self.mlp, ("gelu", "gelu_exact", "relu", "swiglu", "geglu"))
-        _check_choice(
-            "attention_impl", self.attention_impl, ("auto", "plain", "chunked", "cudnn", "splash")
-        )
-        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _check_choice("param_dtype", self.param_dtype, ("float32", "bfloat16"))
-        _check_choice("remat", self.remat, ("none", "full", "dots_saveable", "offload_dots"))
-        _check_choice("pooling", self.pooling, ("first", "mean"))
+        for name, choices in CHOICES.items():
+            check_choice(f"ModelConfig.{name}", getattr(self, name), choices)
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
@@ -116,11 +126,6 @@ class ModelConfig:
     def decoder_layers(self) -> int:
         """Decoder depth of an encoder-decoder."""
         return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"ModelConfig.{name}={value!r} is not one of {', '.join(choices)}")
 
 
 _GPT2 = dict(

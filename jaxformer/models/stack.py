@@ -18,7 +18,7 @@ from flax import nnx
 from jaxformer.layers import AttentionInputs
 from jaxformer.logical import constrain
 from jaxformer.models.block import Block
-from jaxformer.models.config import ModelConfig
+from jaxformer.models.config import CHOICES, ModelConfig
 
 Array = jax.Array
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
@@ -31,6 +31,9 @@ REMAT_POLICIES: dict[str, Optional[Callable]] = {
         offload_src="device", offload_dst="pinned_host"
     ),
 }
+# ModelConfig can't import this module (this module imports it), so it lists the remat names
+# itself; this keeps that list and the policies in step.
+assert set(REMAT_POLICIES) == set(CHOICES["remat"]) - {"none"}, "REMAT_POLICIES vs CHOICES"
 
 
 def make_blocks(

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxformer.config import check_choice
+
 NAMES = ("adamw", "adafactor")
 SCHEDULES = ("warmup_cosine", "warmup_linear", "inverse_sqrt", "warmup_stable_decay", "constant")
 
@@ -48,8 +50,8 @@ class OptimizerConfig:
     """Micro-batches whose gradients the train step averages before one optimizer update."""
 
     def __post_init__(self) -> None:
-        _check_choice("name", self.name, NAMES)
-        _check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("OptimizerConfig.name", self.name, NAMES)
+        check_choice("OptimizerConfig.schedule", self.schedule, SCHEDULES)
         if self.grad_accum_steps < 1:
             raise ValueError(
                 f"OptimizerConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}"
@@ -74,14 +76,9 @@ class OptimizerConfig:
             )
 
 
-def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"OptimizerConfig.{field}={value!r} is not one of {', '.join(choices)}")
-
-
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Learning rate as a function of the step, over a run of total_steps optimizer updates."""
-    _check_choice("schedule", cfg.schedule, SCHEDULES)
+    check_choice("OptimizerConfig.schedule", cfg.schedule, SCHEDULES)
     peak, warmup = cfg.learning_rate, cfg.warmup_steps
     end = peak * cfg.min_lr_ratio
     if warmup > total_steps and cfg.schedule != "inverse_sqrt":
@@ -171,7 +168,7 @@ def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """The full update rule: optional global-norm clipping, then AdamW or Adafactor on the schedule."""
-    _check_choice("name", cfg.name, NAMES)
+    check_choice("OptimizerConfig.name", cfg.name, NAMES)
     schedule = make_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731
     if cfg.name == "adamw":
