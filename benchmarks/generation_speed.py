@@ -39,16 +39,19 @@ def greedy_without_cache(graphdef, state, prompt_BxP, n):
     if model.config.family == "decoder":
         width, start = p + n - 1, p
         buffer = jnp.zeros((b, width), jnp.int32).at[:, :p].set(prompt_BxP)
-        logits_of = model
+        logits_of = lambda m, tokens: m(tokens)
     else:
         encoded = model.encode(prompt_BxP)
         width, start = n, 1
         buffer = jnp.zeros((b, width), jnp.int32)  # decoder start token 0
-        logits_of = lambda tokens: model.decode(tokens, encoded)
+        logits_of = lambda m, tokens: m.decoder_logits(tokens, encoded)
 
     def body(i, carry):
         buffer, out = carry
-        logits = logits_of(buffer)  # the full forward pass, every step
+        # A model copy per step: running it updates its RNG counters, which the Variables of a
+        # model merged outside the loop body cannot take from inside it (TraceContextError).
+        step_model = nnx.merge(graphdef, state, copy=True)
+        logits = logits_of(step_model, buffer)  # the full forward pass, every step
         tok = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, start - 1 + i, 1, False), -1)
         out = out.at[:, i].set(tok.astype(jnp.int32))
         buffer = jax.lax.dynamic_update_index_in_dim(

@@ -12,7 +12,14 @@ import pytest
 from flax import nnx
 from model_helpers import tokens
 
-from jaxformer.inference import beam_search, generate, param_bytes, quantize_model
+from jaxformer.inference import (
+    METHODS,
+    DecodeOptions,
+    beam_search,
+    generate,
+    param_bytes,
+    quantize_model,
+)
 
 # A larger init than the presets' 0.02 makes random models' greedy outputs vary from step to step
 # (with 0.02 they repeat one token), so token-for-token comparisons mean something.
@@ -203,6 +210,15 @@ def test_int8_logits_stay_close_to_float32(name):
     assert model.embed.token_embed.embedding[...].dtype == jnp.float32  # the input is untouched
     prompt = x[:2, :8]
     assert generate(quantized, prompt, max_new_tokens=4).shape == (2, 4)
+
+
+def test_the_compiled_loop_is_keyed_without_the_temperature():
+    key = lambda **kw: DecodeOptions(max_new_tokens=4, **kw).compile_key()
+    # The temperature is traced, so a new one reuses the compiled loop; at 0 sampling is greedy.
+    assert key(method="sample", temperature=0.5) == key(method="sample", temperature=2.0)
+    assert key(method="sample", temperature=0) == key(method="greedy")
+    assert key(method="sample", top_k=np.int64(3)) == key(method="sample", top_k=3)
+    assert len({key(method=m) for m in METHODS}) == len(METHODS)
 
 
 def test_clear_errors():

@@ -165,24 +165,6 @@ def test_causal_batch_targets_follow_the_stream():
     )  # no padding in packed rows: weight 0 exactly at document ends
 
 
-def test_eval_batches_are_unshuffled_and_in_order():
-    tokens, offsets = corpus()
-    batcher = make_batcher(CONFIG, ArrayTokens(tokens, offsets), SPECIAL, 4, "masked_lm")
-    batches = list(batcher.eval_batches(3))
-    assert len(batches) == 3
-    L = CONFIG.seq_len
-    for step, b in enumerate(batches):
-        expect = tokens[step * CONFIG.batch_size * L : (step + 1) * CONFIG.batch_size * L].reshape(
-            -1, L
-        )
-        np.testing.assert_array_equal(b["targets"], expect)
-        fresh = make_batcher(CONFIG, ArrayTokens(tokens, offsets), SPECIAL, 4, "masked_lm")
-        assert_batches_equal(b, list(fresh.eval_batches(3))[step])
-    assert len(list(batcher.eval_batches())) == batcher.stream.rows_per_epoch // CONFIG.batch_size
-    with pytest.raises(ValueError, match="full batches"):
-        list(batcher.eval_batches(10**6))
-
-
 def test_errors_speak_to_the_user():
     tokens, offsets = corpus()
     batcher = make_batcher(CONFIG, ArrayTokens(tokens, offsets), SPECIAL, 0)

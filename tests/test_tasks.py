@@ -187,6 +187,20 @@ def test_task_config_errors():
     assert (r.input_key, r.target_key, r.label_key) == ("document", "summary", "")
 
 
+def example_row(batcher, index):
+    """The batch row of example `index` (weight 1): batch `index` of an unshuffled batcher of one."""
+    cfg = dataclasses.replace(batcher.cfg, batch_size=1)
+    one = TaskBatcher(
+        cfg,
+        batcher.examples,
+        batcher.tokenizer,
+        seed=0,
+        shuffle=False,
+        token_fields=batcher.token_fields,
+    )
+    return {k: v[0] for k, v in one.batch(index).items()}
+
+
 def _check_common(batch, B, weight=1.0):
     for k, v in batch.items():
         want = np.float32 if k in ("loss_weights", "example_weight") else np.int32
@@ -204,7 +218,7 @@ def test_classification_batches(task_data_dir, stdlib_tokenizer):
     assert b["labels"].shape == (8,)
     assert (b["inputs"][:, 0] == stdlib_tokenizer.bos_id).all()
     for i in range(len(ex)):
-        row = batcher.example_row(i)
+        row = example_row(batcher, i)
         ids = stdlib_tokenizer.encode(ex[i]["text"])
         n = min(len(ids) + 1, 64)
         want = np.pad([stdlib_tokenizer.bos_id] + ids[:63], (0, 64 - n))
@@ -244,7 +258,7 @@ def test_text2text_batches(task_data_dir, stdlib_tokenizer):
     np.testing.assert_array_equal(b["loss_weights"], b["decoder_segment_ids"])
     batcher = TaskBatcher(cfg, ex, stdlib_tokenizer, seed=0)
     for i in range(20):
-        row = batcher.example_row(i)
+        row = example_row(batcher, i)
         src, tgt = (
             stdlib_tokenizer.encode(ex[i]["source"]),
             stdlib_tokenizer.encode(ex[i]["target"]),
@@ -364,7 +378,7 @@ def test_eval_batches_count_every_example_exactly_once(
     w = merged["example_weight"]
     assert w.sum() == len(ex) and (w[: len(ex)] == 1).all() and (w[len(ex) :] == 0).all()
     for i in range(len(ex)):
-        row = batcher.example_row(i)
+        row = example_row(batcher, i)
         for k in row:
             np.testing.assert_array_equal(merged[k][i], row[k], err_msg=k)
     assert (

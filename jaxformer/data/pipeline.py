@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Optional
 
 import numpy as np
@@ -103,16 +103,14 @@ class Batcher:
             seed,
             salt,
         )
-        self._eval_stream: Optional[PackedStream] = None
 
-    def row(self, index: int, stream: Optional[PackedStream] = None) -> obj.Row:
+    def row(self, index: int) -> obj.Row:
         """The objective applied to global row `index`; its randomness is seeded by (seed, index) only."""
         rng = np.random.default_rng([self.seed, int(index), self.salt])
-        return self.row_fn(*(stream or self.stream).row(index), rng)
+        return self.row_fn(*self.stream.row(index), rng)
 
-    def _rows(
-        self, step: int, process_index: int, process_count: int, stream: PackedStream
-    ) -> obj.Row:
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> obj.Row:
+        """This process's share ([B / process_count, ...] arrays) of the global batch at `step`."""
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(
                 f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
@@ -125,29 +123,8 @@ class Batcher:
             raise ValueError(f"step must be non-negative, got {step}")
         local = self.batch_size // process_count
         first = step * self.batch_size + process_index * local
-        rows = [self.row(i, stream) for i in range(first, first + local)]
+        rows = [self.row(i) for i in range(first, first + local)]
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> obj.Row:
-        """This process's share ([B / process_count, ...] arrays) of the global batch at `step`."""
-        return self._rows(step, process_index, process_count, self.stream)
-
-    def eval_batches(
-        self, num_batches: Optional[int] = None, process_index: int = 0, process_count: int = 1
-    ) -> Iterator[obj.Row]:
-        """Unshuffled batches in corpus order (default: every full batch of one pass); deterministic."""
-        if self._eval_stream is None:
-            s = self.stream
-            self._eval_stream = PackedStream(s.source, s.row_len, s.seed, shuffle=False)
-        available = self._eval_stream.rows_per_epoch // self.batch_size
-        if num_batches is None:
-            num_batches = available
-        if num_batches > available:
-            raise ValueError(
-                f"eval set holds {available} full batches of {self.batch_size} rows, {num_batches} requested"
-            )
-        for step in range(num_batches):
-            yield self._rows(step, process_index, process_count, self._eval_stream)
 
 
 def make_batcher(

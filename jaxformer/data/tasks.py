@@ -342,10 +342,6 @@ class TaskBatcher:
             rows = self._local_range(step, process_index, process_count)
             yield self._rows([r % n for r in rows], [float(r < n) for r in rows])
 
-    def example_row(self, index: int) -> dict[str, np.ndarray]:
-        """The batch row of example `index` (weight 1), e.g. to check what a batch holds."""
-        return {k: v[0] for k, v in self._rows([index], [1.0]).items()}
-
     def _rows(self, indices: list[int], weights: list[float]) -> dict[str, np.ndarray]:
         cfg = self.cfg
         items = [self.examples[i] for i in indices]

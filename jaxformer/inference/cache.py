@@ -16,7 +16,8 @@ encoder input (padding, anywhere, hidden by the encoder mask) and decoding start
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +26,29 @@ from flax import nnx
 Array = jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeRows:
+    """Per-row arrays that every step needs (batch-leading, so they can be repeated for beams).
+
+    A pytree: the fields that are None (those of the other family) have no leaves.
+    """
+
+    lengths_B: Optional[Array] = None
+    """Decoder-only: the prompt lengths; generated token i of row b sits at lengths[b] + i."""
+    kv_valid_BxM: Optional[Array] = None
+    """Decoder-only: the cache slots that hold real tokens (False for the left padding)."""
+    encoder_mask_BxS: Optional[Array] = None
+    """Encoder-decoder: the encoder input's real tokens, for cross-attention."""
+
+
 class Prefix(NamedTuple):
     """What the prompt leaves for the decode loop."""
 
     logits_BxV: Array
     """Float32 logits of the first new token."""
     cache: dict
-    rows: dict
-    """Per-row arrays that every step needs (batch-leading, so they can be repeated for beams)."""
+    rows: DecodeRows
     first_slot: int
     """Cache slot of the first generated token; generated token i is fed at first_slot + i."""
 
@@ -84,32 +100,33 @@ def prefill(
         return Prefix(
             logits[:, -1].astype(jnp.float32),
             cache,
-            dict(lengths=lengths_B, kv_valid=kv_valid_BxM),
+            DecodeRows(lengths_B=lengths_B, kv_valid_BxM=kv_valid_BxM),
             p,
         )
     encoded = model.encode(prompt_BxP, encoder_mask=encoder_mask_BxP)
     cache = model.init_cache(encoded, max_new_tokens)
     start_Bx1 = jnp.full((b, 1), decoder_start_id, prompt_BxP.dtype)
     logits, cache = model.decode_step(start_Bx1, cache, index=0, encoder_mask=encoder_mask_BxP)
-    return Prefix(logits[:, -1].astype(jnp.float32), cache, dict(encoder_mask=encoder_mask_BxP), 1)
+    rows = DecodeRows(encoder_mask_BxS=encoder_mask_BxP)
+    return Prefix(logits[:, -1].astype(jnp.float32), cache, rows, 1)
 
 
 def step(
-    model: nnx.Module, tokens_B: Array, cache: dict, rows: dict, first_slot: int, i: Array
+    model: nnx.Module, tokens_B: Array, cache: dict, rows: DecodeRows, first_slot: int, i: Array
 ) -> tuple[Array, dict]:
     """Feeds generated token i of every row; returns the next logits [B, V] and the cache."""
     index = first_slot + i
-    if "kv_valid" in rows:
+    if rows.kv_valid_BxM is not None:  # decoder-only
         logits, cache = model.decode_step(
             tokens_B[:, None],
             cache,
             index=index,
-            positions=(rows["lengths"] + i)[:, None],
-            kv_valid=rows["kv_valid"],
+            positions=(rows.lengths_B + i)[:, None],
+            kv_valid=rows.kv_valid_BxM,
         )
     else:
         logits, cache = model.decode_step(
-            tokens_B[:, None], cache, index=index, encoder_mask=rows["encoder_mask"]
+            tokens_B[:, None], cache, index=index, encoder_mask=rows.encoder_mask_BxS
         )
     return logits[:, -1].astype(jnp.float32), cache
 

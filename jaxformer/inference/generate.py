@@ -7,6 +7,7 @@ cache and the prompt layout, `beam.py` for the beam-search scoring convention.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Union
 
@@ -21,6 +22,43 @@ from jaxformer.inference import sampling
 
 Array = jax.Array
 METHODS = ("greedy", "sample", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode: everything but the model, the prompt and the rng (see `generate`)."""
+
+    max_new_tokens: int
+    method: str = "greedy"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    eos_id: Optional[int] = None
+    pad_id: int = 0
+    decoder_start_id: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the next token is the argmax (sampling at temperature 0 is greedy)."""
+        return self.method == "greedy" or (self.method == "sample" and self.temperature == 0)
+
+    def compile_key(self) -> DecodeOptions:
+        """These options as the compiled loop's static argument: plain Python numbers,
+        temperature 0 sampling as 'greedy', and the temperature left out (it is passed traced)."""
+        # Leaving the temperature out keeps one compilation for every temperature.
+        return DecodeOptions(
+            max_new_tokens=int(self.max_new_tokens),
+            method="greedy" if self.greedy else self.method,
+            top_k=int(self.top_k),
+            top_p=float(self.top_p),
+            num_beams=int(self.num_beams),
+            length_penalty=float(self.length_penalty),
+            eos_id=None if self.eos_id is None else int(self.eos_id),
+            pad_id=int(self.pad_id),
+            decoder_start_id=int(self.decoder_start_id),
+        )
 
 
 def generate(
@@ -56,12 +94,8 @@ def generate(
     Scores: the sum of the model's log-probabilities of the generated tokens up to and including
       EOS (greedy/sample), or the best hypothesis' length-normalised score (beam).
     """
-    seqs, scores = _run(
-        model,
-        prompt_tokens,
+    options = DecodeOptions(
         max_new_tokens=max_new_tokens,
-        prompt_lengths=prompt_lengths,
-        encoder_mask=encoder_mask,
         method=method,
         temperature=temperature,
         top_k=top_k,
@@ -71,8 +105,8 @@ def generate(
         eos_id=eos_id,
         pad_id=pad_id,
         decoder_start_id=decoder_start_id,
-        rng=rng,
     )
+    seqs, scores = _run(model, prompt_tokens, prompt_lengths, encoder_mask, rng, options)
     if method == "beam":
         seqs, scores = seqs[:, 0], scores[:, 0]
     return (seqs, scores) if return_scores else seqs
@@ -92,55 +126,21 @@ def beam_search(
     decoder_start_id: int = 0,
 ) -> tuple[Array, Array]:
     """All final hypotheses [B, num_beams, max_new_tokens], best first, and their scores."""
-    return _run(
-        model,
-        prompt_tokens,
+    options = DecodeOptions(
         max_new_tokens=max_new_tokens,
-        prompt_lengths=prompt_lengths,
-        encoder_mask=encoder_mask,
         method="beam",
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
         num_beams=num_beams,
         length_penalty=length_penalty,
         eos_id=eos_id,
         pad_id=pad_id,
         decoder_start_id=decoder_start_id,
-        rng=None,
     )
+    return _run(model, prompt_tokens, prompt_lengths, encoder_mask, None, options)
 
 
-def _run(
-    model,
-    prompt_tokens,
-    *,
-    max_new_tokens,
-    prompt_lengths,
-    encoder_mask,
-    method,
-    temperature,
-    top_k,
-    top_p,
-    num_beams,
-    length_penalty,
-    eos_id,
-    pad_id,
-    decoder_start_id,
-    rng,
-):
+def _run(model, prompt_tokens, prompt_lengths, encoder_mask, rng, options: DecodeOptions):
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-    lengths = _check(
-        model,
-        prompt_tokens,
-        max_new_tokens,
-        prompt_lengths,
-        method,
-        temperature,
-        top_k,
-        top_p,
-        num_beams,
-    )
+    lengths = _check(model, prompt_tokens, prompt_lengths, options)
     if encoder_mask is None:
         encoder_mask = jnp.arange(prompt_tokens.shape[1])[None, :] < lengths[:, None]
     elif model.config.family != "encoder_decoder" or prompt_lengths is not None:
@@ -150,25 +150,13 @@ def _run(
             f"encoder_mask {jnp.shape(encoder_mask)} must have the prompt's shape "
             f"{prompt_tokens.shape}"
         )
-    greedy = method == "greedy" or (method == "sample" and temperature == 0)
-    if method == "sample" and not greedy:
+    if options.method == "sample" and not options.greedy:
         if rng is None:
             raise ValueError("method='sample' needs rng= (a jax.random.key or an int seed)")
         rng = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
     else:
         rng = jax.random.key(0)  # unused
-    options = dict(
-        max_new_tokens=int(max_new_tokens),
-        beam=method == "beam",
-        greedy=greedy,
-        top_k=int(top_k),
-        top_p=float(top_p),
-        num_beams=int(num_beams),
-        length_penalty=float(length_penalty),
-        eos_id=None if eos_id is None else int(eos_id),
-        pad_id=int(pad_id),
-        decoder_start_id=int(decoder_start_id),
-    )
+    temperature = options.temperature
     graphdef, state = nnx.split(model)
     return _compiled(
         graphdef,
@@ -178,46 +166,37 @@ def _run(
         jnp.asarray(encoder_mask, bool),
         rng,
         jnp.float32(temperature if temperature else 1.0),
-        **options,
+        options.compile_key(),
     )
 
 
-def _check(
-    model,
-    prompt_tokens,
-    max_new_tokens,
-    prompt_lengths,
-    method,
-    temperature,
-    top_k,
-    top_p,
-    num_beams,
-) -> Array:
+def _check(model, prompt_tokens, prompt_lengths, options: DecodeOptions) -> Array:
     """Raises a ValueError naming the problem; returns the prompt lengths [B] as int32."""
     fam = cache_lib.family(model)
-    if method not in METHODS:
-        raise ValueError(f"unknown generation method {method!r}; valid: {', '.join(METHODS)}")
+    o = options
+    if o.method not in METHODS:
+        raise ValueError(f"unknown generation method {o.method!r}; valid: {', '.join(METHODS)}")
     if prompt_tokens.ndim != 2:
         raise ValueError(f"prompt_tokens must be [batch, length]; got shape {prompt_tokens.shape}")
     b, p = prompt_tokens.shape
-    max_len = model.config.max_len
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if fam == "decoder" and p + max_new_tokens > max_len:
+    max_len, n = model.config.max_len, o.max_new_tokens
+    if n < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {n}")
+    if fam == "decoder" and p + n > max_len:
         raise ValueError(
-            f"prompt length {p} plus max_new_tokens {max_new_tokens} = "
-            f"{p + max_new_tokens} exceeds the model's max_len {max_len}"
+            f"prompt length {p} plus max_new_tokens {n} = {p + n} exceeds the model's "
+            f"max_len {max_len}"
         )
-    if fam == "encoder_decoder" and (p > max_len or max_new_tokens > max_len):
+    if fam == "encoder_decoder" and (p > max_len or n > max_len):
         raise ValueError(
-            f"encoder prompt length {p} and max_new_tokens {max_new_tokens} must "
-            f"each be at most the model's max_len {max_len}"
+            f"encoder prompt length {p} and max_new_tokens {n} must each be at most the model's "
+            f"max_len {max_len}"
         )
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0 or num_beams < 1:
+    if o.temperature < 0 or not 0.0 < o.top_p <= 1.0 or o.top_k < 0 or o.num_beams < 1:
         raise ValueError(
             f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 and num_beams >= 1; "
-            f"got temperature={temperature}, top_p={top_p}, top_k={top_k}, "
-            f"num_beams={num_beams}"
+            f"got temperature={o.temperature}, top_p={o.top_p}, top_k={o.top_k}, "
+            f"num_beams={o.num_beams}"
         )
     if prompt_lengths is None:
         return jnp.full((b,), p, jnp.int32)
@@ -232,42 +211,11 @@ def _check(
     return jnp.asarray(prompt_lengths, jnp.int32)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnums=0,
-    static_argnames=(
-        "max_new_tokens",
-        "beam",
-        "greedy",
-        "top_k",
-        "top_p",
-        "num_beams",
-        "length_penalty",
-        "eos_id",
-        "pad_id",
-        "decoder_start_id",
-    ),
-)
+@functools.partial(jax.jit, static_argnums=(0, 7))
 def _compiled(
-    graphdef,
-    state,
-    prompt_BxP,
-    lengths_B,
-    mask_BxP,
-    rng,
-    temperature,
-    *,
-    max_new_tokens,
-    beam,
-    greedy,
-    top_k,
-    top_p,
-    num_beams,
-    length_penalty,
-    eos_id,
-    pad_id,
-    decoder_start_id,
+    graphdef, state, prompt_BxP, lengths_B, mask_BxP, rng, temperature, options: DecodeOptions
 ):
+    """The whole decode loop; `options` is a `DecodeOptions.compile_key()` (static)."""
     model = nnx.merge(graphdef, state)
     model.eval()
     prefix = cache_lib.prefill(
@@ -275,28 +223,26 @@ def _compiled(
         prompt_BxP,
         lengths_B,
         mask_BxP,
-        max_new_tokens,
-        pad_id=pad_id,
-        decoder_start_id=decoder_start_id,
+        options.max_new_tokens,
+        pad_id=options.pad_id,
+        decoder_start_id=options.decoder_start_id,
     )
-    if beam:
+    if options.method == "beam":
         return beam_lib.beam_loop(
             model,
             prefix,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            length_penalty=length_penalty,
-            eos_id=eos_id,
-            pad_id=pad_id,
+            max_new_tokens=options.max_new_tokens,
+            num_beams=options.num_beams,
+            length_penalty=options.length_penalty,
+            eos_id=options.eos_id,
+            pad_id=options.pad_id,
         )
-    choose = functools.partial(
-        sampling.next_token, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p
-    )
-    return _token_loop(model, prefix, rng, choose, max_new_tokens, eos_id, pad_id)
+    return _token_loop(model, prefix, rng, temperature, options)
 
 
-def _token_loop(model, prefix: cache_lib.Prefix, rng, choose, n: int, eos_id, pad_id):
+def _token_loop(model, prefix: cache_lib.Prefix, rng, temperature, options: DecodeOptions):
     """Greedy or sampled decoding; returns tokens [B, n] and summed log-probabilities [B]."""
+    n, eos_id, pad_id = options.max_new_tokens, options.eos_id, options.pad_id
     b = prefix.logits_BxV.shape[0]
     carry = dict(
         i=jnp.int32(0),
@@ -310,7 +256,14 @@ def _token_loop(model, prefix: cache_lib.Prefix, rng, choose, n: int, eos_id, pa
 
     def emit(c):
         rng, key = jax.random.split(c["rng"])
-        tok_B = choose(c["logits"], key)
+        tok_B = sampling.next_token(
+            c["logits"],
+            key,
+            greedy=options.greedy,
+            temperature=temperature,
+            top_k=options.top_k,
+            top_p=options.top_p,
+        )
         logp_B = jnp.take_along_axis(
             jax.nn.log_softmax(c["logits"], axis=-1), tok_B[:, None], axis=1
         )[:, 0]

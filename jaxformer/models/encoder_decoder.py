@@ -63,7 +63,7 @@ class EncoderDecoderLM(nnx.Module):
         )
         return self.dropout(self.encoder_norm(x))
 
-    def decode(
+    def decoder_logits(
         self,
         decoder_tokens_BxT: Array,
         encoded_BxSxD: Array,
@@ -71,7 +71,8 @@ class EncoderDecoderLM(nnx.Module):
         encoder_mask: Optional[Array] = None,
         decoder_mask: Optional[Array] = None,
     ) -> Array:
-        """Decoder logits [B, T, V] given the encoder's hidden states."""
+        """Decoder logits [B, T, V] of a full uncached pass over the decoder tokens, given the
+        encoder's hidden states (one cached step at a time: `decode_step`)."""
         return self.logits(
             self.decoder_hidden(
                 decoder_tokens_BxT,

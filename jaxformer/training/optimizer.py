@@ -125,11 +125,6 @@ def _warmup(peak: float, warmup: int) -> optax.Schedule:
     return optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
 
 
-def current_lr(cfg: OptimizerConfig, total_steps: int, step: int) -> float:
-    """The learning rate at one step, for logging."""
-    return float(make_schedule(cfg, total_steps)(step))
-
-
 def _key_name(key: Any) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
