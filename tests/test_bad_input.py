@@ -240,7 +240,7 @@ def test_finetune_checks_its_config_before_reading_task_data(
         ),
         (
             ["task.name=code_completion", "task.max_input_len=512", run],
-            "task.max_input_len=512 exceeds the checkpoint's model.max_len=128",
+            "task.max_input_len=512 exceeds model.max_len=128",
         ),
     ]
     for argv, message in cases:

@@ -283,7 +283,9 @@ def test_another_state_is_not_mistaken_for_damage(tmp_path):
     adam = state(optax.adamw(1e-3))
     ckpt = Checkpointer(str(tmp_path), async_save=False)
     for step in (1, 2):
-        ckpt.save(step, adam, config={}, tokenizer_model=b"tok", data_state={})
+        ckpt.save(
+            step, adam, config={}, tokenizer_model=b"tok", data_state={}, workload="pretraining"
+        )
     ckpt.close()
     with pytest.raises(CheckpointError, match="at step 2 does not match this model"):
         Checkpointer(str(tmp_path)).restore_newest(state(optax.sgd(1e-3)), mesh, rules)

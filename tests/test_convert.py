@@ -3,6 +3,7 @@
 The HF models are randomly initialised from tiny configs (no downloads). Skipped without torch.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -235,7 +236,7 @@ def test_greedy_generation_t5(hf_models):
         )[0].tolist()
     assert ref[0] == 0  # decoder start
     encoded = model.encode(jnp.asarray(src))
-    step = nnx.jit(lambda m, enc, x: m.decode(x, enc))
+    step = nnx.jit(lambda m, enc, x: m.decoder_logits(x, enc))
     buffer = np.zeros((1, n + 1), np.int32)
     ours = _greedy(lambda x: step(model, encoded, x), buffer, 1, n)
     new = _hf_new(ref, 1, n, hf.config.eos_token_id)
@@ -386,6 +387,7 @@ def test_converted_checkpoint_fine_tunes_and_evaluates(stdlib_data_dir, stdlib_t
         "train.eval_every=0",
         "optimizer.warmup_steps=1",
         "checkpoint.async_save=false",
+        "model.pooling=first",  # what BertForSequenceClassification pools
         f"run.dir={run_dir}",
     ]
     assert (
@@ -396,3 +398,25 @@ def test_converted_checkpoint_fine_tunes_and_evaluates(stdlib_data_dir, stdlib_t
     assert run_eval(run_dir, None, None, str(tmp_path / "report.json"), False, None) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert {"accuracy", "macro_f1"} <= set(report["metrics"])
+    # The fine-tuned run goes back out as the classifier it now is, with its task's labels.
+    assert cli(["to-hf", run_dir, str(tmp_path / "out")]) == 0
+    back = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "BertForSequenceClassification"
+    from jaxformer.convert.runs import load_run
+
+    model, cfg = load_run(run_dir)
+    assert back.config.num_labels == cfg.num_labels
+    tokens = TOKENS % stdlib_tokenizer.vocab_size
+    ours = model.classify(jnp.asarray(tokens), attention_mask=jnp.asarray(MASK, bool))
+    with torch.no_grad():
+        theirs = back(
+            input_ids=torch.tensor(tokens), attention_mask=torch.tensor(MASK)
+        ).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=ATOL)
+    # Fine-tuning moved the model away from the converted checkpoint.
+    with torch.no_grad():
+        before = hf(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(MASK)).logits
+    assert before.shape != theirs.shape or not np.allclose(before.numpy(), theirs, atol=1e-3)
+    mean_pooled = dataclasses.replace(cfg, pooling="mean")
+    with pytest.raises(ValueError, match="pooling='mean' cannot be written"):
+        convert.to_hf(model, mean_pooled, tmp_path / "mean", head="classification")

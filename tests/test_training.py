@@ -15,8 +15,9 @@ from jaxformer import models
 from jaxformer import sharding as shard_lib
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.config import load_experiment
-from jaxformer.training.loop import Trainer, build_state
+from jaxformer.training.loop import Trainer
 from jaxformer.training.main import run_training
+from jaxformer.training.state import build_state
 from jaxformer.training.step import make_train_step
 
 
@@ -114,7 +115,14 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
     mesh_24 = shard_lib.make_mesh(shard_lib.MeshConfig(shape=(2, 4, 1)))
     _, state = build_state(cfg, tx, mesh_24, rules, seed=3)
     ckpt = Checkpointer(str(tmp_path), async_save=False)
-    ckpt.save(7, state, config={}, tokenizer_model=b"tok", data_state={"seed": 3, "step": 7})
+    ckpt.save(
+        7,
+        state,
+        config={},
+        tokenizer_model=b"tok",
+        data_state={"seed": 3, "step": 7},
+        workload="pretraining",
+    )
     ckpt.wait()
     saved = [
         np.asarray(x)
@@ -230,7 +238,7 @@ def test_checkpoint_of_an_older_format_is_refused_clearly(tmp_path, monkeypatch)
     )
     monkeypatch.setattr(ckpt_lib, "FORMAT_VERSION", 1)
     ckpt = Checkpointer(str(tmp_path), async_save=False)
-    ckpt.save(3, state, config={}, tokenizer_model=b"tok", data_state={})
+    ckpt.save(3, state, config={}, tokenizer_model=b"tok", data_state={}, workload="pretraining")
     ckpt.wait()
     monkeypatch.setattr(ckpt_lib, "FORMAT_VERSION", 2)
     with pytest.raises(

@@ -8,9 +8,10 @@ import optax
 from jaxformer.data.objectives import SpecialIds
 from jaxformer.data.pipeline import make_batcher
 from jaxformer.data.token_store import ArrayTokens
-from jaxformer.training.config import load_experiment
+from jaxformer.training.checkpoint import Checkpointer
+from jaxformer.training.config import ExperimentConfig, load_experiment
 from jaxformer.training.loop import Trainer
-from jaxformer.training.workload import Workload
+from jaxformer.training.workload import Workload, register, workload_class
 
 QUIET = dict(show_progress=False, log=lambda _: None)
 PERIOD = 7  # the stream repeats tokens 10..16, so the next token is always predictable
@@ -20,8 +21,12 @@ def initial_embeddings(shape) -> np.ndarray:
     return np.random.default_rng(0).normal(0.0, 0.05, shape).astype(np.float32)
 
 
+@register
 class RepeatingSequence(Workload):
     """Causal LM on 10, 11, ..., 16, 10, 11, ...; Adam; its own initial token embeddings."""
+
+    name = "repeating_sequence"
+    config_type = ExperimentConfig
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -83,6 +88,10 @@ def test_own_workload_trains_resumes_and_evaluates(tiny_overrides, stdlib_tokeni
     finally:
         trainer.close()
     assert result["steps"] == 40
+    # The run records which workload wrote it, and the registry finds that workload again.
+    meta = Checkpointer(str(tmp_path / "run"), create=False).read_meta()
+    assert meta["workload"] == "repeating_sequence"
+    assert workload_class(meta["workload"]) is RepeatingSequence
     after = trainer.evaluate()
     assert after["loss"] < before["loss"] - 1.0, (before, after)
     assert after["next_token_accuracy"] > 0.9, after

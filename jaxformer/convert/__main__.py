@@ -38,7 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument(
         "--head",
         default=None,
-        help="architecture to record for an encoder: masked_lm or classification",
+        help="architecture to record for an encoder: masked_lm or classification "
+        "(default: classification for a fine-tuned classifier, else masked_lm)",
     )
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     args = parser.parse_args(argv)
@@ -77,7 +78,8 @@ def convert_command(args: argparse.Namespace) -> int:
     else:
         model, cfg = runs.load_run(args.src, args.step)
         require_hf("transformers", "safetensors")
-        out = convert.to_hf(model, cfg, args.dst, head=args.head, overwrite=args.overwrite)
+        head = args.head or runs.run_head(args.src, args.step)
+        out = convert.to_hf(model, cfg, args.dst, head=head, overwrite=args.overwrite)
         print(f"wrote Hugging Face directory {out}")
     return 0
 

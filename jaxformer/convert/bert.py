@@ -161,6 +161,14 @@ def config_to_hf(cfg: ModelConfig, head: str) -> Any:
     """A BertConfig for our config."""
     import transformers
 
+    if head == "classification" and cfg.pooling != "first":
+        # BertForSequenceClassification reads the first token through the tanh pooler.
+        raise ValueError(
+            f"a classifier with model.pooling={cfg.pooling!r} cannot be written as "
+            "BertForSequenceClassification (which pools the first token); fine-tune with "
+            "model.pooling=first to export it"
+        )
+
     return transformers.BertConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,

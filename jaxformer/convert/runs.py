@@ -14,8 +14,9 @@ from jaxformer import sharding as shard_lib
 from jaxformer.config import dump_config, save_config
 from jaxformer.models.config import ModelConfig
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError
-from jaxformer.training.config import ExperimentConfig, RunConfig, experiment_from_dict
+from jaxformer.training.config import ExperimentConfig, RunConfig
 from jaxformer.training.optimizer import make_optimizer
+from jaxformer.training.workload import run_config
 
 SPM_FILES = ("spiece.model", "tokenizer.model")
 
@@ -56,6 +57,7 @@ def save_run(
             config=yaml.safe_load(dump_config(exp)),
             tokenizer_model=tokenizer_model,
             data_state=dict(seed=exp.train.seed, step=0),
+            workload="pretraining",
         )
     finally:
         checkpointer.close()
@@ -63,12 +65,24 @@ def save_run(
     return run_dir
 
 
+def run_head(run_dir: str, step: Optional[int] = None) -> Optional[str]:
+    """The Hugging Face head a run's model is for (a fine-tuned classifier's 'classification'),
+    as the workload that wrote it says; None for the family's default."""
+    checkpointer = Checkpointer(run_dir, create=False)
+    try:
+        workload, cfg = run_config(checkpointer.read_meta(step), os.path.abspath(run_dir))
+    finally:
+        checkpointer.close()
+    return workload.hf_head(cfg)
+
+
 def load_run(run_dir: str, step: Optional[int] = None) -> tuple[nnx.Module, ModelConfig]:
     """The model (parameters only) of a run's checkpoint, on this host's first device."""
     checkpointer = Checkpointer(run_dir, create=False)
     try:
         meta = checkpointer.read_meta(step)
-        exp = experiment_from_dict(meta["config"])
+        # Any workload's run (pretrained, fine-tuned): its config type says how to read it.
+        _, exp = run_config(meta, os.path.abspath(run_dir))
         cfg = exp.model
         with nnx.use_eager_sharding(False):
             model = models.create(cfg, rngs=nnx.Rngs(0))

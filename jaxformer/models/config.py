@@ -112,6 +112,15 @@ class ModelConfig:
         if self.position == "rope" and self.dims_per_head % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.dims_per_head}")
 
+    def check_length(self, length: int, key: str) -> None:
+        """ValueError naming `key` if a sequence of `length` positions overflows the position
+        table (learned/sinusoidal positions; the other kinds have no table)."""
+        if self.position in TABLE_POSITIONS and length > self.max_len:
+            raise ValueError(
+                f"{key}={length} exceeds model.max_len={self.max_len} (the {self.position} "
+                f"position table); set {key}=<={self.max_len} or model.max_len={length}"
+            )
+
     @property
     def kv_heads(self) -> int:
         """Number of key/value heads after defaulting."""

@@ -121,12 +121,21 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(
-        self, step: int, state: nnx.State, *, config: dict, tokenizer_model: bytes, data_state: dict
+        self,
+        step: int,
+        state: nnx.State,
+        *,
+        config: dict,
+        tokenizer_model: bytes,
+        data_state: dict,
+        workload: str,
     ) -> None:
-        """Starts saving (asynchronously when configured); `wait()` blocks until it is on disk."""
+        """Starts saving (asynchronously when configured); `wait()` blocks until it is on disk.
+        `workload` names the registered workload whose config `config` is."""
         meta = dict(
             format_version=FORMAT_VERSION,
             step=int(step),
+            workload=workload,
             data=data_state,
             config=config,
             tokenizer=base64.b64encode(tokenizer_model).decode("ascii"),
@@ -229,6 +238,8 @@ class Checkpointer:
             raise Unreadable(f"its metadata is incomplete ({type(err).__name__}: {err})") from err
         if stored_step != step:
             raise Unreadable(f"its metadata is of step {stored_step}")
+        if "workload" not in meta:  # written before runs recorded their workload
+            meta["workload"] = "finetuning" if "task" in meta["config"] else "pretraining"
         return meta
 
     def _restore_arrays(

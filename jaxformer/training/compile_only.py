@@ -9,25 +9,22 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import jax
 import numpy as np
-import optax
-from flax import nnx
 
-from jaxformer import models
 from jaxformer import sharding as shard_lib
 from jaxformer.data.objectives import SpecialIds
 from jaxformer.data.pipeline import make_batcher
 from jaxformer.data.token_store import ArrayTokens
+from jaxformer.training import state as state_lib
 from jaxformer.training.cli import MissingDependency
 from jaxformer.training.config import ExperimentConfig
-from jaxformer.training.loop import check_batch_size, train_state_factory
 from jaxformer.training.metrics import flops_per_token
-from jaxformer.training.optimizer import make_optimizer
-from jaxformer.training.step import make_train_step
+from jaxformer.training.pretraining import Pretraining
+from jaxformer.training.state import check_batch_size
 
 GiB = 1 << 30
 
@@ -171,27 +168,6 @@ def abstract_batch(
     }
 
 
-def abstract_train_state(
-    model_cfg: models.ModelConfig,
-    tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh,
-    rules: Sequence[Sequence[Optional[str]]],
-    seed: int,
-) -> tuple[nnx.GraphDef, Any, Any, int]:
-    """(graphdef, state of ShapeDtypeStructs with shardings, the shardings, parameter count)."""
-    factory = train_state_factory(model_cfg, tx, seed)  # what Trainer builds
-
-    # eval_shape traces init without running it: nothing the size of the model is ever allocated.
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(factory)
-        graphdef, state = nnx.split(abstract)
-        shardings = shard_lib.state_shardings(state, mesh, rules)
-    state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings
-    )
-    return graphdef, state, shardings, models.count_params(abstract[0])
-
-
 def parse_oom(message: str) -> tuple[Optional[int], Optional[int]]:
     """(bytes required, bytes available) from XLA's RESOURCE_EXHAUSTED message, where it says."""
 
@@ -245,6 +221,35 @@ def _suggestions(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> list[str]:
     return tips
 
 
+def abstract_train_step(
+    cfg: ExperimentConfig, mesh: jax.sharding.Mesh
+) -> tuple[ExperimentConfig, Any, tuple, int]:
+    """(cfg with the tokenizer's vocabulary, the Trainer's jitted train step, its arguments as
+    sharded shapes, the parameter count): what `train.py` would run on `mesh`, built by the
+    same builder."""
+    check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps, mesh, cfg.mesh.rules)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab_size_of(cfg))
+    model_cfg.check_length(cfg.data.seq_len, "data.seq_len")
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    workload = Pretraining()  # the workload train.py runs; only its optimizer is asked for
+    trainable = workload.trainable(cfg)
+    graphdef, state, shardings, num_params = state_lib.abstract_state(
+        model_cfg, workload.optimizer(cfg), mesh, cfg.mesh.rules, cfg.train.seed, trainable
+    )
+    step = state_lib.build_train_step(
+        graphdef, shardings, cfg.train, cfg.optimizer, mesh, cfg.mesh.rules, trainable
+    )
+    batch = abstract_batch(cfg, mesh)
+    return cfg, step, state_lib.step_arguments(state, batch, cfg.train), num_params
+
+
+def lower_train_step(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> jax.stages.Lowered:
+    """The Trainer's train step for `cfg`, lowered for `mesh` (any devices) without running it."""
+    _, step, args, _ = abstract_train_step(cfg, mesh)
+    with jax.set_mesh(mesh):
+        return step.lower(*args)
+
+
 def compile_train_step(
     cfg: ExperimentConfig, topology: str, slices: Optional[int] = None
 ) -> dict[str, Any]:
@@ -255,27 +260,8 @@ def compile_train_step(
     devices = topology_devices(topology, slices)
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, slices=slices))
     mesh = shard_lib.make_mesh(cfg.mesh, devices)  # the trainer's mesh (hybrid across slices)
-    check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps, mesh, cfg.mesh.rules)
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab_size_of(cfg))
-    if model_cfg.position in ("learned", "sinusoidal") and model_cfg.max_len < cfg.data.seq_len:
-        raise ValueError(
-            f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={model_cfg.max_len}"
-        )
-    cfg = dataclasses.replace(cfg, model=model_cfg)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    graphdef, state, shardings, num_params = abstract_train_state(
-        model_cfg, tx, mesh, cfg.mesh.rules, cfg.train.seed
-    )
-    batch = abstract_batch(cfg, mesh)
-    # Built exactly as Trainer.__init__ builds it: activations constrained by the same rules.
-    step = make_train_step(
-        graphdef,
-        cfg.optimizer.grad_accum_steps,
-        shardings,
-        rules=cfg.mesh.rules,
-        mesh=mesh,
-        loss_chunk_size=cfg.train.loss_chunk_size,
-    )
+    cfg, step, args, num_params = abstract_train_step(cfg, mesh)
+    model_cfg, (state, batch) = cfg.model, args[:2]
     length = cfg.data.target_len if cfg.objective == "span_corruption" else cfg.data.seq_len
     report: dict[str, Any] = dict(
         topology=name,
@@ -301,7 +287,7 @@ def compile_train_step(
     # Under the mesh, code that asks which platform it targets (attention "auto" choosing the
     # splash kernel: attention_kernels.current_platform) sees a TPU, as it would on a TPU host.
     with jax.set_mesh(mesh):
-        lowered = step.lower(state, batch)
+        lowered = step.lower(*args)
     report["lower_seconds"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
     try:

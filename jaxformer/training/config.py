@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from jaxformer.config import ConfigError, config_from_dict, config_to_dict, load_config, read_yaml
 from jaxformer.data.config import DataConfig
@@ -96,6 +96,23 @@ class RunConfig:
     """Run directory: resolved config, tokenizer, metrics.jsonl, TensorBoard events, checkpoints."""
 
 
+class TrainerSections(Protocol):
+    """The sections a Trainer reads, whatever the workload's config adds (data, task...)."""
+
+    @property
+    def model(self) -> ModelConfig: ...
+    @property
+    def optimizer(self) -> OptimizerConfig: ...
+    @property
+    def mesh(self) -> MeshConfig: ...
+    @property
+    def checkpoint(self) -> CheckpointConfig: ...
+    @property
+    def train(self) -> TrainConfig: ...
+    @property
+    def run(self) -> RunConfig: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """Everything `train.py` needs; written resolved to <run.dir>/config.yaml."""
@@ -163,12 +180,10 @@ def check_experiment(cfg: ExperimentConfig) -> None:
         )
     check_schedule(cfg.optimizer, cfg.train.steps)
     data, model = cfg.data, cfg.model
-    if model.position in ("learned", "sinusoidal") and model.max_len < data.seq_len:
-        raise ConfigError(
-            f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len} "
-            f"(the {model.position} position table); set data.seq_len=<="
-            f"{model.max_len} or model.max_len={data.seq_len}"
-        )
+    try:
+        model.check_length(data.seq_len, "data.seq_len")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.objective == "span_corruption":
         from jaxformer.data.objectives import span_corruption_raw_length
 
@@ -266,6 +281,19 @@ def resume_changes(
     return allowed, refused
 
 
+def model_changes(stored_model: dict[str, Any], model: ModelConfig) -> list[str]:
+    """Once the run is prepared (vocabulary and labels resolved from its data): the model fields
+    that differ from the checkpoint's and may not change on resume, as 'key: old vs new'."""
+    return [
+        f"{key}: checkpoint {stored_model[key]!r} vs config {value!r}"
+        for key, value in config_to_dict(model).items()
+        if key != "preset"
+        and key in stored_model
+        and not _changeable(f"model.{key}")
+        and stored_model[key] != value
+    ]
+
+
 def check_resume(cfg: Any, stored: dict[str, Any], step: int, run_dir: str) -> str:
     """Refuses (ConfigError) a resume that would silently train a different run; returns a line
     naming the changeable settings that differ from the checkpoint's ('' when none)."""
@@ -282,8 +310,8 @@ def check_resume(cfg: Any, stored: dict[str, Any], step: int, run_dir: str) -> s
             f"{run_dir} holds a checkpoint (step {step}) of a run trained with {kind}: {shown}"
             f"{more}. Resuming it so would silently make a different run: use a new run.dir, or "
             "drop these overrides to resume the run as it was (changeable on resume: "
-            "train.steps, train.log_every/eval_every/eval_batches, checkpoint.*, mesh.*, "
-            "model.remat/attention_impl/scan_layers)"
+            + ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_CHANGEABLE)
+            + ")"
         )
     steps = cfg.train.steps
     if steps < step:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -17,28 +16,14 @@ from jaxformer.training.task_metrics import until_eos
 
 
 def open_run(run_dir: str, step: Optional[int], split: Optional[str]):
-    """A read-only trainer (pretraining or fine-tuning, as the checkpoint says) at `step`."""
-    meta = Checkpointer(run_dir, create=False).read_meta(step)
-    stored = dict(meta["config"])
-    stored["run"] = {"dir": os.path.abspath(run_dir)}
+    """A read-only trainer at `step`, with the workload that wrote the run (its checkpoint says)."""
     from jaxformer.training.loop import Trainer
+    from jaxformer.training.workload import run_config
 
-    if "task" in stored:
-        from jaxformer.config import config_from_dict
-        from jaxformer.training.finetune import FinetuneExperiment, Finetuning
-
-        cfg = config_from_dict(FinetuneExperiment, stored)
-        if split:
-            cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, eval_split=split))
-        workload = Finetuning(meta)
-    else:
-        from jaxformer.training.config import experiment_from_dict
-        from jaxformer.training.pretraining import Pretraining
-
-        cfg = experiment_from_dict(stored)
-        if split:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split=split))
-        workload = Pretraining()
+    meta = Checkpointer(run_dir, create=False).read_meta(step)
+    workload, cfg = run_config(meta, os.path.abspath(run_dir))
+    if split:
+        cfg = workload.with_eval_split(cfg, split)
     return Trainer(cfg, workload, read_only=True, step=meta["step"], show_progress=False)
 
 

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Optional
 
 import jax
-import optax
 from flax import nnx
 
 from jaxformer import models
@@ -21,9 +20,9 @@ from jaxformer.training import cli, task_metrics
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError
 from jaxformer.training.config import CheckpointConfig, RunConfig, TrainConfig, check_schedule
 from jaxformer.training.loop import Trainer, run_to_exit_status
-from jaxformer.training.optimizer import OptimizerConfig, make_optimizer, path_names
+from jaxformer.training.optimizer import OptimizerConfig
 from jaxformer.training.pretraining import EVAL_SEED
-from jaxformer.training.workload import Evaluator, RunEnv, Workload
+from jaxformer.training.workload import Evaluator, RunEnv, Workload, register
 
 FAMILY_OF_KIND = {
     "classification": "encoder",
@@ -88,28 +87,57 @@ def check_finetune(cfg: FinetuneExperiment) -> None:
             f"task {cfg.task.name!r} ({kind}) needs a model of family {needed!r}, but the "
             f"checkpoint in {cfg.finetune.from_dir} holds a {cfg.model.family!r} model"
         )
-    model = cfg.model
-    if model.position in ("learned", "sinusoidal"):
-        lengths = [("task.max_input_len", cfg.task.max_input_len)]
-        if kind == "text2text":
-            lengths.append(("task.max_target_len", cfg.task.max_target_len))
-        for key, length in lengths:
-            if length > model.max_len:
-                raise ConfigError(
-                    f"{key}={length} exceeds the checkpoint's model.max_len="
-                    f"{model.max_len} (its {model.position} position table); set "
-                    f"{key}=<={model.max_len}"
-                )
+    lengths = [("task.max_input_len", cfg.task.max_input_len)]
+    if kind == "text2text":
+        lengths.append(("task.max_target_len", cfg.task.max_target_len))
+    for key, length in lengths:
+        try:
+            cfg.model.check_length(length, key)
+        except ValueError as err:
+            raise ConfigError(f"{err} (the checkpoint's model)") from None
 
 
+def check_freeze_prefixes(model_cfg: ModelConfig, prefixes: Sequence[str]) -> None:
+    """A clear error for a `finetune.freeze` prefix that names no parameter of the model."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: models.create(model_cfg, rngs=nnx.Rngs(0)))
+    names = [
+        ".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    ]
+    unused = sorted(p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names))
+    if unused:
+        # Layers are stacked on one axis, so per-layer prefixes such as blocks.0 are gone.
+        tops = sorted({".".join(n.split(".")[:2]) for n in names})
+        raise ValueError(
+            f"finetune.freeze prefixes {unused} match no parameter; "
+            f"parameter paths start with: {', '.join(tops)}"
+        )
+
+
+@register
 class Finetuning(Workload):
     """A task's batches and metrics, a task head and pretrained weights, frozen parts."""
 
-    def __init__(self, pretrained_meta: dict):
-        """`pretrained_meta`: read_meta of the checkpoint the weights (and tokenizer) come from."""
+    name = "finetuning"
+    config_type = FinetuneExperiment
+
+    def __init__(self, pretrained_meta: Optional[dict] = None):
+        """`pretrained_meta`: read_meta of the checkpoint the weights (and tokenizer) come from
+        (default: read from cfg.finetune.from_dir when the run is prepared)."""
         self.pretrained_meta = pretrained_meta
         self.new_parameters: list[str] = []
         """Paths that kept their fresh initialisation (a new or resized task head)."""
+
+    @classmethod
+    def for_run(cls, meta: dict) -> Finetuning:
+        # A fine-tuned run's own checkpoint holds the tokenizer and every weight it needs.
+        return cls(meta)
+
+    def with_eval_split(self, cfg: FinetuneExperiment, split: str) -> FinetuneExperiment:
+        return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, eval_split=split))
+
+    def hf_head(self, cfg: FinetuneExperiment) -> Optional[str]:
+        return "classification" if cfg.task.resolved().kind == "classification" else None
 
     def batch_size(self, cfg: FinetuneExperiment) -> int:
         return cfg.task.batch_size
@@ -123,6 +151,10 @@ class Finetuning(Workload):
     def prepare(
         self, cfg: FinetuneExperiment, meta: Optional[dict], env: RunEnv
     ) -> FinetuneExperiment:
+        if self.pretrained_meta is None:
+            self.pretrained_meta = Checkpointer(cfg.finetune.from_dir, create=False).read_meta(
+                cfg.finetune.from_step
+            )
         source = meta if meta is not None else self.pretrained_meta
         if not source["tokenizer"]:
             raise CheckpointError(
@@ -159,37 +191,19 @@ class Finetuning(Workload):
         )
         return cfg
 
-    def optimizer(self, cfg: FinetuneExperiment):
-        """The pretraining optimizer, with `finetune.freeze` prefixes' updates set to zero."""
-        tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-        if not cfg.finetune.freeze:
-            return tx
+    def trainable(self, cfg: FinetuneExperiment) -> nnx.filterlib.Filter:
+        """Every parameter but those under a `finetune.freeze` prefix (these get no gradients and
+        no optimizer state)."""
         prefixes = tuple(cfg.finetune.freeze)
+        if not prefixes:
+            return nnx.Param
+        check_freeze_prefixes(cfg.model, prefixes)
 
-        def labels(params):
-            used, names = set(), []
+        def frozen(path, _) -> bool:
+            dotted = ".".join(map(str, path))
+            return any(dotted == p or dotted.startswith(p + ".") for p in prefixes)
 
-            def label(path, _):
-                dotted = ".".join(path_names(path))
-                names.append(dotted)
-                hits = {p for p in prefixes if dotted == p or dotted.startswith(p + ".")}
-                used.update(hits)
-                return "frozen" if hits else "trained"
-
-            tree = jax.tree_util.tree_map_with_path(
-                label, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
-            )
-            unused = sorted(set(prefixes) - used)
-            if unused:
-                # Layers are stacked on one axis, so per-layer prefixes such as blocks.0 are gone.
-                tops = sorted({".".join(n.split(".")[:2]) for n in names})
-                raise ValueError(
-                    f"finetune.freeze prefixes {unused} match no parameter; "
-                    f"parameter paths start with: {', '.join(tops)}"
-                )
-            return tree
-
-        return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+        return nnx.All(nnx.Param, nnx.Not(frozen))
 
     def initialize(self, model: nnx.Module, cfg: FinetuneExperiment, env: RunEnv) -> None:
         """Copies the pretrained parameters in; the task head (if new) keeps its initialisation."""

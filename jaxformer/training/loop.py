@@ -4,7 +4,6 @@ workload (pretraining or fine-tuning)."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import signal
 import threading
@@ -23,11 +22,16 @@ from jaxformer.config import config_to_dict, save_config
 from jaxformer.data import prefetch
 from jaxformer.training import metrics as metrics_lib
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from jaxformer.training.config import check_resume
+from jaxformer.training.config import TrainerSections, check_resume, model_changes
 from jaxformer.training.optimizer import make_schedule
-from jaxformer.training.pretraining import Pretraining
-from jaxformer.training.step import make_eval_step, make_train_step, spike_guard
-from jaxformer.training.workload import Evaluator, RunEnv, Workload
+from jaxformer.training.state import (
+    build_eval_step,
+    build_state,
+    build_train_step,
+    check_batch_size,
+)
+from jaxformer.training.step import spike_guard
+from jaxformer.training.workload import Evaluator, RunEnv, Workload, workload_for_config
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run saved its state; rerunning the command resumes it
 
@@ -87,57 +91,14 @@ def _stop_signals(flag: list) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def train_state_factory(model_cfg: models.ModelConfig, tx, seed: int) -> Callable[[], tuple]:
-    """A function building the (model, optimizer) pair that a run trains."""
-
-    def factory():
-        model = models.create(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    return factory
-
-
-def build_state(model_cfg: models.ModelConfig, tx, mesh, rules, seed: int):
-    """(graphdef, state) of (model, optimizer), every array born sharded on the mesh."""
-    return nnx.split(
-        shard_lib.create_sharded(train_state_factory(model_cfg, tx, seed), mesh, rules)
-    )
-
-
-def check_batch_size(batch_size: int, grad_accum_steps: int, mesh, rules) -> None:
-    """A clear error unless the global batch splits over the batch's mesh axes and micro-batches."""
-    shards = shard_lib.batch_shards(mesh, rules)
-    axes = shard_lib.batch_axes(mesh, rules)
-    if batch_size % shards:
-        raise ValueError(
-            f"batch_size={batch_size} is not divisible by the {shards} ways the "
-            f"batch is split (mesh axes {axes})"
-        )
-    if batch_size % (grad_accum_steps * shards):
-        raise ValueError(
-            f"batch_size={batch_size} must split into optimizer.grad_accum_steps="
-            f"{grad_accum_steps} micro-batches of a multiple of {shards} rows"
-        )
-
-
-def _model_mismatch(stored: dict, wanted: models.ModelConfig) -> list[str]:
-    mine = dataclasses.asdict(wanted)
-    return [
-        f"{k}: checkpoint {stored.get(k)!r} vs config {v!r}"
-        for k, v in mine.items()
-        if k not in ("preset", "dtype", "remat", "attention_impl", "dropout_rate")
-        and stored.get(k) != v
-    ]
-
-
 class Trainer:
     """One run: mesh, sharded state, jitted steps, the loop, checkpoints and metrics, for any
-    workload (pretraining by default, or fine-tuning); `run()` trains from the latest checkpoint
-    (or scratch) to the end."""
+    workload (the one of the config's type by default: pretraining for an ExperimentConfig);
+    `run()` trains from the latest checkpoint (or scratch) to the end."""
 
     def __init__(
         self,
-        cfg,
+        cfg: TrainerSections,
         workload: Optional[Workload] = None,
         *,
         show_progress: bool = True,
@@ -146,96 +107,117 @@ class Trainer:
         step: Optional[int] = None,
     ):
         """Builds everything; `read_only` (evaluation) writes nothing and needs a checkpoint."""
-        self.workload = workload = workload if workload is not None else Pretraining()
-        self.log, self.show_progress = log, show_progress
-        shard_lib.maybe_initialize_distributed(cfg.mesh)
-        self.mesh = shard_lib.make_mesh(cfg.mesh)
-        self.rules = cfg.mesh.rules
-        self.batch_size = workload.batch_size(cfg)
-        check_batch_size(self.batch_size, cfg.optimizer.grad_accum_steps, self.mesh, self.rules)
+        self.workload = workload if workload is not None else workload_for_config(cfg)
+        if not getattr(self.workload, "name", ""):
+            raise TypeError(
+                f"{type(self.workload).__name__} needs a class attribute `name` (recorded in its "
+                "checkpoints; `workload.register` it so its runs open again)"
+            )
+        self.log, self.show_progress, self.read_only = log, show_progress, read_only
+        self._set_up_mesh(cfg)
         self.run_dir = os.path.abspath(cfg.run.dir)
-        meta = None
-        if read_only or os.path.isdir(checkpoint_dir(self.run_dir)):
-            existing = Checkpointer(self.run_dir, create=False)
-            if read_only or existing.latest_step is not None:
-                meta = existing.read_meta(step)
-        if meta is not None and not read_only:  # before any work: this run, or a new run.dir
-            changed = check_resume(cfg, meta["config"], int(meta["step"]), self.run_dir)
-            if changed:
-                self.log(changed)
+        meta = self._read_own_checkpoint(cfg, step)
         self.env = RunEnv(self.run_dir, self.mesh, self.rules, log, show_progress)
-        self.cfg = cfg = workload.prepare(cfg, meta, self.env)
-        self.tokenizer = workload.tokenizer
+        self.cfg = cfg = self.workload.prepare(cfg, meta, self.env)
+        self.tokenizer = self.workload.tokenizer
         if meta is not None:
-            mismatch = _model_mismatch(meta["config"]["model"], cfg.model)
-            if mismatch:
-                raise CheckpointError(
-                    f"{self.run_dir} holds a checkpoint of a different model ("
-                    + "; ".join(mismatch[:4])
-                    + "); use another run.dir or move that one away"
-                )
+            _check_same_model(meta, cfg.model, self.run_dir)
         self.schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-        tx = workload.optimizer(cfg)
-        # Only now, with the input checked, may the run directory be created or written.
-        self.checkpointer = Checkpointer(
-            self.run_dir,
-            keep=cfg.checkpoint.keep,
-            async_save=cfg.checkpoint.async_save,
-            create=not read_only,
-        )
-        if not read_only and jax.process_index() == 0:
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-
+        self.trainable = self.workload.trainable(cfg)
+        tx = self.workload.optimizer(cfg)
+        self._open_run_dir()  # only now, with the input checked, may anything be written
         self.log(
             f"[model] {cfg.model.family} {cfg.model.preset or ''} on mesh {dict(self.mesh.shape)}"
         )
         self.graphdef, self.state = build_state(
-            cfg.model, tx, self.mesh, cfg.mesh.rules, cfg.train.seed
+            cfg.model, tx, self.mesh, self.rules, cfg.train.seed, self.trainable
         )
         if meta is None:  # a resumed run's own checkpoint replaces the whole state instead
             model, optimizer = nnx.merge(self.graphdef, self.state)
-            workload.initialize(model, cfg, self.env)
+            self.workload.initialize(model, cfg, self.env)
             self.graphdef, self.state = nnx.split((model, optimizer))
         self.num_params = models.count_params(nnx.merge(self.graphdef, self.state)[0])
-        self.start_step = 0
-        if meta is not None and step is not None:
-            self.state = self.checkpointer.restore_state(
-                self.state, self.mesh, cfg.mesh.rules, int(meta["step"])
-            )
-        elif meta is not None:  # the newest step that reads; damaged newer ones are set aside
-            self.state, meta = self.checkpointer.restore_newest(
-                self.state, self.mesh, cfg.mesh.rules, set_aside=not read_only
-            )
-        if meta is not None:
-            self.start_step = int(meta["step"])
-            self.log(f"[resume] from step {self.start_step} of {self.run_dir}")
-        step_kw = dict(
-            rules=cfg.mesh.rules, mesh=self.mesh, loss_chunk_size=cfg.train.loss_chunk_size
-        )
-        self.train_step = make_train_step(
-            self.graphdef,
-            cfg.optimizer.grad_accum_steps,
-            shard_lib.state_shardings(self.state, self.mesh, cfg.mesh.rules),
-            z_loss=cfg.train.z_loss,
-            spike_factor=cfg.train.spike_factor,
-            spike_window=cfg.train.spike_window,
-            spike_warmup=cfg.train.spike_warmup,
-            **step_kw,
-        )
-        # Running means for spike skipping travel with the checkpoint, so a resumed run skips
-        # exactly the updates the uninterrupted one would.
-        stored = (meta or {}).get("data", {})
-        self.spike_guard = (
-            spike_guard(stored.get("spike_guard")) if cfg.train.spike_factor else None
-        )
-        # Skipped-update counts continue across a resume, as the logged metrics would.
-        self.skipped_steps = int(stored.get("skipped_steps", 0))
-        self.spike_steps = int(stored.get("spike_steps", 0))
-        self.eval_step = make_eval_step(self.graphdef, **step_kw)
+        meta = self._restore(meta, step)
+        self.start_step = 0 if meta is None else int(meta["step"])
+        self._build_steps((meta or {}).get("data", {}))
         self.is_lead = jax.process_index() == 0
         self.writer = metrics_lib.MetricsWriter(
             self.run_dir, enabled=self.is_lead and not read_only
         )
+
+    # ------------------------------------------------------------------ building
+
+    def _set_up_mesh(self, cfg: TrainerSections) -> None:
+        shard_lib.maybe_initialize_distributed(cfg.mesh)
+        self.mesh = shard_lib.make_mesh(cfg.mesh)
+        self.rules = cfg.mesh.rules
+        self.batch_size = self.workload.batch_size(cfg)
+        check_batch_size(self.batch_size, cfg.optimizer.grad_accum_steps, self.mesh, self.rules)
+
+    def _read_own_checkpoint(self, cfg: TrainerSections, step: Optional[int]) -> Optional[dict]:
+        """The run directory's checkpoint metadata (None for a fresh run), checked against `cfg`
+        before any work: the same run resumed, or a new run.dir."""
+        if not (self.read_only or os.path.isdir(checkpoint_dir(self.run_dir))):
+            return None
+        existing = Checkpointer(self.run_dir, create=False)
+        if not self.read_only and existing.latest_step is None:
+            return None
+        meta = existing.read_meta(step)
+        if meta["workload"] != self.workload.name:
+            raise CheckpointError(
+                f"{self.run_dir} holds a {meta['workload']} run; this is a "
+                f"{self.workload.name} run: use another run.dir"
+            )
+        if not self.read_only:
+            changed = check_resume(cfg, meta["config"], int(meta["step"]), self.run_dir)
+            if changed:
+                self.log(changed)
+        return meta
+
+    def _open_run_dir(self) -> None:
+        self.checkpointer = Checkpointer(
+            self.run_dir,
+            keep=self.cfg.checkpoint.keep,
+            async_save=self.cfg.checkpoint.async_save,
+            create=not self.read_only,
+        )
+        if not self.read_only and jax.process_index() == 0:
+            save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+
+    def _restore(self, meta: Optional[dict], step: Optional[int]) -> Optional[dict]:
+        """Replaces the fresh state by the checkpoint's; returns the metadata of the step read."""
+        if meta is None:
+            return None
+        if step is not None:
+            self.state = self.checkpointer.restore_state(
+                self.state, self.mesh, self.rules, int(meta["step"])
+            )
+        else:  # the newest step that reads; damaged newer ones are set aside
+            self.state, meta = self.checkpointer.restore_newest(
+                self.state, self.mesh, self.rules, set_aside=not self.read_only
+            )
+        self.log(f"[resume] from step {int(meta['step'])} of {self.run_dir}")
+        return meta
+
+    def _build_steps(self, stored: dict) -> None:
+        """The jitted train and eval steps, and what the train step carries across a resume."""
+        train = self.cfg.train
+        self.train_step = build_train_step(
+            self.graphdef,
+            shard_lib.state_shardings(self.state, self.mesh, self.rules),
+            train,
+            self.cfg.optimizer,
+            self.mesh,
+            self.rules,
+            self.trainable,
+        )
+        # Running means for spike skipping travel with the checkpoint, so a resumed run skips
+        # exactly the updates the uninterrupted one would.
+        self.spike_guard = spike_guard(stored.get("spike_guard")) if train.spike_factor else None
+        # Skipped-update counts continue across a resume, as the logged metrics would.
+        self.skipped_steps = int(stored.get("skipped_steps", 0))
+        self.spike_steps = int(stored.get("spike_steps", 0))
+        self.eval_step = build_eval_step(self.graphdef, train, self.mesh, self.rules)
 
     # ------------------------------------------------------------------ pieces
 
@@ -248,12 +230,7 @@ class Trainer:
             evaluator = Evaluator(self.env, self.eval_step, self.state, self.graphdef)
         else:
             graphdef, state = nnx.split((model, None))
-            step = make_eval_step(
-                graphdef,
-                rules=self.rules,
-                mesh=self.mesh,
-                loss_chunk_size=self.cfg.train.loss_chunk_size,
-            )
+            step = build_eval_step(graphdef, self.cfg.train, self.mesh, self.rules)
             evaluator = Evaluator(self.env, step, state, graphdef)
         return self.workload.evaluate(evaluator, self.cfg, num_batches)
 
@@ -269,6 +246,7 @@ class Trainer:
             config=config_to_dict(self.cfg),
             tokenizer_model=self.tokenizer.serialized_model(),
             data_state=self._data_state(step),
+            workload=self.workload.name,
         )
 
     def _data_state(self, step: int) -> dict:
@@ -453,3 +431,14 @@ class Trainer:
         """Finishes checkpoint writes and closes metric files."""
         self.checkpointer.close()
         self.writer.close()
+
+
+def _check_same_model(meta: dict, model: models.ModelConfig, run_dir: str) -> None:
+    """Refuses a checkpoint whose model differs from the prepared run's (vocabulary, labels)."""
+    mismatch = model_changes(meta["config"]["model"], model)
+    if mismatch:
+        raise CheckpointError(
+            f"{run_dir} holds a checkpoint of a different model ("
+            + "; ".join(mismatch[:4])
+            + "); use another run.dir or move that one away"
+        )

@@ -12,15 +12,22 @@ from jaxformer.data.pipeline import make_batcher
 from jaxformer.data.prepare import prepare_data
 from jaxformer.training import metrics as metrics_lib
 from jaxformer.training.config import ExperimentConfig
-from jaxformer.training.workload import Evaluator, RunEnv, Workload
+from jaxformer.training.workload import Evaluator, RunEnv, Workload, register
 
 EVAL_SEED = 0
 # Continuations `eval.py` shows for a decoder pretrained on the built-in (Python) corpus.
 SAMPLE_PROMPTS = ("def fibonacci(n):", "import os\n", "class Stack:\n")
 
 
+@register
 class Pretraining(Workload):
     """Language-model pretraining on the config's data section (one dataset or a mixture)."""
+
+    name = "pretraining"
+    config_type = ExperimentConfig
+
+    def with_eval_split(self, cfg: ExperimentConfig, split: str) -> ExperimentConfig:
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split=split))
 
     def batch_size(self, cfg: ExperimentConfig) -> int:
         return cfg.data.batch_size
@@ -43,10 +50,7 @@ class Pretraining(Workload):
         )
         self.tokenizer = self.data.tokenizer
         model_cfg = dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
-        if model_cfg.position in ("learned", "sinusoidal") and model_cfg.max_len < cfg.data.seq_len:
-            raise ValueError(
-                f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={model_cfg.max_len}"
-            )
+        model_cfg.check_length(cfg.data.seq_len, "data.seq_len")
         cfg = dataclasses.replace(cfg, model=model_cfg)
         special, sources = self.data.special_ids, self.data.sources
         batchers = [

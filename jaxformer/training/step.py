@@ -115,6 +115,7 @@ def make_train_step(
     spike_factor: float = 0.0,
     spike_window: int = 100,
     spike_warmup: int = 20,
+    trainable: nnx.filterlib.Filter = nnx.Param,
 ) -> Callable:
     """A jitted `(state, batch) -> (state, metrics)`; gradients are averaged per target token.
 
@@ -137,7 +138,8 @@ def make_train_step(
     @_with_rules(rules, mesh)
     def train_step(state: Any, batch: Batch, guard: Optional[dict] = None):
         model, optimizer = nnx.merge(graphdef, state)
-        grad_fn = nnx.grad(sum_loss, has_aux=True)
+        # Only the `trainable` variables get gradients (the optimizer holds state for just those).
+        grad_fn = nnx.grad(sum_loss, argnums=nnx.DiffState(0, trainable), has_aux=True)
         if grad_accum_steps == 1:
             grads, sums = grad_fn(model, batch)
         else:

@@ -4,15 +4,17 @@ A `Trainer` owns the mesh, the sharded state, the jitted steps, the loop, checkp
 a `Workload` supplies the rest: data and tokenizer, batch shape, tokens per step, the optimizer
 (e.g. with frozen parameters), initial parameters (e.g. from a pretrained checkpoint) and the
 evaluation. `Pretraining` (jaxformer.training.pretraining) and `Finetuning`
-(jaxformer.training.finetune) are the two built in; another project can write its own.
+(jaxformer.training.finetune) are the two built in; another project can write its own and
+`register` it, so that the runs it writes (which record the workload's name) open again.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import optax
 from flax import nnx
@@ -64,6 +66,21 @@ class Workload(abc.ABC):
     is used (to check the mesh split before any data is read).
     """
 
+    name: ClassVar[str]
+    """Recorded in every checkpoint the workload's runs write; `workload_class` finds it again."""
+    config_type: ClassVar[type]
+    """The frozen config dataclass of its runs (with model, optimizer, mesh, checkpoint, train and
+    run sections, as `training.config.TrainerSections` says)."""
+
+    @classmethod
+    def for_run(cls, meta: dict) -> Workload:
+        """The workload that reads back a run of this kind (`meta`: its checkpoint's)."""
+        return cls()
+
+    def with_eval_split(self, cfg: Any, split: str) -> Any:
+        """`cfg` evaluating on another split of its data."""
+        raise ValueError(f"a {self.name} run has no other evaluation split to choose")
+
     tokenizer: Tokenizer
     batcher: Any
     """Training batches: `.batch(step, process_index, process_count) -> dict of numpy rows`."""
@@ -99,9 +116,65 @@ class Workload(abc.ABC):
         `learning_rate` is always cfg.optimizer's schedule, whatever this returns."""
         return make_optimizer(cfg.optimizer, cfg.train.steps)
 
+    def trainable(self, cfg: Any) -> nnx.filterlib.Filter:
+        """Which variables train (get gradients and optimizer state); default: every parameter.
+        Frozen prefixes and adapters are filters here."""
+        return nnx.Param
+
     def initialize(self, model: nnx.Module, cfg: Any, env: RunEnv) -> None:  # noqa: B027
         """Changes a fresh (not resumed) run's initial parameters in place; default: none."""
+
+    def hf_head(self, cfg: Any) -> Optional[str]:
+        """The head `convert to-hf` records for this run's model (None: the family's default)."""
+        return None
 
     def sample_prompts(self, cfg: Any) -> tuple[str, ...]:
         """Prompts whose greedy continuations `eval.py` shows by default; default: none."""
         return ()
+
+
+# name -> class; the built-in workloads register when their module is imported, so the table
+# names where to find them without importing them here (they import this module).
+_REGISTRY: dict[str, type[Workload]] = {}
+_BUILT_IN = {
+    "pretraining": "jaxformer.training.pretraining",
+    "finetuning": "jaxformer.training.finetune",
+}
+
+
+def register(cls: type[Workload]) -> type[Workload]:
+    """Class decorator: makes runs of this workload (recorded by `cls.name`) readable again."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def workload_class(name: str) -> type[Workload]:
+    """The registered workload of that name (the one a checkpoint records)."""
+    if name not in _REGISTRY and name in _BUILT_IN:
+        importlib.import_module(_BUILT_IN[name])
+    if name not in _REGISTRY:
+        known = sorted(set(_REGISTRY) | set(_BUILT_IN))
+        raise ValueError(
+            f"no workload named {name!r} is registered (known: {', '.join(known)}); import the "
+            "module that registers it (jaxformer.training.workload.register) before reading the run"
+        )
+    return _REGISTRY[name]
+
+
+def workload_for_config(cfg: Any) -> Workload:
+    """The built-in workload whose runs use `cfg`'s type (an ExperimentConfig -> Pretraining,
+    a FinetuneExperiment -> Finetuning); other workloads are always passed explicitly."""
+    for name in _BUILT_IN:
+        cls = workload_class(name)
+        if isinstance(cfg, cls.config_type):
+            return cls()
+    raise TypeError(f"no registered workload trains a {type(cfg).__name__}; pass one to Trainer")
+
+
+def run_config(meta: dict, run_dir: str) -> tuple[Workload, Any]:
+    """(the workload that wrote a checkpoint, its stored config typed, pointing at `run_dir`)."""
+    from jaxformer.config import config_from_dict
+
+    workload = workload_class(meta["workload"]).for_run(meta)
+    stored = dict(meta["config"], run={"dir": run_dir})
+    return workload, config_from_dict(workload.config_type, stored)
