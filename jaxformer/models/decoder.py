@@ -9,7 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import attention as attn_lib
+from jaxformer.batches import Batch, TokenBatch
 from jaxformer.layers import AttentionInputs
+from jaxformer.loss_inputs import TokenLossInputs
 from jaxformer.models.block import Embeddings, LmHead, make_norm
 from jaxformer.models.config import ModelConfig
 from jaxformer.models.stack import decode_blocks, init_cache, make_blocks, run_blocks
@@ -60,6 +62,17 @@ class DecoderLM(nnx.Module):
         if self.final_norm is not None:
             x_BxLxD = self.final_norm(x_BxLxD)
         return self.head(x_BxLxD, self.embed)
+
+    def loss_inputs(self, batch: Batch) -> TokenLossInputs:
+        """Next-token loss inputs of a token batch: hidden states [B, L, D] and `logits`."""
+        if not isinstance(batch, TokenBatch):
+            raise TypeError(
+                f"a decoder-only model trains on a TokenBatch, got {type(batch).__name__}"
+            )
+        hidden_BxLxD = self.hidden(
+            batch.inputs, segment_ids=batch.segment_ids, positions=batch.positions
+        )
+        return TokenLossInputs(hidden_BxLxD, self.logits, batch.targets, batch.loss_weights)
 
     def init_cache(self, batch: int, length: int) -> dict:
         """An empty K/V cache of `length` slots per row: {k, v}, each [layers, B, length, K, H]."""

@@ -10,8 +10,10 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import layers
+from jaxformer.batches import Batch, ClassificationBatch, TokenBatch
 from jaxformer.layers import AttentionInputs
 from jaxformer.logical import constrain
+from jaxformer.loss_inputs import ClassificationLossInputs, LossInputs, TokenLossInputs
 from jaxformer.models.block import Embeddings, dtypes, make_norm
 from jaxformer.models.config import ModelConfig
 from jaxformer.models.stack import make_blocks, run_blocks
@@ -81,9 +83,7 @@ class EncoderLM(nnx.Module):
 
     def mlm_logits(self, hidden_BxLxD: Array) -> Array:
         """Masked-LM logits [B, L, V] (float32) from hidden states."""
-        act = layers.ACTIVATIONS[
-            self.config.mlp if self.config.mlp in layers.ACTIVATIONS else "gelu"
-        ]
+        act = layers.ACTIVATIONS[self.config.mlp]
         h = self.mlm_norm(act(self.mlm_dense(hidden_BxLxD)))
         if self.mlm_out is not None:
             logits = self.mlm_out(h)
@@ -138,3 +138,21 @@ class EncoderLM(nnx.Module):
         else:
             pooled_BxD = jnp.tanh(self.pooler(hidden[:, 0]))
         return self.classifier(self.dropout(pooled_BxD)).astype(jnp.float32)
+
+    def loss_inputs(self, batch: Batch) -> LossInputs:
+        """Classifier inputs of a ClassificationBatch, masked-LM inputs of a TokenBatch."""
+        if isinstance(batch, ClassificationBatch):
+            logits_BxC = self.classify(batch.inputs, attention_mask=batch.segment_ids > 0)
+            return ClassificationLossInputs(logits_BxC, batch.labels, batch.example_weight)
+        if not isinstance(batch, TokenBatch):
+            raise TypeError(
+                "an encoder trains on a TokenBatch (masked LM) or a ClassificationBatch, got "
+                f"{type(batch).__name__}"
+            )
+        hidden_BxLxD = self.hidden(
+            batch.inputs,
+            attention_mask=batch.segment_ids > 0,
+            segment_ids=batch.segment_ids,
+            positions=batch.positions,
+        )
+        return TokenLossInputs(hidden_BxLxD, self.logits, batch.targets, batch.loss_weights)

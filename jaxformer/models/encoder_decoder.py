@@ -10,7 +10,9 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import layers
+from jaxformer.batches import Batch, Seq2SeqBatch
 from jaxformer.layers import AttentionInputs
+from jaxformer.loss_inputs import TokenLossInputs
 from jaxformer.models.block import Embeddings, LmHead, make_norm
 from jaxformer.models.config import ModelConfig
 from jaxformer.models.stack import decode_blocks, init_cache, make_blocks, run_blocks
@@ -171,6 +173,20 @@ class EncoderDecoderLM(nnx.Module):
         return self.decoder_hidden(
             decoder_tokens_BxT, encoded, encoder_mask=encoder_mask, decoder_mask=decoder_mask
         )
+
+    def loss_inputs(self, batch: Batch) -> TokenLossInputs:
+        """Decoder-token loss inputs of a Seq2SeqBatch: decoder hidden states [B, T, D]."""
+        if not isinstance(batch, Seq2SeqBatch):
+            raise TypeError(
+                f"an encoder-decoder model trains on a Seq2SeqBatch, got {type(batch).__name__}"
+            )
+        hidden_BxTxD = self.hidden(
+            batch.encoder_inputs,
+            batch.decoder_inputs,
+            encoder_mask=batch.encoder_segment_ids > 0,
+            decoder_mask=batch.decoder_segment_ids > 0,
+        )
+        return TokenLossInputs(hidden_BxTxD, self.logits, batch.targets, batch.loss_weights)
 
     def __call__(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -12,62 +12,51 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxformer import losses
+from jaxformer import batches, losses
 from jaxformer.logical import Rule, axis_rules
+from jaxformer.loss_inputs import ClassificationLossInputs
 
 Array = jax.Array
-Batch = dict[str, Array]
-
-
-def forward_hidden(model: nnx.Module, batch: Batch) -> tuple[Array, Array, Array]:
-    """(hidden states [B, L, D], targets, weights) of a language-model batch for any family.
-
-    `model.logits` turns hidden states into [B, L, V] logits; the loss calls it chunk by chunk.
-    """
-    family = model.config.family
-    if family == "decoder":
-        hidden = model.hidden(
-            batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"]
-        )
-    elif family == "encoder":
-        hidden = model.hidden(
-            batch["inputs"],
-            attention_mask=batch["segment_ids"] > 0,
-            segment_ids=batch["segment_ids"],
-            positions=batch["positions"],
-        )
-    else:
-        hidden = model.hidden(
-            batch["encoder_inputs"],
-            batch["decoder_inputs"],
-            encoder_mask=batch["encoder_segment_ids"] > 0,
-            decoder_mask=batch["decoder_segment_ids"] > 0,
-        )
-    return hidden, batch["targets"], batch["loss_weights"]
+# A producer's dict of arrays (see jaxformer.batches.from_rows) or an already typed batch.
+Batch = Union[dict[str, Array], batches.Batch]
 
 
 def _sums_and_predictions(
     model: nnx.Module, batch: Batch, chunk_size: int = 0, z_loss: float = 0.0
 ) -> tuple[dict[str, Array], Array]:
-    """Summed loss/weight/correct totals and argmax predictions; LM logits never exist whole
-    when `chunk_size` > 0 (positions per chunk of the cross-entropy)."""
-    if "labels" in batch:  # classification: [B, num_labels] logits are small
-        logits_BxC = model.classify(batch["inputs"], attention_mask=batch["segment_ids"] > 0)
-        return _classification_sums(logits_BxC, batch["labels"], batch["example_weight"])
-    hidden, targets, weights = forward_hidden(model, batch)
-    if chunk_size <= 0 or chunk_size >= hidden.shape[1]:
-        return losses.full_cross_entropy_sums(
-            hidden, model.logits, targets, weights, z_loss=z_loss, return_predictions=True
+    """Summed loss/weight/correct totals (plus `aux_<name>_sum` per auxiliary loss) and argmax
+    predictions; LM logits never exist whole when `chunk_size` > 0 (positions per chunk)."""
+    inputs = model.loss_inputs(batches.from_rows(batch))
+    if isinstance(inputs, ClassificationLossInputs):
+        sums, predictions = _classification_sums(
+            inputs.logits_BxC, inputs.labels_B, inputs.weights_B
         )
-    return losses.cross_entropy_sums(
-        hidden,
-        model.logits,
-        targets,
-        weights,
-        z_loss=z_loss,
-        chunk_size=chunk_size,
-        return_predictions=True,
-    )
+    elif chunk_size <= 0 or chunk_size >= inputs.hidden_BxLxD.shape[1]:
+        sums, predictions = losses.full_cross_entropy_sums(
+            inputs.hidden_BxLxD,
+            inputs.logits_fn,
+            inputs.targets_BxL,
+            inputs.weights_BxL,
+            z_loss=z_loss,
+            return_predictions=True,
+        )
+    else:
+        sums, predictions = losses.cross_entropy_sums(
+            inputs.hidden_BxLxD,
+            inputs.logits_fn,
+            inputs.targets_BxL,
+            inputs.weights_BxL,
+            z_loss=z_loss,
+            chunk_size=chunk_size,
+            return_predictions=True,
+        )
+    if inputs.aux_losses:
+        # Weighted like loss_sum, so dividing by the weight total gives back the aux value (see
+        # jaxformer.loss_inputs); no ops at all for models without aux losses.
+        scale = jnp.maximum(sums["weight_sum"], 1.0)
+        for name, aux in inputs.aux_losses.items():
+            sums[f"aux_{name}_sum"] = jnp.asarray(aux, jnp.float32) * scale
+    return sums, predictions
 
 
 def _classification_sums(
@@ -88,8 +77,13 @@ def loss_sums(
     model: nnx.Module, batch: Batch, chunk_size: int = 0, z_loss: float = 0.0
 ) -> dict[str, Array]:
     """Summed (not averaged) loss, weight and correct-prediction totals over a batch, in float32
-    (plus z_loss_sum when z_loss > 0)."""
+    (plus z_loss_sum when z_loss > 0, and aux_<name>_sum per auxiliary loss of the model)."""
     return _sums_and_predictions(model, batch, chunk_size, z_loss)[0]
+
+
+def _aux_names(sums: dict[str, Array]) -> list[str]:
+    """Names of the auxiliary losses in a sums dict (keys aux_<name>_sum), in a fixed order."""
+    return sorted(k[len("aux_") : -len("_sum")] for k in sums if k.startswith("aux_"))
 
 
 def _micro_batches(batch: Batch, num: int) -> Batch:
@@ -133,7 +127,10 @@ def make_train_step(
 
     def sum_loss(model, batch):
         sums = loss_sums(model, batch, loss_chunk_size, z_loss)
-        return sums["loss_sum"] + sums.get("z_loss_sum", 0.0), sums
+        objective = sums["loss_sum"] + sums.get("z_loss_sum", 0.0)
+        for name in _aux_names(sums):
+            objective = objective + sums[f"aux_{name}_sum"]
+        return objective, sums
 
     @_with_rules(rules, mesh)
     def train_step(state: Any, batch: Batch, guard: Optional[dict] = None):
@@ -167,7 +164,11 @@ def make_train_step(
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
-        loss = sums["loss_sum"] / denom
+        # The reported (and spike-checked) loss includes the auxiliary losses, not the z-loss.
+        loss_sum = sums["loss_sum"]
+        for name in _aux_names(sums):
+            loss_sum = loss_sum + sums[f"aux_{name}_sum"]
+        loss = loss_sum / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         apply = finite
         if guard is not None:
@@ -207,6 +208,8 @@ def make_train_step(
         )
         if "z_loss_sum" in sums:
             metrics["z_loss"] = sums["z_loss_sum"] / denom
+        for name in _aux_names(sums):
+            metrics[f"aux_{name}"] = sums[f"aux_{name}_sum"] / denom
         if guard is not None:
             metrics.update(spike=spike.astype(jnp.float32), guard=guard)
         return new_state, metrics

@@ -1,0 +1,44 @@
+"""What a model hands the loss: `model.loss_inputs(batch)` returns one of these.
+
+Auxiliary losses (`aux_losses`, name -> float32 scalar) are per-token-scale values: the train
+step adds `aux * max(weight_sum, 1)` to the summed loss before its division by the target-weight
+total, so each contributes exactly its own value to the reported loss and to the gradient. With
+gradient accumulation each micro-batch's aux is weighted by its own target weight, i.e. the step
+sees the weight-averaged aux. The step logs each as metrics[f"aux_{name}"]; eval sums report it
+as `aux_{name}_sum`, weighted like `loss_sum`. Models without aux losses return an empty dict and
+their step compiles to the same program as before the seam existed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Union
+
+import jax
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLossInputs:
+    """Per-token cross-entropy inputs; the loss calls `logits_fn` chunk by chunk."""
+
+    hidden_BxLxD: Array  # final hidden states the LM head reads
+    logits_fn: Callable[[Array], Array]  # [B, C, D] -> float32 [B, C, V] (e.g. model.logits)
+    targets_BxL: Array  # int32 token to predict
+    weights_BxL: Array  # float32 loss weight per position
+    aux_losses: dict[str, Array] = dataclasses.field(default_factory=dict)  # name -> scalar
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationLossInputs:
+    """Per-row cross-entropy inputs; [B, C] logits are small enough to exist whole."""
+
+    logits_BxC: Array  # float32 class logits
+    labels_B: Array  # int32 class index
+    weights_B: Array  # float32 loss weight per row
+    aux_losses: dict[str, Array] = dataclasses.field(default_factory=dict)  # name -> scalar
+
+
+LossInputs = Union[TokenLossInputs, ClassificationLossInputs]
