@@ -19,22 +19,19 @@ from jax.sharding import PartitionSpec as P
 
 from jaxformer import attention as A
 from jaxformer import attention_kernels as K
+from jaxformer.training.compile_only import topology_devices, without_persistent_cache
 
 AXES = ("data", "fsdp", "tensor")
 
 
 @pytest.fixture(scope="module")
 def v5e_mesh():
-    try:
-        from jax.experimental import topologies
-
-        topo = topologies.get_topology_desc(
-            platform="tpu", topology_name="v5e:2x2", chip_config_name="default"
-        )
+    try:  # the same compile-only devices `train.py --compile-only` uses
+        devices = topology_devices("v5e:2x2")
     except Exception as e:  # no libtpu, or one that can't describe the topology
         pytest.skip(f"no TPU compiler for AOT (install jax[tpu]): {type(e).__name__}: {e}")
     return jax.sharding.Mesh(
-        np.array(topo.devices).reshape(1, 2, 2), AXES, axis_types=(AxisType.Auto,) * 3
+        np.array(devices).reshape(1, 2, 2), AXES, axis_types=(AxisType.Auto,) * 3
     )
 
 
@@ -132,7 +129,8 @@ def test_splash_fwd_and_bwd_compile_for_v5e(v5e_mesh, case):
     )
     with jax.set_mesh(v5e_mesh):
         assert A.select_implementation(q, kv, **CASES[case])[0] == "splash"
-        compiled = jax.jit(loss_and_grads).lower(q, kv, kv, segments).compile()
+        with without_persistent_cache():
+            compiled = jax.jit(loss_and_grads).lower(q, kv, kv, segments).compile()
     hlo = compiled.as_text()
     # The Pallas kernels, not a fallback: forward, dq and dkv, each on its shard (batch 4 / fsdp 2,
     # heads 4 / tensor 2) with no all-gather of q, k or v.

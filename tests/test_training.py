@@ -164,6 +164,38 @@ def test_interrupted_run_resumes_bit_exactly(tiny_overrides, tmp_path):
     assert got == expected  # bit for bit: the same floats, not just close ones
     assert expected[6] < expected[1]
 
+    # model.scan_layers changes how the stacked layers run, not the checkpoint: resuming with the
+    # layers unrolled is allowed by both resume checks and goes on from step 6.
+    unrolled = load_experiment(
+        None,
+        tiny_overrides + ["train.steps=7", "model.scan_layers=false", f"run.dir={straight}"],
+    )
+    messages = []
+    trainer = Trainer(unrolled, show_progress=False, log=messages.append)
+    try:
+        assert trainer.start_step == 6
+        assert trainer.run()["steps"] == 7
+    finally:
+        trainer.close()
+    assert any("model.scan_layers True -> False" in m for m in messages), messages
+    assert sorted(train_losses(straight)) == list(range(1, 8))
+
+
+def test_compile_only_lowers_the_step_the_trainer_runs(tiny_overrides, tmp_path):
+    from jaxformer.training.compile_only import lower_train_step
+
+    options = ["train.z_loss=1e-4", "train.spike_factor=3.0", "train.loss_chunk_size=8"]
+    cfg = load_experiment(None, tiny_overrides + options + [f"run.dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, show_progress=False, log=lambda _: None)
+    try:
+        batch = trainer._on_devices(trainer.workload.batcher.batch(0, 0, 1))
+        with jax.set_mesh(trainer.mesh):
+            ran = trainer.train_step.lower(trainer.state, batch, trainer.spike_guard).as_text()
+        compiled_only = lower_train_step(trainer.cfg, trainer.mesh).as_text()
+    finally:
+        trainer.close()
+    assert compiled_only == ran
+
 
 # ------------------------------------------------------------------ bad input
 

@@ -102,6 +102,22 @@ def _libtpu_start_env() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+@contextlib.contextmanager
+def without_persistent_cache() -> Iterator[None]:
+    """Compiles inside skip jax's persistent compilation cache: an executable compiled for a
+    compile-only TPU topology is written there but cannot be read back (no TPU client)."""
+    from jax._src import compilation_cache  # its use is memoised; reset_cache re-reads the flag
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
 def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
     """Compile-only devices of `slices` copies of a TPU topology (no TPU needed)."""
     _, name, chip_config, _ = parse_topology(topology)
@@ -291,7 +307,8 @@ def compile_train_step(
     report["lower_seconds"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        with without_persistent_cache():
+            compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
