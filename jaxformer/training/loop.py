@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -31,6 +30,7 @@ from jaxformer.training.state import (
     check_batch_size,
 )
 from jaxformer.training.step import spike_guard
+from jaxformer.training.step_log import NonFiniteStep, StepLog
 from jaxformer.training.workload import Evaluator, RunEnv, Workload, workload_for_config
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run saved its state; rerunning the command resumes it
@@ -45,10 +45,6 @@ class Preempted(Exception):
             "command to resume from it"
         )
         self.step = step
-
-
-class NonFiniteStep(ValueError):
-    """A step's loss or gradients were NaN/Inf (its update was not applied)."""
 
 
 NONFINITE_EXIT = 3
@@ -271,17 +267,6 @@ class Trainer:
         """
         cfg, total = self.cfg, self.cfg.train.steps
         stop = total if until is None else min(until, total)
-        tokens_per_step = self.workload.tokens_per_step(cfg)
-        peak = cfg.train.peak_flops or metrics_lib.detect_peak_flops()
-        flops_per_step = (
-            metrics_lib.flops_per_token(
-                cfg.model, self.num_params, tokens_per_step // self.batch_size
-            )
-            * tokens_per_step
-        )
-        last_train: dict[str, float] = {}
-        last_eval: dict[str, float] = {}
-        pending = None  # (step, device metrics): fetched one step late so the device never waits
         bar = tqdm(
             total=total,
             initial=self.start_step,
@@ -290,130 +275,114 @@ class Trainer:
             disable=not (self.show_progress and self.is_lead),
             dynamic_ncols=True,
         )
-        clock, clock_step = time.perf_counter(), self.start_step
-
-        def flush(item):
-            nonlocal clock, clock_step, last_train
-            step, device_metrics = item
-            values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-            now = time.perf_counter()
-            steps_done = max(step - clock_step, 1)
-            seconds = max(now - clock, 1e-9) / steps_done
-            clock, clock_step = now, step
-            values.update(
-                learning_rate=float(self.schedule(step - 1)),
-                tokens_per_second=tokens_per_step / seconds,
-                step_seconds=seconds,
-            )
-            if peak:
-                values["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
-            self.writer.write(step, values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['learning_rate']:.2e}")
-            last_train = values
-
+        log = self._step_log(bar)
+        last_eval: dict[str, float] = {}
         signals: list[str] = []
-        last_flag = None  # (step, device flags of a skipped update), read one step late
-        checked = [self.start_step]  # steps up to here are counted (a step is checked once)
-
-        def check_finite(item):
-            step, flag, spike = item
-            if step <= checked[0]:
-                return
-            checked[0] = step
-            if spike is not None and float(jax.device_get(spike)):
-                self.spike_steps += 1
-                bar.write(
-                    f"[skip] step {step}: loss or gradient norm above "
-                    f"train.spike_factor={cfg.train.spike_factor} x its running mean; "
-                    "update not applied"
-                )
-            if float(jax.device_get(flag)) == 0.0:
-                return
-            self.skipped_steps += 1
-            if cfg.train.nonfinite == "stop":
-                raise NonFiniteStep(
-                    f"loss or gradients were NaN/Inf at step {step}; that update was not applied "
-                    "and no checkpoint holds it. Lower optimizer.learning_rate, try "
-                    "train.z_loss=1e-4, or set train.nonfinite=skip to skip such steps"
-                )
-            bar.write(f"[skip] step {step}: loss or gradients not finite; update not applied")
-
-        batcher = self.workload.batcher
-        host_batches = prefetch.ahead(
-            lambda s: batcher.batch(s, jax.process_index(), jax.process_count()),
-            self.start_step,
-            stop,
-            **self.workload.prefetch_options(cfg),
-        )
+        host_batches = self._host_batches(stop)
         next_batch = None
         with _stop_signals(signals):
             for step in range(self.start_step, stop):
-                batch = (
-                    next_batch if next_batch is not None else self._on_devices(next(host_batches))
-                )
-                if self.spike_guard is None:
-                    self.state, device_metrics = self.train_step(self.state, batch)
-                else:
-                    self.state, device_metrics = self.train_step(
-                        self.state, batch, self.spike_guard
-                    )
-                    self.spike_guard = device_metrics.pop("guard")
+                batch = next_batch if next_batch is not None else next(host_batches)
+                device_metrics = self._train_one_step(batch)
                 # The step runs asynchronously; meanwhile the next batch goes onto the devices.
-                next_batch = self._on_devices(next(host_batches)) if step + 1 < stop else None
+                next_batch = next(host_batches) if step + 1 < stop else None
                 done = step + 1
-                # Checked one step late, like the metrics, so the device never waits for it.
-                if last_flag is not None:
-                    check_finite(last_flag)
-                last_flag = (done, device_metrics["nonfinite"], device_metrics.get("spike"))
-                if pending is not None:
-                    flush(pending)
-                    pending = None
-                if done % cfg.train.log_every == 0 or done == stop:
-                    counts = dict(skipped_steps=self.skipped_steps)
-                    if self.spike_guard is not None:
-                        counts["spike_steps"] = self.spike_steps
-                    pending = (done, dict(device_metrics, **counts))
+                log.record(
+                    done, device_metrics, log=done % cfg.train.log_every == 0 or done == stop
+                )
                 bar.update(1)
                 if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total:
-                    if pending is not None:
-                        flush(pending)
-                        pending = None
-                    last_eval = self.evaluate()
-                    self.writer.write(done, last_eval, prefix="validation")
-                    bar.write(
-                        f"[eval] step {done}: "
-                        + ", ".join(
-                            f"{k} {v:.4f}" for k, v in last_eval.items() if k != "unigram_loss"
-                        )
-                    )
+                    log.flush()
+                    last_eval = self._validate(done, bar)
                 if done % cfg.checkpoint.every == 0 or done == stop:
-                    check_finite(last_flag)  # never checkpoint past an unchecked step
-                    self.save(done)
+                    log.settle_update()  # never checkpoint past an unchecked step
+                    self._save_counted(done, log)
                 if self._stop_requested(signals):
-                    check_finite(last_flag)
-                    if done % cfg.checkpoint.every and done != stop:
-                        self.save(done)
-                    self.checkpointer.wait()
-                    if pending is not None:
-                        flush(pending)
-                    bar.close()
-                    raise Preempted(done, signals[0] if signals else "another process")
-            if last_flag is not None:
-                check_finite(last_flag)
-        if pending is not None:
-            flush(pending)
+                    self._preempt(done, stop, log, bar, signals)
+            log.settle_update()
+        log.flush()
         bar.close()
+        self.skipped_steps, self.spike_steps = log.skipped_steps, log.spike_steps
         if self.start_step >= stop:  # a finished run rerun: report where it stands
             self.log(f"[resume] {self.run_dir} is already at step {self.start_step}")
             last_eval = self.evaluate()
         self.checkpointer.wait()
         return dict(
-            train=last_train,
+            train=log.last_train,
             validation=last_eval,
             steps=stop,
             skipped_steps=self.skipped_steps,
             spike_steps=self.spike_steps,
         )
+
+    def _step_log(self, bar: tqdm) -> StepLog:
+        """The one-step-late reader of this run's metrics and skipped updates."""
+        cfg = self.cfg
+        tokens_per_step = self.workload.tokens_per_step(cfg)
+        flops_per_token = metrics_lib.flops_per_token(
+            cfg.model, self.num_params, tokens_per_step // self.batch_size
+        )
+        peak = cfg.train.peak_flops or metrics_lib.detect_peak_flops()
+
+        def write(step: int, values: dict) -> None:
+            self.writer.write(step, values)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['learning_rate']:.2e}")
+
+        return StepLog(
+            write=write,
+            learning_rate=self.schedule,
+            say=bar.write,
+            tokens_per_step=tokens_per_step,
+            flops_per_step=flops_per_token * tokens_per_step,
+            peak_flops=peak * jax.device_count() if peak else 0.0,
+            nonfinite=cfg.train.nonfinite,
+            spike_factor=cfg.train.spike_factor,
+            start_step=self.start_step,
+            skipped_steps=self.skipped_steps,
+            spike_steps=self.spike_steps,
+        )
+
+    def _host_batches(self, stop: int) -> Iterator[dict]:
+        """This process's batches from start_step to `stop`, made ahead and put on the devices."""
+        batcher = self.workload.batcher
+        rows = prefetch.ahead(
+            lambda s: batcher.batch(s, jax.process_index(), jax.process_count()),
+            self.start_step,
+            stop,
+            **self.workload.prefetch_options(self.cfg),
+        )
+        return (self._on_devices(local) for local in rows)
+
+    def _train_one_step(self, batch: dict) -> dict:
+        """Dispatches one update (asynchronously); returns its device metrics."""
+        if self.spike_guard is None:
+            self.state, device_metrics = self.train_step(self.state, batch)
+        else:
+            self.state, device_metrics = self.train_step(self.state, batch, self.spike_guard)
+            self.spike_guard = device_metrics.pop("guard")
+        return device_metrics
+
+    def _validate(self, done: int, bar: tqdm) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.writer.write(done, metrics, prefix="validation")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "unigram_loss")
+        bar.write(f"[eval] step {done}: {shown}")
+        return metrics
+
+    def _save_counted(self, done: int, log: StepLog) -> None:
+        """Checkpoints step `done` with the skipped-update counts read so far."""
+        self.skipped_steps, self.spike_steps = log.skipped_steps, log.spike_steps
+        self.save(done)
+
+    def _preempt(self, done: int, stop: int, log: StepLog, bar: tqdm, signals: list) -> None:
+        """Saves step `done` (unless just saved), waits for it to be durable, raises Preempted."""
+        log.settle_update()
+        if done % self.cfg.checkpoint.every and done != stop:
+            self._save_counted(done, log)
+        self.checkpointer.wait()
+        log.flush()
+        bar.close()
+        raise Preempted(done, signals[0] if signals else "another process")
 
     def _on_devices(self, local: dict) -> dict:
         return shard_lib.shard_batch(local, self.mesh, self.rules)
