@@ -54,9 +54,10 @@ class Prefix(NamedTuple):
 
 
 def family(model: nnx.Module) -> str:
-    """'decoder' or 'encoder_decoder'; anything else cannot generate."""
+    """The family of a model that generates ('decoder' or 'encoder_decoder'); an error for one
+    that cannot (its class says so: `generates`)."""
     fam = getattr(getattr(model, "config", None), "family", None)
-    if fam not in ("decoder", "encoder_decoder") or not hasattr(model, "decode_step"):
+    if not getattr(type(model), "generates", False) or not hasattr(model, "decode_step"):
         raise ValueError(
             f"generation needs a decoder-only or encoder-decoder model; got "
             f"{type(model).__name__} (family {fam!r}), which has no autoregressive decoder"

@@ -12,6 +12,13 @@ from jaxformer.models.encoder_decoder import EncoderDecoderLM
 FAMILIES = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}
 # ModelConfig validates `family` against its own list (it can't import the model classes).
 assert tuple(FAMILIES) == CHOICES["family"], "FAMILIES vs CHOICES"
+# The family table above is the one place that says what each family does; these views of it
+# serve the data, fine-tuning and generation code.
+OBJECTIVE_OF_FAMILY = {name: cls.objective for name, cls in FAMILIES.items()}
+"""family -> the objective it pretrains on."""
+FAMILY_OF_TASK_KIND = {kind: name for name, cls in FAMILIES.items() for kind in cls.task_kinds}
+"""fine-tuning task kind -> the family that trains on it."""
+GENERATING_FAMILIES = tuple(name for name, cls in FAMILIES.items() if cls.generates)
 
 
 def create(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -38,4 +45,7 @@ __all__ = [
     "EncoderLM",
     "EncoderDecoderLM",
     "FAMILIES",
+    "OBJECTIVE_OF_FAMILY",
+    "FAMILY_OF_TASK_KIND",
+    "GENERATING_FAMILIES",
 ]

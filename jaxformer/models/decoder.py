@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,13 @@ Array = jax.Array
 
 class DecoderLM(nnx.Module):
     """Token embedding, causal blocks, final norm, LM head."""
+
+    objective: ClassVar[str] = "causal_lm"
+    """What the family pretrains on (data.objective=auto)."""
+    task_kinds: ClassVar[tuple[str, ...]] = ("completion",)
+    """The fine-tuning task kinds it trains on."""
+    generates: ClassVar[bool] = True
+    """Whether it decodes text (a KV-cached `decode_step`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,10 @@ Array = jax.Array
 
 class EncoderLM(nnx.Module):
     """Bidirectional encoder with a masked-LM head (the call) and a pooled classifier (`classify`)."""
+
+    objective: ClassVar[str] = "masked_lm"
+    task_kinds: ClassVar[tuple[str, ...]] = ("classification",)
+    generates: ClassVar[bool] = False
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg

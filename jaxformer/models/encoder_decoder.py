@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,10 @@ def _relative_bias(cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
 
 class EncoderDecoderLM(nnx.Module):
     """Shared embedding, bidirectional encoder, causal decoder attending to the whole encoder."""
+
+    objective: ClassVar[str] = "span_corruption"
+    task_kinds: ClassVar[tuple[str, ...]] = ("text2text",)
+    generates: ClassVar[bool] = True
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg

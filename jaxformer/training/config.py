@@ -9,15 +9,10 @@ from typing import Any, Optional, Protocol
 
 from jaxformer.config import ConfigError, config_from_dict, config_to_dict, load_config, read_yaml
 from jaxformer.data.config import DataConfig
+from jaxformer.models import OBJECTIVE_OF_FAMILY
 from jaxformer.models.config import PRESETS, ModelConfig, preset
 from jaxformer.sharding import MeshConfig
 from jaxformer.training.optimizer import OptimizerConfig
-
-OBJECTIVE_OF_FAMILY = {
-    "decoder": "causal_lm",
-    "encoder": "masked_lm",
-    "encoder_decoder": "span_corruption",
-}
 
 
 @dataclasses.dataclass(frozen=True)

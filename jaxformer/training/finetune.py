@@ -24,11 +24,7 @@ from jaxformer.training.optimizer import OptimizerConfig
 from jaxformer.training.pretraining import EVAL_SEED
 from jaxformer.training.workload import Evaluator, RunEnv, Workload, register
 
-FAMILY_OF_KIND = {
-    "classification": "encoder",
-    "text2text": "encoder_decoder",
-    "completion": "decoder",
-}
+FAMILY_OF_KIND = models.FAMILY_OF_TASK_KIND
 
 
 @dataclasses.dataclass(frozen=True)
