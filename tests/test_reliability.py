@@ -35,14 +35,11 @@ def _metrics(run_dir):
 
 
 def _all_finite(run_dir):
-    ckpt = Checkpointer(run_dir, create=False)
-    cfg = load_experiment(os.path.join(run_dir, "config.yaml"), [])
-    for step in ckpt.steps:
-        trainer = Trainer(cfg, show_progress=False, log=lambda _: None, read_only=True, step=step)
-        params = jax.tree.leaves(
-            nnx.state(nnx.merge(trainer.graphdef, trainer.state)[0], nnx.Param)
-        )
-        trainer.close()
+    from jaxformer.convert.runs import load_run  # reads the arrays; no data, no compiled step
+
+    for step in Checkpointer(run_dir, create=False).steps:
+        model, _ = load_run(run_dir, step)
+        params = jax.tree.leaves(nnx.state(model, nnx.Param))
         if not all(np.isfinite(np.asarray(p)).all() for p in params):
             return False
     return True
