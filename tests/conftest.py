@@ -13,10 +13,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    os.environ.get("JAXFORMER_TEST_XLA_CACHE") or tempfile.mkdtemp(prefix="jaxformer-xla-cache-"),
-)
+_cache = os.environ.get("JAXFORMER_TEST_XLA_CACHE") or tempfile.mkdtemp(prefix="jaxformer-xla-")
+os.makedirs(_cache, exist_ok=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
 # Tiny test programs compile in well under jax's default 1 s threshold: cache every one.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
