@@ -153,7 +153,7 @@ class Trainer:
     def _read_own_checkpoint(self, cfg: TrainerSections, step: Optional[int]) -> Optional[dict]:
         """The run directory's checkpoint metadata (None for a fresh run), checked against `cfg`
         before any work: the same run resumed, or a new run.dir."""
-        if not (self.read_only or os.path.isdir(checkpoint_dir(self.run_dir))):
+        if not (self.read_only or _all_see_directory(checkpoint_dir(self.run_dir))):
             return None
         existing = Checkpointer(self.run_dir, create=False)
         if not self.read_only and existing.latest_step is None:
@@ -296,6 +296,9 @@ class Trainer:
                     last_eval = self._validate(done, bar)
                 if done % cfg.checkpoint.every == 0 or done == stop:
                     log.settle_update()  # never checkpoint past an unchecked step
+                    # nor past unwritten metrics: a host lost right after this save would
+                    # otherwise take them along, and the rerun starts after them.
+                    log.flush()
                     self._save_counted(done, log)
                 if self._stop_requested(signals):
                     self._preempt(done, stop, log, bar, signals)
@@ -400,6 +403,22 @@ class Trainer:
         """Finishes checkpoint writes and closes metric files."""
         self.checkpointer.close()
         self.writer.close()
+
+
+def _all_see_directory(path: str) -> bool:
+    """Whether `path` is a directory, as process 0 sees it, on every process.
+
+    The processes must agree: orbax's CheckpointManager synchronises them in its constructor, one
+    way for an existing directory and another for a new one. Asked separately, a slower process
+    can already see the directory that process 0 has just created for a fresh run, and then both
+    fail with "sync_global_devices name mismatch".
+    """
+    exists = os.path.isdir(path)
+    if jax.process_count() == 1:
+        return exists
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
 
 
 def _check_same_model(meta: dict, model: models.ModelConfig, run_dir: str) -> None:
