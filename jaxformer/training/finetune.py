@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from jaxformer import models
-from jaxformer.config import ConfigError, load_config
+from jaxformer.config import ConfigError, config_to_dict, load_config
 from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task, tokenize_task_fields
 from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.models.config import ModelConfig
@@ -22,7 +22,7 @@ from jaxformer.training.config import CheckpointConfig, RunConfig, TrainConfig, 
 from jaxformer.training.loop import Trainer, run_to_exit_status
 from jaxformer.training.optimizer import OptimizerConfig
 from jaxformer.training.pretraining import EVAL_SEED
-from jaxformer.training.workload import Evaluator, RunEnv, Workload, register
+from jaxformer.training.workload import Evaluator, RunEnv, Workload, register, run_config
 
 FAMILY_OF_KIND = models.FAMILY_OF_TASK_KIND
 
@@ -62,10 +62,15 @@ class FinetuneExperiment:
 def load_finetune(
     from_dir: str, from_step: Optional[int], yaml_path: Optional[str], overrides: Sequence[str]
 ) -> tuple[FinetuneExperiment, dict]:
-    """The fine-tuning config (model section from the checkpoint) and the checkpoint's metadata."""
+    """The fine-tuning config (model section from the checkpoint) and the checkpoint's metadata.
+
+    The checkpoint may be of any registered workload (pretrained, converted, fine-tuned): its
+    stored config is read as that workload's config type, and only its model section is taken.
+    """
     meta = Checkpointer(from_dir, create=False).read_meta(from_step)
+    _, stored = run_config(meta, os.path.abspath(from_dir))
     base = {
-        "model": meta["config"]["model"],
+        "model": config_to_dict(stored.model),
         "finetune": {"from_dir": os.path.abspath(from_dir), "from_step": meta["step"]},
     }
     cfg = load_config(FinetuneExperiment, yaml_path, overrides, base=base)
