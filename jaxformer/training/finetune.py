@@ -98,6 +98,11 @@ def check_finetune(cfg: FinetuneExperiment) -> None:
             raise ConfigError(f"{err} (the checkpoint's model)") from None
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether the dotted parameter path `name` is `prefix` or lies below it."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def check_freeze_prefixes(model_cfg: ModelConfig, prefixes: Sequence[str]) -> None:
     """A clear error for a `finetune.freeze` prefix that names no parameter of the model."""
     with nnx.use_eager_sharding(False):
@@ -105,7 +110,7 @@ def check_freeze_prefixes(model_cfg: ModelConfig, prefixes: Sequence[str]) -> No
     names = [
         ".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     ]
-    unused = sorted(p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names))
+    unused = sorted(p for p in prefixes if not any(_under(n, p) for n in names))
     if unused:
         # Layers are stacked on one axis, so per-layer prefixes such as blocks.0 are gone.
         tops = sorted({".".join(n.split(".")[:2]) for n in names})
@@ -202,7 +207,7 @@ class Finetuning(Workload):
 
         def frozen(path, _) -> bool:
             dotted = ".".join(map(str, path))
-            return any(dotted == p or dotted.startswith(p + ".") for p in prefixes)
+            return any(_under(dotted, p) for p in prefixes)
 
         return nnx.All(nnx.Param, nnx.Not(frozen))
 
