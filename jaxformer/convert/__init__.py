@@ -10,14 +10,16 @@ Needs the `hf` extra (torch, transformers, safetensors), imported only when thes
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, Optional
 
+import jax
 from flax import nnx
 
-from jaxformer import models
-from jaxformer.convert import bert, common, gpt2, t5
+from jaxformer.convert import bert, common, gpt2, streaming, t5
 from jaxformer.models.config import ModelConfig
 
 BY_MODEL_TYPE: dict[str, ModuleType] = {"gpt2": gpt2, "bert": bert, "t5": t5}
@@ -35,16 +37,27 @@ def _family_of(src: Any) -> ModuleType:
     return BY_MODEL_TYPE[model_type]
 
 
-def from_hf(src: Any, *, seed: int = 0) -> tuple[nnx.Module, ModelConfig]:
+def from_hf(
+    src: Any,
+    *,
+    seed: int = 0,
+    param_dtype: Optional[str] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    rules: Optional[Sequence] = None,
+) -> tuple[nnx.Module, ModelConfig]:
     """(model, config) from a transformers model or a save_pretrained directory.
 
-    Heads the checkpoint lacks (e.g. BERT's classifier in a BertForMaskedLM) keep our random
-    initialisation from `seed`. The model is returned in eval mode (dropout off).
+    Weights are read tensor by tensor (safetensors shards included) straight into the model,
+    placed on `mesh` by the logical-axis `rules` when a mesh is given. `param_dtype` defaults to
+    the checkpoint's ('bfloat16' stays bfloat16, anything else becomes float32). Heads the
+    checkpoint lacks (e.g. BERT's classifier in a BertForMaskedLM) keep our random initialisation
+    from `seed`. The model is returned in eval mode (dropout off).
     """
     family = _family_of(src)
     hf_config, weights = common.read_hf(src)
     weights = family.normalize(weights)
     cfg = family.config_from_hf(hf_config, weights)
+    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or streaming.stored_float_dtype(weights))
     params = common.apply_rules(
         family.rules(cfg),
         weights,
@@ -52,9 +65,9 @@ def from_hf(src: Any, *, seed: int = 0) -> tuple[nnx.Module, ModelConfig]:
         optional=family.OPTIONAL,
         ignored=family.IGNORED,
     )
-    with nnx.use_eager_sharding(False):
-        model = models.create(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-    common.load_params(model, params)
+    place = common.placer(params)
+    model = streaming.build_model(cfg, place, seed=seed, mesh=mesh, rules=rules)
+    place.check_all_used()
     model.eval()
     return model, cfg
 

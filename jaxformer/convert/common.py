@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Optional
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformer.convert import streaming
 from jaxformer.models.config import ModelConfig
 
 WEIGHT_FILES = (
@@ -37,18 +37,15 @@ class Rule(NamedTuple):
 # ----------------------------------------------------------------------------- reading HF sources
 
 
-def _to_numpy(tensor: Any) -> np.ndarray:
-    import torch
+def read_hf(src: Any) -> tuple[Any, dict[str, Any]]:
+    """(transformers config, {name: LazyTensor}) of a model or a save_pretrained directory.
 
-    return tensor.detach().to(torch.float32).cpu().numpy()
-
-
-def read_hf(src: Any) -> tuple[Any, dict[str, np.ndarray]]:
-    """(transformers config, {name: float32 array}) of a model or a save_pretrained directory."""
+    Nothing is read yet: each tensor is read, in its stored dtype, when `np.asarray` asks.
+    """
     if isinstance(src, (str, os.PathLike)):
         return _read_dir(os.fspath(src))
     if hasattr(src, "state_dict") and hasattr(src, "config"):
-        return src.config, {k: _to_numpy(v) for k, v in src.state_dict().items()}
+        return src.config, streaming.lazy_state_dict(src)
     raise TypeError(
         f"from_hf expects a transformers model or a directory, got {type(src).__name__}"
     )
@@ -74,7 +71,7 @@ def model_type_of(src: Any) -> tuple[str, str]:
     return str(getattr(config, "model_type", "")), type(src).__name__
 
 
-def _read_dir(directory: str) -> tuple[Any, dict[str, np.ndarray]]:
+def _read_dir(directory: str) -> tuple[Any, dict[str, Any]]:
     import transformers
 
     present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
@@ -85,28 +82,21 @@ def _read_dir(directory: str) -> tuple[Any, dict[str, np.ndarray]]:
         )
     config = transformers.AutoConfig.from_pretrained(directory)
     name = present[0]
-    if name.endswith(".index.json"):
+    if name.endswith(".index.json"):  # shards: model-00001-of-0000N.safetensors, ...
         with open(os.path.join(directory, name), encoding="utf-8") as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
     else:
         files = [name]
-    weights: dict[str, np.ndarray] = {}
-    for file in files:
-        weights.update(_read_file(os.path.join(directory, file)))
+    paths = [os.path.join(directory, file) for file in files]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is missing ({name} lists it)")
+    if all(path.endswith(".safetensors") for path in paths):
+        return config, streaming.LazyWeights(paths)
+    weights: dict[str, Any] = {}
+    for path in paths:
+        weights.update(streaming.lazy_torch_file(path))
     return config, weights
-
-
-def _read_file(path: str) -> dict[str, np.ndarray]:
-    import torch
-
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
-    return {
-        k: _to_numpy(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
-    }
 
 
 def strip_prefix(weights: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -218,45 +208,51 @@ def apply_rules(
     return params
 
 
-def load_params(model: nnx.Module, params: dict[str, np.ndarray]) -> None:
-    """Writes flat per-layer parameters (the `flat_params` layout) into the model, stacking
-    layers and splitting heads as the model stores them; names and shapes are checked."""
-    state = nnx.state(model, nnx.Param)
+def placer(params: dict[str, Any]) -> Callable[[tuple, nnx.Variable], Optional[np.ndarray]]:
+    """`place(path, variable)` for `streaming.build_model`: the variable's value from flat
+    per-layer parameters (the `flat_params` layout), layers stacked and heads split as the model
+    stores them, read one tensor at a time; names and shapes are checked. After the model is
+    built, `place.check_all_used()` raises if a parameter had no place in it."""
     left = dict(params)
-    for path, var in nnx.to_flat_state(state):
+
+    def place(path: tuple, var: nnx.Variable) -> Optional[np.ndarray]:
         names = tuple(var.get_metadata().get("out_sharding") or ())
-        old = var.get_value()
+        shape, dtype = tuple(var.shape), var.dtype
         if names[:1] == ("layers",):
-            layer_names = _per_layer_names(path, old.shape[0])
+            layer_names = _per_layer_names(path, shape[0])
             present = [n for n in layer_names if n in left]
             if not present:
-                continue
+                return None
             if len(present) != len(layer_names):
                 raise ValueError(
                     f"weights for {len(present)} of {len(layer_names)} layers of "
                     f"{'.'.join(map(str, path))}; all or none are needed"
                 )
-            value = np.stack([_fit(n, left.pop(n), old.shape[1:], names[1:]) for n in layer_names])
-        else:
-            name = ".".join(map(str, path))
-            if name not in left:
-                continue
-            value = _fit(name, left.pop(name), old.shape, names)
-        var.set_value(jnp.asarray(value, dtype=old.dtype))
-    if left:
-        raise ValueError(f"converter produced parameters the model lacks: {sorted(left)[:6]}")
-    nnx.update(model, state)
+            stacked = np.empty(shape, dtype)
+            for i, n in enumerate(layer_names):
+                stacked[i] = _fit(n, left.pop(n), shape[1:], names[1:])
+            return stacked
+        name = ".".join(map(str, path))
+        if name not in left:
+            return None
+        return np.asarray(_fit(name, left.pop(name), shape, names), dtype)
+
+    def check_all_used() -> None:
+        if left:
+            raise ValueError(f"converter produced parameters the model lacks: {sorted(left)[:6]}")
+
+    place.check_all_used = check_all_used  # type: ignore[attr-defined]
+    return place
 
 
 def _fit(name: str, value: np.ndarray, shape: tuple, names: tuple) -> np.ndarray:
     """`value` in the model's `shape`, given in it or with the heads merged (`flat_params`)."""
-    value = np.asarray(value)
     merged = _merge_heads(np.empty(shape, np.int8), names).shape
     if tuple(value.shape) not in (tuple(shape), tuple(merged)):
         raise ValueError(
             f"weight for {name} has shape {tuple(value.shape)}, the model expects {tuple(merged)}"
         )
-    return value.reshape(shape)
+    return np.asarray(value).reshape(shape)
 
 
 def export_rules(rules: Iterable[Rule], params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
