@@ -129,9 +129,11 @@ class Checkpointer:
         tokenizer_model: bytes,
         data_state: dict,
         workload: str,
+        params_only: bool = False,
     ) -> None:
         """Starts saving (asynchronously when configured); `wait()` blocks until it is on disk.
-        `workload` names the registered workload whose config `config` is."""
+        `workload` names the registered workload whose config `config` is; `params_only` marks a
+        state of the model alone, `(model,)` (a converted checkpoint: no optimizer state)."""
         meta = dict(
             format_version=FORMAT_VERSION,
             step=int(step),
@@ -140,6 +142,8 @@ class Checkpointer:
             config=config,
             tokenizer=base64.b64encode(tokenizer_model).decode("ascii"),
         )
+        if params_only:
+            meta["params_only"] = True
         storable = _to_storable(nnx.to_pure_dict(state))
         self.manager.save(
             step,

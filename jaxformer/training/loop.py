@@ -184,7 +184,16 @@ class Trainer:
         """Replaces the fresh state by the checkpoint's; returns the metadata of the step read."""
         if meta is None:
             return None
-        if step is not None:
+        if meta.get("params_only"):  # a converted model: its weights, a fresh optimizer
+            model_only = self.checkpointer.restore_state(
+                nnx.State({0: self.state[0]}),
+                self.mesh,
+                self.rules,
+                int(meta["step"]),
+                partial=True,
+            )
+            self.state[0] = model_only[0]
+        elif step is not None:
             self.state = self.checkpointer.restore_state(
                 self.state, self.mesh, self.rules, int(meta["step"])
             )
