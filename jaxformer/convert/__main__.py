@@ -28,8 +28,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a.add_argument("dst")
     a.add_argument(
         "--tokenizer",
-        help="sentencepiece .model to store in the checkpoint "
-        "(default: the directory's spiece.model/tokenizer.model, else none)",
+        help="tokenizer to store in the checkpoint: a Hugging Face tokenizer directory, a "
+        "jaxformer sentencepiece .model or saved tokenizer file (default: the directory's own "
+        "Hugging Face tokenizer, else its sentencepiece model, else none)",
     )
     b = sub.add_parser("to-hf", help="jaxformer run directory -> Hugging Face directory")
     b.add_argument("src")
@@ -67,20 +68,16 @@ def convert_command(args: argparse.Namespace) -> int:
             )
         require_hf("torch", "transformers", "safetensors")
         model, cfg = convert.from_hf(args.src)
-        if args.tokenizer:
-            with open(args.tokenizer, "rb") as f:
-                spm = f.read()
-        else:
-            spm = runs.find_spm(args.src)
-        out = runs.save_run(model, cfg, args.dst, tokenizer_model=spm)
-        note = "" if spm else " (no tokenizer stored: give one in the data config to train)"
+        tokenizer, note = runs.tokenizer_for_run(args.src, cfg, args.tokenizer)
+        out = runs.save_run(model, cfg, args.dst, tokenizer_model=tokenizer)
         print(f"wrote {cfg.family} model to run directory {out}{note}")
     else:
         model, cfg = runs.load_run(args.src, args.step)
         require_hf("transformers", "safetensors")
         head = args.head or runs.run_head(args.src, args.step)
         out = convert.to_hf(model, cfg, args.dst, head=head, overwrite=args.overwrite)
-        print(f"wrote Hugging Face directory {out}")
+        note = runs.export_tokenizer(args.src, args.step, out)
+        print(f"wrote Hugging Face directory {out}{note}")
     return 0
 
 

@@ -26,7 +26,12 @@ from jaxformer.data import token_store as ts
 from jaxformer.data.config import DataConfig, SourceConfig
 from jaxformer.data.corpus import resolve_data_dir, text_source
 from jaxformer.data.objectives import SpecialIds
-from jaxformer.data.tokenizer import Tokenizer, train_tokenizer
+from jaxformer.data.tokenizer import (
+    AnyTokenizer,
+    load_tokenizer,
+    load_tokenizer_file,
+    train_tokenizer,
+)
 
 _ENCODE_BATCH = 256
 
@@ -45,7 +50,7 @@ class PreparedSource:
 class PreparedData:
     """A tokenizer and, per source, its train/validation token stores (documents end with EOS)."""
 
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
     sources: list[PreparedSource]
 
     @property
@@ -88,13 +93,13 @@ def resolve_tokenizer(
     *,
     tokenizer_model: Optional[bytes] = None,
     log: Callable[[str], None] = print,
-) -> Tokenizer:
+) -> AnyTokenizer:
     """The run's tokenizer: from a checkpoint, a given path, a cached earlier training, or trained
     now on a bounded seeded sample of the train splits (then cached for other runs)."""
     if tokenizer_model is not None:
-        tokenizer = Tokenizer.from_bytes(tokenizer_model)
+        tokenizer = load_tokenizer(tokenizer_model)
     elif cfg.tokenizer_path:
-        tokenizer = Tokenizer.load(cfg.tokenizer_path)
+        tokenizer = load_tokenizer_file(cfg.tokenizer_path)
     else:
         sources = cfg.sources()
         key = _digest(
@@ -104,7 +109,7 @@ def resolve_tokenizer(
         )
         cached = ts._path(tokens_root(cfg), f"tokenizers/{key}.model")  # pylint: disable=protected-access
         if cached.exists():
-            tokenizer = Tokenizer.from_bytes(cached.read_bytes())
+            tokenizer = load_tokenizer(cached.read_bytes())
         else:
             total = sum(s.weight for s in sources)
             texts: list[str] = []
@@ -126,7 +131,7 @@ def resolve_tokenizer(
     return tokenizer
 
 
-def store_dir(cfg: DataConfig, source: SourceConfig, split: str, tokenizer: Tokenizer) -> str:
+def store_dir(cfg: DataConfig, source: SourceConfig, split: str, tokenizer: AnyTokenizer) -> str:
     """The token store of one split, keyed by everything its contents depend on."""
     key = _digest(
         hashlib.sha256(tokenizer.serialized_model()).hexdigest(),
@@ -150,7 +155,7 @@ def _init_worker(source: SourceConfig, split: str, model: bytes) -> None:
     _WORKER["texts"] = text_source(
         source.dataset, split, source.data_dir, source.text_key, source.max_documents
     )
-    _WORKER["tokenizer"] = Tokenizer.from_bytes(model)
+    _WORKER["tokenizer"] = load_tokenizer(model)
 
 
 def _tokenize_shard(
@@ -187,7 +192,7 @@ def tokenize_split(
     cfg: DataConfig,
     source: SourceConfig,
     split: str,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     *,
     workers: Optional[int] = None,
     show_progress: bool = True,

@@ -15,8 +15,13 @@ import random
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
 
+import numpy as np
 import sentencepiece as spm
+
+if TYPE_CHECKING:
+    from jaxformer.data.hf_tokenizer import HfTokenizer
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
 NEWLINE_PIECE = "<newline>"
@@ -72,6 +77,11 @@ class Tokenizer:
         return self._sp.bos_id()
 
     @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: eos only."""
+        return (self.eos_id,)
+
+    @property
     def num_sentinels(self) -> int:
         return NUM_SENTINELS
 
@@ -125,6 +135,38 @@ class Tokenizer:
         """Returns the sentencepiece piece string of one id."""
         return self._sp.id_to_piece(int(i))
 
+    chat_template: Optional[str] = None
+    """No model-specific template: apply_chat_template uses the built-in format."""
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = False
+    ) -> str:
+        """The built-in chat format: '<|role|>\\n' + content + '\\n' per message, then
+        '<|assistant|>\\n' when add_generation_prompt (so a conversation's text starts with the
+        text of its prefix rendered with add_generation_prompt)."""
+        return builtin_chat_text(messages, add_generation_prompt)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """[vocab] float64: UTF-8 bytes each id stands for (0 for pad, eos, bos, mask, sentinels
+        and other control pieces)."""
+        lengths = np.zeros(self.vocab_size, np.float64)
+        special = {self.pad_id, self.eos_id, self.bos_id, self.mask_id, *self._sentinel_ids}
+        for i in range(self.vocab_size):
+            if i in special:
+                continue
+            piece = self.id_to_piece(i)
+            if i == self.newline_id:
+                lengths[i] = 1
+            elif i == self.space_mark_id:
+                lengths[i] = len(_SPACE_MARK.encode("utf-8"))
+            elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+                lengths[i] = 1  # byte-fallback piece
+            elif piece.startswith("<") and piece.endswith(">"):
+                lengths[i] = 0  # other control symbols
+            else:
+                lengths[i] = len(piece.replace(_SPACE_MARK, " ").encode("utf-8"))
+        return lengths
+
     def serialized_model(self) -> bytes:
         """Returns the sentencepiece model proto bytes (to store in a checkpoint)."""
         return self._sp.serialized_model_proto()
@@ -143,6 +185,55 @@ class Tokenizer:
     def save(self, path: str) -> None:
         """Writes the .model file atomically."""
         _atomic_write(os.path.expanduser(path), self.serialized_model())
+
+
+AnyTokenizer = Union[Tokenizer, "HfTokenizer"]
+
+
+def load_tokenizer(data: bytes) -> AnyTokenizer:
+    """The tokenizer of stored bytes (a checkpoint's meta["tokenizer"], a tokenizer file): our
+    sentencepiece model, or a converted checkpoint's Hugging Face bundle (needs transformers)."""
+    from jaxformer.data import hf_tokenizer  # light; imports transformers only to build one
+
+    if hf_tokenizer.is_bundle(data):
+        return hf_tokenizer.HfTokenizer.from_bytes(data)
+    return Tokenizer.from_bytes(data)
+
+
+def load_tokenizer_file(path: str) -> AnyTokenizer:
+    """The tokenizer of a file (a sentencepiece .model or a saved bundle) or of a Hugging Face
+    save_pretrained directory."""
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        from jaxformer.data.hf_tokenizer import HfTokenizer
+
+        return HfTokenizer.from_directory(path)
+    with open(path, "rb") as f:
+        return load_tokenizer(f.read())
+
+
+def model_vocab_size(tokenizer: AnyTokenizer, stored: Optional[int] = None) -> int:
+    """The model vocabulary of a run with `tokenizer`: the tokenizer's size, or `stored` (the
+    vocabulary of the checkpoint the tokenizer came with) when it is at least that: Hugging Face
+    models pad their embeddings past the tokenizer (for speed), and a converted one keeps them."""
+    if stored is not None and stored >= tokenizer.vocab_size:
+        return stored
+    return tokenizer.vocab_size
+
+
+def builtin_chat_text(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+    """Renders messages ({'role': str, 'content': str}) in the built-in chat format."""
+    parts = []
+    for j, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise ValueError(
+                f"chat message {j} needs string 'role' and 'content' fields, got {message!r}"
+            )
+        parts.append(f"<|{role}|>\n{content}\n")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
 
 
 def _atomic_write(path: str, data: bytes) -> None:

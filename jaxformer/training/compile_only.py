@@ -150,9 +150,9 @@ def vocab_size_of(cfg: ExperimentConfig) -> int:
     """The vocabulary the trainer uses: the tokenizer's (tokenizer_path's, else data.vocab_size)."""
     # Trainer.prepare replaces model.vocab_size by the tokenizer's size, so the preset's is unused.
     if cfg.data.tokenizer_path:
-        from jaxformer.data.tokenizer import Tokenizer
+        from jaxformer.data.tokenizer import load_tokenizer_file
 
-        return Tokenizer.load(cfg.data.tokenizer_path).vocab_size
+        return load_tokenizer_file(cfg.data.tokenizer_path).vocab_size
     return cfg.data.vocab_size
 
 

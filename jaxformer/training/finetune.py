@@ -13,7 +13,7 @@ from flax import nnx
 from jaxformer import models
 from jaxformer.config import ConfigError, config_to_dict, load_config
 from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task, tokenize_task_fields
-from jaxformer.data.tokenizer import Tokenizer
+from jaxformer.data.tokenizer import load_tokenizer
 from jaxformer.models.config import ModelConfig
 from jaxformer.sharding import MeshConfig
 from jaxformer.training import cli, task_metrics
@@ -167,7 +167,7 @@ class Finetuning(Workload):
                 f"{cfg.finetune.from_dir} stores no tokenizer (a converted "
                 "checkpoint?); fine-tuning needs one"
             )
-        self.tokenizer = Tokenizer.from_bytes(source["tokenizer"])
+        self.tokenizer = load_tokenizer(source["tokenizer"])
         train = load_task(cfg.task, cfg.task.train_split)
         evaluation = load_task(cfg.task, cfg.task.eval_split)
         self.kind = cfg.task.resolved().kind

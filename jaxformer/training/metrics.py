@@ -46,25 +46,8 @@ def flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (0 for pad, eos, mask, sentinels and other controls)."""
-    lengths = np.zeros(tokenizer.vocab_size, np.float64)
-    special = {tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id, tokenizer.mask_id}
-    special |= {tokenizer.sentinel_id(i) for i in range(tokenizer.num_sentinels)}
-    for i in range(tokenizer.vocab_size):
-        if i in special:
-            continue
-        piece = tokenizer.id_to_piece(i)
-        if i == tokenizer.newline_id:
-            lengths[i] = 1
-        elif i == tokenizer.space_mark_id:
-            lengths[i] = 3
-        elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-            lengths[i] = 1  # byte-fallback piece
-        elif piece.startswith("<") and piece.endswith(">"):
-            lengths[i] = 0  # other control symbols
-        else:
-            lengths[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
-    return lengths
+    """[vocab] UTF-8 bytes each token id stands for (0 for special tokens): the tokenizer says."""
+    return np.asarray(tokenizer.token_byte_lengths(), np.float64)
 
 
 def summarize_eval(sums: dict[str, float]) -> dict[str, float]:

@@ -10,6 +10,7 @@ import jax
 from jaxformer.data.mixture import MixtureBatcher
 from jaxformer.data.pipeline import make_batcher
 from jaxformer.data.prepare import prepare_data
+from jaxformer.data.tokenizer import model_vocab_size
 from jaxformer.training import metrics as metrics_lib
 from jaxformer.training.config import ExperimentConfig
 from jaxformer.training.workload import Evaluator, RunEnv, Workload, register
@@ -49,7 +50,10 @@ class Pretraining(Workload):
             tokenizer_model=None if meta is None else meta["tokenizer"],
         )
         self.tokenizer = self.data.tokenizer
-        model_cfg = dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
+        # A checkpoint's model (a converted one) may have more embedding rows than its tokenizer.
+        stored = None if meta is None else meta["config"]["model"]["vocab_size"]
+        vocab_size = model_vocab_size(self.tokenizer, stored)
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab_size)
         model_cfg.check_length(cfg.data.seq_len, "data.seq_len")
         cfg = dataclasses.replace(cfg, model=model_cfg)
         special, sources = self.data.special_ids, self.data.sources

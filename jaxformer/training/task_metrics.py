@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from jaxformer.data.tasks import TaskBatcher
-from jaxformer.data.tokenizer import Tokenizer
+from jaxformer.data.tokenizer import AnyTokenizer
 from jaxformer.training.workload import Evaluator
 
 
@@ -44,7 +44,7 @@ def evaluate_task(
     evaluator: Evaluator,
     kind: str,
     batcher: TaskBatcher,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     max_target_len: int,
     num_batches: Optional[int] = None,
     max_generations: int = 64,
@@ -108,7 +108,7 @@ def _global(x: jax.Array) -> np.ndarray:
 
 
 def _generation_metrics(
-    model, tok: Tokenizer, max_target_len: int, sources: list, references: list
+    model, tok: AnyTokenizer, max_target_len: int, sources: list, references: list
 ) -> dict[str, Any]:
     from jaxformer.inference import generate
 
