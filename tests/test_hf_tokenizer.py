@@ -343,3 +343,37 @@ def test_find_and_write_tokenizer_for_convert(hf_dirs, pairs, tmp_path):
     assert runs.write_tokenizer(b"\x0a\x03abc", str(tmp_path / "none")) == []
     assert not (tmp_path / "none").exists()
     assert hf_tokenizer.is_bundle(data) and not hf_tokenizer.is_bundle(b"\x0a\x03abc")
+
+
+def test_convert_command_keeps_the_tokenizer_both_ways(hf_dirs, pairs, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from jaxformer.convert.__main__ import main as convert_cli
+    from jaxformer.training.checkpoint import Checkpointer
+
+    ours = pairs["byte_level"][0]
+    torch.manual_seed(0)
+    # The embedding is padded past the tokenizer, as Hugging Face models often are.
+    config = transformers.GPT2Config(
+        vocab_size=ours.vocab_size + 16, n_positions=16, n_embd=16, n_layer=1, n_head=2
+    )
+    hf = tmp_path / "hf"
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf)
+    ours.save_pretrained(str(hf))
+    assert convert_cli(["from-hf", str(hf), str(tmp_path / "run")]) == 0
+    assert "with its Hugging Face tokenizer" in capsys.readouterr().out
+    meta = Checkpointer(str(tmp_path / "run"), create=False).read_meta()
+    assert meta["tokenizer"] == ours.serialized_model()
+    assert meta["config"]["model"]["vocab_size"] == ours.vocab_size + 16
+    assert convert_cli(["to-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert "tokenizer.json" in capsys.readouterr().out
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert back.encode(MIXED, add_special_tokens=False) == ours.encode(MIXED)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [1, 4]
+    # A tokenizer with more ids than the model's vocabulary is refused, naming both sizes.
+    small = tmp_path / "small"
+    config.vocab_size = ours.vocab_size - 1
+    transformers.GPT2LMHeadModel(config).save_pretrained(small)
+    ours.save_pretrained(str(small))
+    assert convert_cli(["from-hf", str(small), str(tmp_path / "run2")]) == 2
+    assert f"has {ours.vocab_size} ids" in capsys.readouterr().err
