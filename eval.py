@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: `python eval.py RUN_DIR [--step N] [--split validation] [--out report.json] [--plot] [--generate PROMPT] [--int8]`."""
+"""Evaluate a checkpoint: `python eval.py RUN_DIR [--step N] [--split validation] [--out report.json] [--plot] [--generate PROMPT] [--max-new-tokens N] [--temperature T] [--top-p P] [--int8] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -28,9 +28,30 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also evaluate with int8 weights and report weight memory",
     )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 (default) generates greedily",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: all tokens)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides of the run's config"
+    )
     args = parser.parse_args(argv)
 
-    from jaxformer.training.evaluate import run_eval
+    from jaxformer.training.evaluate import SampleOptions, run_eval
+
+    try:
+        sampling = SampleOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    except ValueError as err:
+        parser.error(str(err))
 
     return run_eval(
         args.run_dir,
@@ -41,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         args.generate,
         args.batches,
         args.int8,
+        sampling,
+        args.overrides,
     )
 
 

@@ -1,4 +1,4 @@
-"""Fine-tune a checkpoint: `python finetune.py --from RUN_DIR [--step N] --config configs/finetune/X.yaml [key=value ...]`."""
+"""Fine-tune a checkpoint: `python finetune.py --from RUN_DIR|hf:DIR [--step N] --config configs/finetune/X.yaml [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def main(argv: list[str] | None = None) -> int:
         "--from",
         dest="from_dir",
         required=True,
-        help="run directory holding the checkpoint to start from",
+        help="run directory holding the checkpoint to start from, or hf:DIR for a Hugging "
+        "Face save_pretrained directory (Llama, Mistral, Qwen, Gemma 2, GPT-2, BERT, T5)",
     )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--config", default=None, help="fine-tuning YAML config")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.inference import cache as cache_lib
+from jaxformer.inference import sampling
 
 Array = jax.Array
 
@@ -60,7 +61,7 @@ def beam_loop(
         from_parent = lambda x: jnp.take_along_axis(x, parent_BxK, axis=1)
         finished = from_parent(c["finished"])
         if eos_id is not None:
-            finished = finished | (tok_BxK == eos_id)
+            finished = finished | sampling.is_eos(tok_BxK, eos_id)
         seqs = jnp.take_along_axis(c["seqs"], parent_BxK[..., None], axis=1)
         new = dict(
             c,

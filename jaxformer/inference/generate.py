@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Optional, Union
 
 import jax
@@ -35,7 +36,8 @@ class DecodeOptions:
     top_p: float = 1.0
     num_beams: int = 4
     length_penalty: float = 1.0
-    eos_id: Optional[int] = None
+    eos_id: Union[int, tuple[int, ...], None] = None
+    """The id (or ids) that end a row."""
     pad_id: int = 0
     decoder_start_id: int = 0
 
@@ -55,10 +57,20 @@ class DecodeOptions:
             top_p=float(self.top_p),
             num_beams=int(self.num_beams),
             length_penalty=float(self.length_penalty),
-            eos_id=None if self.eos_id is None else int(self.eos_id),
+            eos_id=_eos_key(self.eos_id),
             pad_id=int(self.pad_id),
             decoder_start_id=int(self.decoder_start_id),
         )
+
+
+def _eos_key(eos_id: Union[int, Sequence[int], None]) -> Union[int, tuple[int, ...], None]:
+    """eos_id as plain Python: None, an int, or a sorted tuple of several ids."""
+    if eos_id is None:
+        return None
+    if isinstance(eos_id, (int, np.integer)) or np.ndim(eos_id) == 0:
+        return int(eos_id)
+    ids = tuple(sorted({int(i) for i in eos_id}))
+    return ids[0] if len(ids) == 1 else ids
 
 
 def generate(
@@ -74,7 +86,7 @@ def generate(
     top_p: float = 1.0,
     num_beams: int = 4,
     length_penalty: float = 1.0,
-    eos_id: Optional[int] = None,
+    eos_id: Union[int, Sequence[int], None] = None,
     pad_id: int = 0,
     decoder_start_id: int = 0,
     rng: Union[Array, int, None] = None,
@@ -90,7 +102,8 @@ def generate(
     method: 'greedy' (argmax), 'sample' (softmax of logits / temperature restricted to the top_k
       tokens (0: all) and to the top_p nucleus; temperature 0 means greedy; needs `rng`) or 'beam'
       (num_beams hypotheses, best one returned; see beam.py for the length_penalty convention).
-    eos_id: a row that emits it is finished: every later position holds pad_id.
+    eos_id: a row that emits it (or any of several ids) is finished: every later position holds
+      pad_id.
     Scores: the sum of the model's log-probabilities of the generated tokens up to and including
       EOS (greedy/sample), or the best hypothesis' length-normalised score (beam).
     """
@@ -121,7 +134,7 @@ def beam_search(
     length_penalty: float = 1.0,
     prompt_lengths: Optional[Array] = None,
     encoder_mask: Optional[Array] = None,
-    eos_id: Optional[int] = None,
+    eos_id: Union[int, Sequence[int], None] = None,
     pad_id: int = 0,
     decoder_start_id: int = 0,
 ) -> tuple[Array, Array]:
@@ -268,7 +281,7 @@ def _token_loop(model, prefix: cache_lib.Prefix, rng, temperature, options: Deco
             jax.nn.log_softmax(c["logits"], axis=-1), tok_B[:, None], axis=1
         )[:, 0]
         tok_B = jnp.where(c["finished"], pad_id, tok_B)
-        finished = c["finished"] if eos_id is None else c["finished"] | (tok_B == eos_id)
+        finished = c["finished"] | sampling.is_eos(tok_B, eos_id)
         return dict(
             c,
             rng=rng,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Union
+
 import jax
 import jax.numpy as jnp
 
@@ -31,3 +33,13 @@ def next_token(
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     scaled = filter_logits(logits_BxV / temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+
+def is_eos(tokens: Array, eos_id: Union[int, tuple[int, ...], None]) -> Array:
+    """Boolean mask of `tokens` that end a row: equal to `eos_id`, or to any id of a tuple of
+    them (Llama 3 stops at several); all False without one."""
+    if eos_id is None:
+        return jnp.zeros(tokens.shape, bool)
+    if isinstance(eos_id, tuple):
+        return jnp.isin(tokens, jnp.asarray(eos_id, tokens.dtype))
+    return tokens == eos_id

@@ -2,33 +2,65 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
 
+from jaxformer.config import config_to_dict, load_config
 from jaxformer.training import cli
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.metrics import read_metrics
 from jaxformer.training.task_metrics import until_eos
 
 
-def open_run(run_dir: str, step: Optional[int], split: Optional[str]):
-    """A read-only trainer at `step`, with the workload that wrote the run (its checkpoint says)."""
+def open_run(
+    run_dir: str, step: Optional[int], split: Optional[str], overrides: Sequence[str] = ()
+):
+    """A read-only trainer at `step`, with the workload that wrote the run (its checkpoint says);
+    dotted `overrides` change the stored config (e.g. task.batch_size=8)."""
     from jaxformer.training.loop import Trainer
     from jaxformer.training.workload import run_config
 
     meta = Checkpointer(run_dir, create=False).read_meta(step)
     workload, cfg = run_config(meta, os.path.abspath(run_dir))
+    if overrides:
+        cfg = load_config(type(cfg), None, overrides, base=config_to_dict(cfg))
     if split:
         cfg = workload.with_eval_split(cfg, split)
     return Trainer(cfg, workload, read_only=True, step=meta["step"], show_progress=False)
 
 
-def generate_text(trainer, prompt: str, max_new_tokens: int = 48) -> str:
-    """Greedy continuation (decoder) or output (encoder-decoder) for a text prompt."""
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """How `eval.py` generates: greedy at temperature 0, else sampled from the top_p nucleus."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end generated text: the tokenizer's (a checkpoint's generation config may
+    name several), else its EOS."""
+    return tuple(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))
+
+
+def generate_text(trainer, prompt: str, options: SampleOptions = SampleOptions()) -> str:
+    """Continuation (decoder) or output (encoder-decoder) for a text prompt, up to a stop id."""
     from jaxformer.inference import generate
 
     family = trainer.cfg.model.family
@@ -37,6 +69,7 @@ def generate_text(trainer, prompt: str, max_new_tokens: int = 48) -> str:
     tok = trainer.tokenizer
     ids = tok.encode(prompt)
     model = trainer.model()
+    max_new_tokens = options.max_new_tokens
     if family == "decoder":
         # Shorten the continuation to fit the context; a prompt that alone overflows it is left
         # to generate's error, which names both lengths.
@@ -44,14 +77,19 @@ def generate_text(trainer, prompt: str, max_new_tokens: int = 48) -> str:
         max_new_tokens = min(max_new_tokens, budget) if budget > 0 else max_new_tokens
     else:
         ids = ids + [tok.eos_id]  # encoder inputs end with EOS, as in training
+    stops = stop_ids(tok)
     out = generate(
         model,
         np.asarray([ids], np.int32),
         max_new_tokens=max_new_tokens,
-        method="greedy",
-        eos_id=tok.eos_id,
+        method="greedy" if options.temperature == 0 else "sample",
+        temperature=options.temperature,
+        top_p=options.top_p,
+        rng=options.seed,
+        eos_id=stops,
+        pad_id=tok.pad_id,
     )
-    return tok.decode(until_eos(np.asarray(out)[0], tok.eos_id))
+    return tok.decode(until_eos(np.asarray(out)[0], stops))
 
 
 def evaluate_int8(trainer, num_batches: Optional[int] = None) -> dict[str, float]:
@@ -114,6 +152,8 @@ def run_eval(
     prompt: Optional[str],
     num_batches: Optional[int] = None,
     int8: bool = False,
+    sampling: SampleOptions = SampleOptions(),
+    overrides: Sequence[str] = (),
 ) -> int:
     """Evaluates and reports; 0 on success, 2 with one clear message on bad input.
 
@@ -130,9 +170,11 @@ def run_eval(
         parent = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(parent):
             raise FileNotFoundError(errno.ENOENT, "--out: no such directory", parent)
-    trainer = open_run(run_dir, step, split)
+    if prompt is not None and not prompt.strip():
+        raise ValueError("--generate needs a non-empty prompt")
+    trainer = open_run(run_dir, step, split, overrides)
     try:
-        report = _evaluate(trainer, run_dir, num_batches, int8, prompt)
+        report = _evaluate(trainer, run_dir, num_batches, int8, prompt, sampling)
     finally:
         trainer.close()
     if out:
@@ -155,7 +197,12 @@ def run_eval(
 
 
 def _evaluate(
-    trainer, run_dir: str, num_batches: Optional[int], int8: bool, prompt: Optional[str]
+    trainer,
+    run_dir: str,
+    num_batches: Optional[int],
+    int8: bool,
+    prompt: Optional[str],
+    sampling: SampleOptions,
 ) -> dict[str, Any]:
     report: dict[str, Any] = dict(
         run_dir=os.path.abspath(run_dir), step=trainer.start_step, family=trainer.cfg.model.family
@@ -165,10 +212,11 @@ def _evaluate(
         report["int8"] = evaluate_int8(trainer, num_batches)
     samples = []
     if prompt is not None:
-        samples.append(dict(prompt=prompt, output=generate_text(trainer, prompt)))
+        samples.append(dict(prompt=prompt, output=generate_text(trainer, prompt, sampling)))
     else:
+        short = dataclasses.replace(sampling, max_new_tokens=min(24, sampling.max_new_tokens))
         samples = [
-            dict(prompt=p, output=generate_text(trainer, p, 24))
+            dict(prompt=p, output=generate_text(trainer, p, short))
             for p in trainer.workload.sample_prompts(trainer.cfg)
         ]
     report["samples"] = samples

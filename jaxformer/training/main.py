@@ -55,9 +55,9 @@ def _report(trainer, result: dict, seconds: float) -> None:
         )
     prompt = trainer.cfg.train.sample_prompt
     if prompt and trainer.cfg.model.family == "decoder":
-        from jaxformer.training.evaluate import generate_text
+        from jaxformer.training.evaluate import SampleOptions, generate_text
 
-        text = generate_text(trainer, prompt, trainer.cfg.train.sample_tokens)
+        text = generate_text(trainer, prompt, SampleOptions(trainer.cfg.train.sample_tokens))
         print(f"[sample] greedy continuation of {prompt!r}:\n{prompt}{text}")
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Optional
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional, Union
 
 import jax
 import numpy as np
@@ -129,7 +129,8 @@ def _generation_metrics(
     return text_metrics(refs, hypotheses)
 
 
-def until_eos(ids, eos_id: int) -> list[int]:
-    """Token ids up to (not including) the first EOS."""
+def until_eos(ids, eos_id: Union[int, Iterable[int]]) -> list[int]:
+    """Token ids up to (not including) the first EOS (the first of any of several EOS ids)."""
+    stops = {int(eos_id)} if isinstance(eos_id, (int, np.integer)) else {int(i) for i in eos_id}
     ids = [int(i) for i in ids]
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+    return next((ids[:k] for k, i in enumerate(ids) if i in stops), ids)
