@@ -263,18 +263,6 @@ def test_greedy_generation_t5(hf_models):
             ),
             "unsupported .* type 'opt'",
         ),
-        (
-            lambda: tf.LlamaForCausalLM(
-                tf.LlamaConfig(
-                    vocab_size=V,
-                    hidden_size=16,
-                    intermediate_size=32,
-                    num_hidden_layers=1,
-                    num_attention_heads=2,
-                )
-            ),
-            "unsupported .* type 'llama'",
-        ),
         (lambda: _gpt2(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
         (lambda: _gpt2(activation_function="silu"), "activation_function='silu'"),
         (
@@ -317,7 +305,7 @@ def test_to_hf_refuses_unrepresentable_configs_and_full_directories(hf_models, t
     with nnx.use_eager_sharding(False):
         llama = models.create(models.preset("llama-tiny"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="GPT-2.*position='rope'"):
-        convert.to_hf(llama, llama.config, tmp_path / "a")
+        convert.to_hf(llama, llama.config, tmp_path / "a", architecture="gpt2")
     model, cfg = convert.from_hf(hf_models["gpt2"])
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("x")

@@ -1,6 +1,7 @@
 """python -m jaxformer.convert {from-hf,to-hf} SRC DST
 
-from-hf: a save_pretrained directory (GPT-2, BERT, T5) -> a jaxformer run directory (step 0).
+from-hf: a save_pretrained directory (GPT-2, BERT, T5, Llama, Mistral, Qwen2, Qwen3, Gemma 2)
+         -> a jaxformer run directory (step 0).
 to-hf:   a jaxformer run directory's latest (or --step) checkpoint -> a save_pretrained directory.
 """
 
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from jaxformer.convert import ARCHITECTURES  # `python -m` has imported the package already
 from jaxformer.training import cli
 
 
@@ -41,6 +43,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=None,
         help="architecture to record for an encoder: masked_lm or classification "
         "(default: classification for a fine-tuned classifier, else masked_lm)",
+    )
+    b.add_argument(
+        "--architecture",
+        default=None,
+        choices=ARCHITECTURES,
+        help="Hugging Face model type to write (default: the one the model's features call for: "
+        "gpt2/llama/mistral/qwen2/qwen3/gemma2 for a decoder, bert, t5); a model it cannot "
+        "express is refused, naming the config fields",
     )
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     args = parser.parse_args(argv)
@@ -75,7 +85,14 @@ def convert_command(args: argparse.Namespace) -> int:
         model, cfg = runs.load_run(args.src, args.step)
         require_hf("transformers", "safetensors")
         head = args.head or runs.run_head(args.src, args.step)
-        out = convert.to_hf(model, cfg, args.dst, head=head, overwrite=args.overwrite)
+        out = convert.to_hf(
+            model,
+            cfg,
+            args.dst,
+            head=head,
+            architecture=args.architecture,
+            overwrite=args.overwrite,
+        )
         note = runs.export_tokenizer(args.src, args.step, out)
         print(f"wrote Hugging Face directory {out}{note}")
     return 0
