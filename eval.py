@@ -1,8 +1,9 @@
-"""Evaluate a checkpoint: `python eval.py RUN_DIR [--step N] [--split validation] [--out report.json] [--plot] [--generate PROMPT] [--max-new-tokens N] [--temperature T] [--top-p P] [--int8] [key=value ...]`."""
+"""Evaluate a checkpoint: `python eval.py RUN_DIR [--step N] [--split validation] [--out report.json] [--plot] [--generate PROMPT] [--max-new-tokens N] [--temperature T] [--top-p P] [--chat] [--int8] [key=value ...]`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -42,14 +43,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user turn through the tokenizer's chat template",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides of the run's config"
     )
     args = parser.parse_args(argv)
+    if args.generate is not None:
+        # The command line arrives decoded with surrogate escapes: bytes that are not UTF-8 become
+        # lone surrogates, which the tokenizer would only reject after the whole evaluation.
+        try:
+            os.fsencode(args.generate).decode("utf-8")
+        except UnicodeDecodeError as err:
+            print(
+                f"error: --generate: the prompt is not valid UTF-8 ({err.reason}, byte "
+                f"{err.object[err.start : err.end]!r} at offset {err.start}); pass it as UTF-8",
+                file=sys.stderr,
+            )
+            return 2
 
     from jaxformer.training.evaluate import SampleOptions, run_eval
 
     try:
-        sampling = SampleOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        sampling = SampleOptions(
+            args.max_new_tokens, args.temperature, args.top_p, args.seed, args.chat
+        )
     except ValueError as err:
         parser.error(str(err))
 

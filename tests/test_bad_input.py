@@ -366,6 +366,9 @@ def test_rerun_extending_the_run_reports_the_changes_and_records_them(
             "set optimizer.warmup_steps=<=540",
         ),
         (["model.preset=t5-tiny", "data.target_len=2"], "raise data.target_len"),
+        (["model.num_heads=0"], "model.num_heads=0: must be >= 1"),  # was a ZeroDivisionError
+        (["model.num_layers=0"], "model.num_layers=0: must be >= 1"),  # failed at the first save
+        (["data.batch_size=0"], "data.batch_size=0: must be >= 1"),  # after data preparation
     ],
 )
 def test_the_whole_config_is_checked_before_any_work(overrides, message, tmp_path, capsys):
@@ -379,6 +382,33 @@ def test_the_whole_config_is_checked_before_any_work(overrides, message, tmp_pat
     assert status == 2
     assert message in _one_error_line(capsys.readouterr().err)
     assert os.listdir(tmp_path) == []
+
+
+def test_an_empty_sample_prompt_from_the_shell_skips_the_sample():
+    """`train.sample_prompt=''` reaches Python as `train.sample_prompt=` (an empty YAML value)."""
+    for item in ("train.sample_prompt=", "train.sample_prompt=''"):
+        assert load_experiment(None, [item]).train.sample_prompt == ""
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("", "--generate needs a non-empty prompt"),
+        # What Python makes of the bytes b"caf\xe9" on the command line (surrogate escapes).
+        (os.fsdecode(b"caf\xe9"), "--generate: the prompt is not valid UTF-8"),
+    ],
+)
+def test_eval_refuses_a_bad_prompt_before_evaluating(
+    prompt, message, finished_run, monkeypatch, capsys
+):
+    import jaxformer.training.evaluate as evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before checking --generate")
+
+    monkeypatch.setattr(evaluate, "open_run", never)
+    assert _script("eval.py")([finished_run, "--generate", prompt]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
 
 
 def test_warmup_message_names_the_override():

@@ -71,6 +71,9 @@ class DataConfig:
     mean_noise_span: float = 3.0
 
     def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "target_len", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)}: must be >= 1")
         if self.prefetch < 0 or self.prefetch_threads < 1:
             raise ValueError("data.prefetch must be >= 0 and data.prefetch_threads >= 1")
         if self.docs_per_shard < 1 or self.prepare_workers < 0 or self.tokenizer_docs < 1:
