@@ -43,6 +43,9 @@ class SampleOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    chat: bool = False
+    """Render the prompt as one user turn with the tokenizer's chat template (and its generation
+    prompt) before generating."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -67,6 +70,10 @@ def generate_text(trainer, prompt: str, options: SampleOptions = SampleOptions()
     if family == "encoder":
         raise ValueError("an encoder-only model does not generate text")
     tok = trainer.tokenizer
+    if options.chat:
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
     ids = tok.encode(prompt)
     model = trainer.model()
     max_new_tokens = options.max_new_tokens

@@ -1,0 +1,141 @@
+"""The README's "Fine-tuning a Hugging Face checkpoint" commands, run as written on a tiny Llama
+with its own byte-level BPE tokenizer and chat template: from-hf -> finetune.py on a JSONL chat
+file (the assistant-token loss falls) -> eval.py --generate -> to-hf -> transformers loads the
+export and generates the same text. Skipped without the `hf` extra."""
+
+import json
+import os
+import re
+import shlex
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from test_hf_tokenizer import _byte_level  # noqa: E402
+
+import eval as eval_cli  # noqa: E402
+import finetune as finetune_cli  # noqa: E402
+from jaxformer.convert.__main__ import main as convert_cli  # noqa: E402
+from jaxformer.training.metrics import read_metrics  # noqa: E402
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+HF_DIR_IN_README = "path/to/Llama-3.2-1B-Instruct"
+PROMPT = "What is 2 plus 3?"
+# What makes the README's commands tiny here: a few steps of small packed rows, a short answer.
+TINY = {
+    "finetune.py": "train.steps=30 train.eval_every=0 train.log_every=5 optimizer.warmup_steps=2 "
+    "optimizer.learning_rate=3e-3 task.max_input_len=64 task.batch_size=8 checkpoint.every=100 "
+    "checkpoint.async_save=false",
+    "eval.py": "--batches 1",
+}
+
+
+def readme_commands() -> list[str]:
+    """The bash block of the README section, one command per line."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Fine-tuning a Hugging Face checkpoint", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def _chats(n: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(n):
+        a, b = (int(x) for x in rng.integers(1, 9, 2))
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You add numbers."},
+                    {"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                ]
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    """A random Llama-3-style checkpoint saved with its tokenizer and generation config."""
+    directory = str(tmp_path_factory.mktemp("hf") / "tiny-llama")
+    _byte_level(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[1, 4],
+    )
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(directory)
+    return directory
+
+
+def _run(command: str, tmp_path, hf_dir: str) -> int:
+    """One README command, with paths moved under tmp_path and the tiny settings added."""
+    command = command.replace(HF_DIR_IN_README, hf_dir)
+    args = shlex.split(command)
+    assert args[0] == "python", command
+    args = [
+        a.replace("runs/", f"{tmp_path}/runs/")
+        .replace("out/", f"{tmp_path}/out/")
+        .replace("[chats.jsonl]", f"[{tmp_path}/chats.jsonl]")
+        for a in args
+    ]
+    if args[1] == "-m":
+        assert args[2] == "jaxformer.convert"
+        return convert_cli(args[3:])
+    script = args[1]
+    argv = args[2:] + shlex.split(TINY.get(script, ""))
+    return {"finetune.py": finetune_cli.main, "eval.py": eval_cli.main}[script](argv)
+
+
+def test_readme_commands_fine_tune_a_converted_llama_and_export_it(tiny_llama, tmp_path):
+    with open(tmp_path / "chats.jsonl", "w", encoding="utf-8") as f:
+        for row in _chats(64):
+            f.write(json.dumps(row) + "\n")
+    commands = readme_commands()
+    assert [c.split()[1] for c in commands] == ["-m", "finetune.py", "eval.py", "-m"]
+    for command in commands[:2]:
+        assert _run(command, tmp_path, tiny_llama) == 0, command
+
+    # The loss (on assistant tokens only) fell.
+    losses = [r["loss"] for r in read_metrics(str(tmp_path / "runs/llama-sft")) if "loss" in r]
+    assert len(losses) >= 4 and losses[-1] < 0.7 * losses[0], losses
+
+    report = tmp_path / "report.json"
+    eval_command = commands[2] + f" --out {report}"
+    assert _run(eval_command, tmp_path, tiny_llama) == 0
+    sample = json.loads(report.read_text())["samples"][0]
+    assert sample["prompt"] == PROMPT
+    ours = sample["output"]
+
+    assert _run(commands[3], tmp_path, tiny_llama) == 0
+    out = str(tmp_path / "out/llama-sft")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(chat, add_special_tokens=False, return_tensors="pt").input_ids
+    stops = model.generation_config.eos_token_id
+    with torch.no_grad():
+        new = model.generate(
+            ids, max_new_tokens=64, do_sample=False, eos_token_id=stops, pad_token_id=stops[0]
+        )[0, ids.shape[1] :].tolist()
+    stops = set(stops if isinstance(stops, list) else [stops])
+    new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+    assert len(new) >= 3  # the fine-tuned model answers before it stops
+    assert tokenizer.decode(new) == ours
