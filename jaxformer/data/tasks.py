@@ -16,6 +16,10 @@ completion      seq = prompt + bos (separator) + completion + eos, at most L+1 t
                 example_weight. max_target_len is unused. When too long, the completion keeps at least
                 half of the L+1 budget (more if the prompt is short) and is cut on the right; the prompt
                 takes the rest and is cut on the left, so the text next to the separator survives.
+
+Your own JSONL files (name 'jsonl', train_files / eval_files) are read by jaxformer.data.jsonl_tasks:
+their completion and chat kinds pack several examples per row (its docstring gives that format);
+their text2text kind makes the rows above.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from jaxformer.data.task_builders import BUILDERS, build_task_dataset
 from jaxformer.data.token_store import TokenSource
 from jaxformer.data.tokenizer import Tokenizer
 
-KINDS = ("classification", "text2text", "completion")
+KINDS = ("classification", "text2text", "completion", "chat")
 BUILTIN_KINDS = {
     "code_package": "classification",
     "code_docstring": "text2text",
@@ -56,6 +60,8 @@ _LEGACY_COLLECTIONS = (
     "text_simplification",
 )
 _PERMUTATION_SALT = 0x7A5C
+JSONL = "jsonl"
+"""The task name of your own JSONL files (jaxformer.data.jsonl_tasks)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +69,14 @@ class TaskConfig:
     """A fine-tuning dataset and the shapes of its batches."""
 
     name: str = "code_package"
-    """'code_package', 'code_docstring', 'code_completion' or a TFDS name such as 'glue/sst2'."""
+    """'code_package', 'code_docstring', 'code_completion', 'jsonl' (your own files: train_files,
+    eval_files) or a TFDS name such as 'glue/sst2'."""
     kind: str = "auto"
-    """'auto' (known for the built-ins), 'classification', 'text2text' or 'completion'."""
+    """'auto' (known for the built-ins; for jsonl, from the first line's keys), 'classification',
+    'text2text', 'completion' or 'chat' (jsonl only)."""
     input_key: str = ""
-    """Feature holding the input text; '' -> text / source / prompt by kind."""
+    """Feature holding the input text; '' -> text / source / prompt by kind (jsonl: prompt / input /
+    messages)."""
     target_key: str = ""
     """Feature holding the target text (text2text, completion); '' -> target / completion by kind."""
     label_key: str = ""
@@ -86,11 +95,32 @@ class TaskConfig:
     """Global batch size (all processes together)."""
     max_examples: Optional[int] = None
     """Use only the first max_examples examples of each split (None: all)."""
+    train_files: tuple[str, ...] = ()
+    """JSONL files to fine-tune on (name 'jsonl'; local paths or gs://...), read in order."""
+    eval_files: tuple[str, ...] = ()
+    """JSONL files to evaluate on (name 'jsonl'); give the train files to evaluate on those."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto",) + KINDS:
             raise ValueError(f"task kind {self.kind!r} is not one of auto, {', '.join(KINDS)}")
-        if self.kind == "auto" and self.name not in BUILTIN_KINDS:
+        if self.name == JSONL:
+            for field in ("train_files", "eval_files"):
+                if not getattr(self, field):
+                    raise ValueError(
+                        f"task.name=jsonl needs task.{field}: a list of JSONL files, e.g. "
+                        f"task.{field}=[data/{field.split('_')[0]}.jsonl]"
+                    )
+            if self.kind == "classification":
+                raise ValueError("task.name=jsonl reads completion, chat or text2text files")
+        else:
+            given = [f for f in ("train_files", "eval_files") if getattr(self, f)]
+            if given:
+                raise ValueError(
+                    f"task.{given[0]} is read only with task.name=jsonl (task.name is {self.name!r})"
+                )
+            if self.kind == "chat":
+                raise ValueError("task.kind=chat reads JSONL files: set task.name=jsonl")
+        if self.kind == "auto" and self.name not in BUILTIN_KINDS and self.name != JSONL:
             raise ValueError(
                 f"task {self.name!r} is not a built-in ({', '.join(BUILTIN_KINDS)}): set kind to one of "
                 f"{', '.join(KINDS)}"
@@ -104,9 +134,15 @@ class TaskConfig:
             raise ValueError(f"task max_examples must be >= 0 or None, got {self.max_examples}")
 
     def resolved(self) -> TaskConfig:
-        """A copy with kind and the feature keys filled in."""
-        kind = BUILTIN_KINDS[self.name] if self.kind == "auto" else self.kind
-        keys = DEFAULT_KEYS[kind]
+        """A copy with kind and the feature keys filled in (jsonl 'auto': from the first line)."""
+        if self.name == JSONL:
+            from jaxformer.data import jsonl_tasks  # pylint: disable=g-import-not-at-top
+
+            kind = jsonl_tasks.sniff_kind(self.train_files) if self.kind == "auto" else self.kind
+            keys = jsonl_tasks.DEFAULT_KEYS[kind]
+        else:
+            kind = BUILTIN_KINDS[self.name] if self.kind == "auto" else self.kind
+            keys = DEFAULT_KEYS[kind]
         return dataclasses.replace(
             self,
             kind=kind,
@@ -166,15 +202,22 @@ def tokenize_task_fields(
 ) -> dict[str, TokenSource]:
     """The split's text fields tokenized once into token stores (example i is document i), kept
     beside the TFDS data and reused by later runs with the same tokenizer."""
-    from jaxformer.data import prepare  # pylint: disable=g-import-not-at-top
+    from jaxformer.data import jsonl_tasks, prepare  # pylint: disable=g-import-not-at-top
 
     cfg = cfg.resolved()
+    if cfg.name == JSONL and cfg.kind in jsonl_tasks.PACKED_KINDS:
+        store = jsonl_tasks.tokenize_pieces(
+            cfg, examples, tokenizer, show_progress=show_progress, log=log
+        )
+        return {jsonl_tasks.PIECES: store}
+    # A JSONL split's stores are keyed by its files' contents, not by the name 'jsonl'.
+    dataset = examples.store_name if cfg.name == JSONL else cfg.name
     data = DataConfig(data_dir=cfg.data_dir)
     stores: dict[str, TokenSource] = {}
     for key in (cfg.input_key, cfg.target_key):
         if key:
             source = SourceConfig(
-                dataset=cfg.name,
+                dataset=dataset,
                 text_key=key,
                 data_dir=cfg.data_dir,
                 max_documents=cfg.max_examples,
@@ -209,8 +252,13 @@ def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
 
 
 def load_task(cfg: TaskConfig, split: str) -> TaskExamples:
-    """The examples of one split of cfg's dataset (built-ins are prepared on first use)."""
+    """The examples of one split of cfg's dataset (built-ins are prepared on first use; jsonl:
+    the split's files, read and checked line by line)."""
     cfg = cfg.resolved()
+    if cfg.name == JSONL:
+        from jaxformer.data import jsonl_tasks  # pylint: disable=g-import-not-at-top
+
+        return jsonl_tasks.load_jsonl(cfg, split)
     data_dir = corpus.resolve_data_dir(cfg.data_dir)
     if cfg.name in BUILDERS:
         builder = build_task_dataset(cfg.name, data_dir)
@@ -253,6 +301,26 @@ def _pad(ids: Sequence[int], length: int) -> np.ndarray:
     out = np.zeros(length, np.int32)  # pad id 0
     out[: len(ids)] = ids
     return out
+
+
+def task_batcher(
+    cfg: TaskConfig,
+    examples: Sequence[Mapping[str, Any]],
+    tokenizer: Tokenizer,
+    seed: int,
+    shuffle: bool = True,
+    token_fields: Optional[Mapping[str, TokenSource]] = None,
+) -> TaskBatcher:
+    """The batcher of cfg's task: a TaskBatcher, or a packing one for JSONL completion / chat."""
+    cfg = cfg.resolved()
+    if cfg.name == JSONL:
+        from jaxformer.data import jsonl_tasks  # pylint: disable=g-import-not-at-top
+
+        if cfg.kind in jsonl_tasks.PACKED_KINDS:
+            return jsonl_tasks.PackedTaskBatcher(
+                cfg, examples, tokenizer, seed, shuffle, token_fields
+            )
+    return TaskBatcher(cfg, examples, tokenizer, seed, shuffle, token_fields)
 
 
 class TaskBatcher:
