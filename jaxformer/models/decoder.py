@@ -24,7 +24,7 @@ class DecoderLM(nnx.Module):
 
     objective: ClassVar[str] = "causal_lm"
     """What the family pretrains on (data.objective=auto)."""
-    task_kinds: ClassVar[tuple[str, ...]] = ("completion",)
+    task_kinds: ClassVar[tuple[str, ...]] = ("completion", "chat")
     """The fine-tuning task kinds it trains on."""
     generates: ClassVar[bool] = True
     """Whether it decodes text (a KV-cached `decode_step`)."""

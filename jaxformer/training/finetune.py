@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxformer import models
 from jaxformer.config import ConfigError, config_to_dict, load_config
-from jaxformer.data.tasks import TaskBatcher, TaskConfig, load_task, tokenize_task_fields
+from jaxformer.data.tasks import TaskConfig, load_task, task_batcher, tokenize_task_fields
 from jaxformer.data.tokenizer import load_tokenizer
 from jaxformer.models.config import ModelConfig
 from jaxformer.sharding import MeshConfig
@@ -189,10 +189,10 @@ class Finetuning(Workload):
             )
             for split in (train, evaluation)
         ]
-        self.batcher = TaskBatcher(
+        self.batcher = task_batcher(
             cfg.task, train, self.tokenizer, cfg.train.seed, token_fields=fields[0]
         )
-        self.eval_batcher = TaskBatcher(
+        self.eval_batcher = task_batcher(
             cfg.task, evaluation, self.tokenizer, EVAL_SEED, shuffle=False, token_fields=fields[1]
         )
         return cfg
