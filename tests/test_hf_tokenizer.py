@@ -256,6 +256,35 @@ def test_bundle_bytes_round_trip(hf_dirs, pairs, style, tmp_path):
     assert load_tokenizer_file(hf_dirs[style]).encode(MIXED) == ours.encode(MIXED)
 
 
+def test_a_slow_sentencepiece_tokenizer_is_stored_converted(tmp_path):
+    import sentencepiece as spm
+
+    model = tmp_path / "sp.model"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=400,
+        character_coverage=0.99,
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "tokenizer.model").write_bytes(model.read_bytes())
+    (slow / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"})
+    )
+    ref = transformers.AutoTokenizer.from_pretrained(slow)
+    data = runs.find_tokenizer(str(slow))
+    tok = load_tokenizer(data)
+    # transformers converted it once; the bundle holds the fast files only.
+    assert "tokenizer.json" in tok.files and "tokenizer.model" not in tok.files
+    assert tok.encode(MIXED) == ref.encode(MIXED, add_special_tokens=False)
+    assert tok.decode(tok.encode(MIXED)) == ref.decode(ref.encode(MIXED, add_special_tokens=False))
+    assert (tok.bos_id, tok.eos_id) == (ref.bos_token_id, ref.eos_token_id)
+
+
 def test_token_byte_lengths(pairs):
     bl, ref = pairs["byte_level"]
     lengths = bl.token_byte_lengths()

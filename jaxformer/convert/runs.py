@@ -28,7 +28,10 @@ def find_tokenizer(directory: str) -> bytes:
     from jaxformer.data import hf_tokenizer
 
     if hf_tokenizer.is_hf_directory(directory):
-        return hf_tokenizer.serialize_bundle(hf_tokenizer.read_bundle(directory))
+        files = hf_tokenizer.read_bundle(directory)
+        if "tokenizer.json" not in files:  # a slow tokenizer: store transformers' conversion
+            return hf_tokenizer.HfTokenizer.from_directory(directory).serialized_model()
+        return hf_tokenizer.serialize_bundle(files)
     for name in SPM_FILES:
         path = os.path.join(directory, name)
         if os.path.isfile(path):

@@ -283,8 +283,20 @@ class HfTokenizer:
 
     @classmethod
     def from_directory(cls, directory: str) -> HfTokenizer:
-        """Builds the tokenizer from a save_pretrained directory's tokenizer files."""
-        return cls(read_bundle(directory))
+        """Builds the tokenizer from a save_pretrained directory's tokenizer files (a slow
+        tokenizer's are converted by transformers once: the bundle keeps the fast files)."""
+        files = read_bundle(directory)
+        tokenizer = cls(files)
+        if "tokenizer.json" in files:
+            return tokenizer
+        with tempfile.TemporaryDirectory(prefix="jaxformer-tokenizer-") as tmp:
+            tokenizer.hf.save_pretrained(tmp)
+            fast = read_bundle(tmp)
+        if "tokenizer.json" not in fast:
+            return tokenizer
+        if "generation_config.json" in files:
+            fast["generation_config.json"] = files["generation_config.json"]
+        return cls(fast)
 
 
 def _first(*values):
