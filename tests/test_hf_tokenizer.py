@@ -17,6 +17,7 @@ from jaxformer.data import hf_tokenizer  # noqa: E402
 from jaxformer.data.hf_tokenizer import HfTokenizer, MissingTokenizerPackage  # noqa: E402
 from jaxformer.data.tokenizer import (  # noqa: E402
     Tokenizer,
+    check_objective_ids,
     load_tokenizer,
     load_tokenizer_file,
     model_vocab_size,
@@ -331,6 +332,16 @@ def test_model_vocab_size_keeps_a_checkpoints_padded_embedding(pairs):
     assert model_vocab_size(tok, tok.vocab_size + 64) == tok.vocab_size + 64
     # A smaller stored vocabulary is left to the model check (it names both sizes).
     assert model_vocab_size(tok, tok.vocab_size - 1) == tok.vocab_size
+
+
+def test_objectives_name_the_token_a_tokenizer_lacks(pairs):
+    bl, wp = pairs["byte_level"][0], pairs["wordpiece"][0]
+    check_objective_ids(bl, "causal_lm")
+    check_objective_ids(wp, "masked_lm")
+    with pytest.raises(ValueError, match="masked_lm needs a mask token"):
+        check_objective_ids(bl, "masked_lm")
+    with pytest.raises(ValueError, match="span_corruption needs sentinel"):
+        check_objective_ids(wp, "span_corruption")
 
 
 def test_missing_transformers_names_the_extra(pairs, monkeypatch):

@@ -202,8 +202,8 @@ class HfTokenizer:
         return self._sentinel_ids[i]
 
     def id_to_piece(self, i: int) -> str:
-        """Returns the vocabulary string of one id."""
-        return self.hf.convert_ids_to_tokens(int(i))
+        """Returns the vocabulary string of one id ('' for an id past the tokenizer's)."""
+        return self.hf.convert_ids_to_tokens(int(i)) or ""
 
     # ------------------------------------------------------------------ text
 
@@ -219,7 +219,8 @@ class HfTokenizer:
         return [list(ids) for ids in out["input_ids"]]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Returns the text of ids as transformers decodes it, skipping pad ids."""
+        """Returns the text of ids as transformers decodes it (special tokens as their text),
+        skipping pad ids (eos too when pad falls back to eos) and ids past the tokenizer's."""
         return self.hf.decode([int(i) for i in ids if int(i) != self.pad_id])
 
     # ------------------------------------------------------------------ chat

@@ -221,6 +221,21 @@ def model_vocab_size(tokenizer: AnyTokenizer, stored: Optional[int] = None) -> i
     return tokenizer.vocab_size
 
 
+def check_objective_ids(tokenizer: AnyTokenizer, objective: str) -> None:
+    """ValueError naming what a tokenizer lacks for a pretraining objective: masked_lm needs a
+    mask token, span_corruption sentinels (<extra_id_i>); causal_lm needs neither."""
+    if objective == "masked_lm" and tokenizer.mask_id is None:
+        raise ValueError(
+            "data.objective masked_lm needs a mask token, and the run's tokenizer (a converted "
+            "checkpoint's) has none; use causal_lm, or a tokenizer with a mask token"
+        )
+    if objective == "span_corruption" and tokenizer.num_sentinels == 0:
+        raise ValueError(
+            "data.objective span_corruption needs sentinel tokens (<extra_id_0>, ...), and the "
+            "run's tokenizer (a converted checkpoint's) has none"
+        )
+
+
 def builtin_chat_text(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
     """Renders messages ({'role': str, 'content': str}) in the built-in chat format."""
     parts = []

@@ -10,7 +10,7 @@ import jax
 from jaxformer.data.mixture import MixtureBatcher
 from jaxformer.data.pipeline import make_batcher
 from jaxformer.data.prepare import prepare_data
-from jaxformer.data.tokenizer import model_vocab_size
+from jaxformer.data.tokenizer import check_objective_ids, model_vocab_size
 from jaxformer.training import metrics as metrics_lib
 from jaxformer.training.config import ExperimentConfig
 from jaxformer.training.workload import Evaluator, RunEnv, Workload, register
@@ -50,6 +50,7 @@ class Pretraining(Workload):
             tokenizer_model=None if meta is None else meta["tokenizer"],
         )
         self.tokenizer = self.data.tokenizer
+        check_objective_ids(self.tokenizer, cfg.objective)
         # A checkpoint's model (a converted one) may have more embedding rows than its tokenizer.
         stored = None if meta is None else meta["config"]["model"]["vocab_size"]
         vocab_size = model_vocab_size(self.tokenizer, stored)
