@@ -2,11 +2,11 @@
 
 Writes a random bfloat16 checkpoint with transformers (several safetensors shards), then, in a fresh
 process each: (1) `convert.from_hf` into a model, (2) the whole `python -m jaxformer.convert
-from-hf` command (model plus step-0 run directory). Peak RSS (ru_maxrss) is reported next to the
-RSS of a process that has only imported what the conversion imports, so the difference is what the
-conversion itself holds.
+from-hf` command (model plus step-0 run directory). Peak RSS (VmHWM) is reported next to the
+resident memory of the same process once it has imported what the conversion imports, so the
+difference is what the conversion itself holds at its peak.
 
-    python benchmarks/convert_memory.py [--model-type llama] [--hidden 1536] [--layers 16]
+    python benchmarks/convert_memory.py [--model-type llama] [--hidden 1536] [--layers 18]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,13 @@ IMPORTS = (
 )
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mib(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def write_checkpoint(args, out: str) -> None:
@@ -54,7 +58,7 @@ def write_checkpoint(args, out: str) -> None:
 def child(mode: str, src: str, dst: str) -> None:
     """Runs one measurement in this (fresh) process and prints a JSON line."""
     exec(IMPORTS)
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     start = time.perf_counter()
     if mode == "from_hf":
         from jaxformer import convert
@@ -73,7 +77,8 @@ def child(mode: str, src: str, dst: str) -> None:
             dict(
                 mode=mode,
                 import_rss_mib=round(base, 1),
-                peak_rss_mib=round(_rss_mib(), 1),
+                peak_rss_mib=round(_status_mib("VmHWM"), 1),
+                end_rss_mib=round(_status_mib("VmRSS"), 1),
                 seconds=round(time.perf_counter() - start, 1),
                 detail=detail,
             )
@@ -85,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-type", default="llama")
     parser.add_argument("--hidden", type=int, default=1536)
-    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=18)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dir", default="", help="reuse/keep the checkpoint here")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
@@ -118,7 +123,8 @@ def main() -> None:
         over = r["peak_rss_mib"] - r["import_rss_mib"]
         print(
             f"{mode:8s} peak RSS {r['peak_rss_mib']:7.0f} MiB = imports {r['import_rss_mib']:5.0f}"
-            f" + {over:6.0f} MiB ({over / size_mib:.2f}x the checkpoint) in {r['seconds']} s"
+            f" + {over:6.0f} MiB ({over / size_mib:.2f}x the checkpoint; resident at the end "
+            f"{r['end_rss_mib'] - r['import_rss_mib']:.0f} MiB) in {r['seconds']} s"
             f"  [{r['detail']}]"
         )
 
