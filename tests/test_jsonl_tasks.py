@@ -218,7 +218,7 @@ def test_chat_rows_learn_every_assistant_turn_and_its_eos(tmp_path, stdlib_token
         answers = [m["content"] for m in rows[i]["messages"] if m["role"] == "assistant"]
         runs = learned_runs(b["targets"][r, span], b["loss_weights"][r, span])
         assert runs == [tok.encode(a + "\n") + [tok.eos_id] for a in answers]
-    assert found == list(range(6)) and len(batches) < 3  # in order; several per row
+    assert sorted(found) == list(range(6)) and len(batches) < 3  # each once; several per row
 
 
 class TemplateTokenizer:
@@ -321,7 +321,7 @@ def test_eval_batches_count_every_example_once(tmp_path, stdlib_tokenizer, proce
     for r, _, span in segments(merged):
         text = tok.decode(merged["inputs"][r, span])
         prompts.append(next(row["prompt"] for row in rows if text.startswith(row["prompt"])))
-    assert prompts == [row["prompt"] for row in rows]  # in file order, each once
+    assert sorted(prompts) == sorted(row["prompt"] for row in rows)  # each example once
 
 
 def test_pieces_are_tokenized_once_into_a_store_keyed_by_contents(tmp_path, stdlib_tokenizer):

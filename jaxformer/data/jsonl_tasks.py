@@ -24,9 +24,11 @@ template and the tokenizer), so nothing is re-encoded per batch. Each piece is e
 (a token never spans a piece boundary), and `tokenizer.encode` must add no special tokens.
 
 Packed rows (completion, chat; int32, weights float32; L = max_input_len), a pure function of
-(seed, step): epoch e greedily fills rows, in the order of a permutation seeded by (seed, e), with
-whole examples while they fit; global rows step*B .. step*B+B-1 run across epoch ends and each
-process takes a contiguous slice. An example of n tokens fills n - 1 positions:
+(seed, step): epoch e takes the examples in the order of a permutation seeded by (seed, e) and
+puts each whole into the first of the 8 newest rows it fits in, else into a new row (the oldest
+open row is closed then; rows are used in the order they close); global rows step*B .. step*B+B-1
+run across epoch ends and each process takes a contiguous slice. An example of n tokens fills
+n - 1 positions:
 
 inputs [B,L]          its tokens[:-1], examples one after another, then pad (0)
 targets [B,L]         its tokens[1:]
@@ -40,7 +42,7 @@ An example longer than L + 1 tokens is cut to a window of L + 1 tokens around th
 first learned piece: the learned side keeps at least half of the window (more if the context is
 short) and is cut on the right; the context before it takes the rest and is cut on the left (the
 text next to the answer survives), as tasks.py cuts completion rows. Evaluation packs the examples
-in file order, so its batches count every example once.
+in file order (unshuffled), so its batches count every example once.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ ROLES = ("system", "user", "assistant")
 PIECES = "pieces"
 """The token_fields key of a packed JSONL split's piece store."""
 _RENDER_VERSION = 1  # part of the store key: bump when rendering changes
+PACK_OPEN_ROWS = 8
+"""Rows greedy packing keeps open (first fit among them): fuller rows than one, O(examples * 8)."""
 
 Piece = tuple[str, bool, bool]  # (text, learned, followed by EOS)
 
@@ -397,18 +401,33 @@ def cut_window(context: int, length: int, budget: int) -> tuple[int, int]:
     return context - keep_head, context + keep_tail
 
 
-def greedy_pack(widths: np.ndarray, order: np.ndarray, row_len: int) -> np.ndarray:
-    """Row bounds [R + 1] into `order`: rows take examples in order while their widths fit (an
-    example of width 0 joins the current row without using it)."""
-    bounds, used = [0], 0
-    for i, e in enumerate(order.tolist()):
+def greedy_pack(
+    widths: np.ndarray, order: np.ndarray, row_len: int, open_rows: int = PACK_OPEN_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
+    """(members, bounds [R + 1]): row i holds examples members[bounds[i]:bounds[i + 1]].
+
+    Examples go, in `order`, into the first of the last `open_rows` rows where they fit, else into
+    a new row (the oldest open row is then closed); rows are listed in the order they close.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    closed: list[list[int]] = []
+    for e in order.tolist():
         w = int(widths[e])
-        if used + w > row_len:
-            bounds.append(i)
-            used = 0
-        used += w
-    bounds.append(len(order))
-    return np.asarray(bounds, np.int64)
+        for j, space in enumerate(free):
+            if w <= space:
+                rows[j].append(e)
+                free[j] -= w
+                break
+        else:
+            if len(rows) == open_rows:
+                closed.append(rows.pop(0))
+                free.pop(0)
+            rows.append([e])
+            free.append(row_len - w)
+    closed += rows
+    bounds = np.cumsum([0] + [len(r) for r in closed]).astype(np.int64)
+    return np.asarray([e for r in closed for e in r], np.int64), bounds
 
 
 class PackedTaskBatcher(tasks.TaskBatcher):
@@ -453,7 +472,8 @@ class PackedTaskBatcher(tasks.TaskBatcher):
         self._packs: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._epoch_starts = [0]  # global row where each packed epoch begins
 
-    def _pack(self, epoch: int) -> np.ndarray:
+    def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(members, bounds) of the epoch's rows (greedy_pack)."""
         if epoch not in self._packs:
             self._packs[epoch] = greedy_pack(
                 self._width, self._permutation(epoch), self.cfg.max_input_len
@@ -463,10 +483,14 @@ class PackedTaskBatcher(tasks.TaskBatcher):
         self._packs.move_to_end(epoch)
         return self._packs[epoch]
 
+    def _row(self, epoch: int, row: int) -> np.ndarray:
+        members, bounds = self._pack(epoch)
+        return members[bounds[row] : bounds[row + 1]]
+
     @property
     def num_rows_per_epoch(self) -> int:
         """Packed rows of the first epoch (every epoch's count differs a little when shuffled)."""
-        return len(self._pack(0)) - 1
+        return len(self._pack(0)[1]) - 1
 
     @property
     def num_batches_per_epoch(self) -> int:
@@ -476,7 +500,7 @@ class PackedTaskBatcher(tasks.TaskBatcher):
         """(epoch, row within it) of a global training row."""
         while self._epoch_starts[-1] <= row:
             epoch = len(self._epoch_starts) - 1
-            self._epoch_starts.append(self._epoch_starts[-1] + len(self._pack(epoch)) - 1)
+            self._epoch_starts.append(self._epoch_starts[-1] + len(self._pack(epoch)[1]) - 1)
         epoch = bisect.bisect_right(self._epoch_starts, row) - 1
         return epoch, row - self._epoch_starts[epoch]
 
@@ -486,9 +510,7 @@ class PackedTaskBatcher(tasks.TaskBatcher):
         """This process's share ([B / process_count, L]) of the global training rows at `step`."""
         rows = []
         for r in self._local_range(step, process_index, process_count):
-            epoch, i = self._locate(r)
-            bounds = self._pack(epoch)
-            rows.append(self._permutation(epoch)[bounds[i] : bounds[i + 1]])
+            rows.append(self._row(*self._locate(r)))
         return self._rows(rows, [1.0] * len(rows))
 
     def eval_batches(
@@ -504,11 +526,10 @@ class PackedTaskBatcher(tasks.TaskBatcher):
             raise ValueError(
                 f"eval set holds {available} batches of {self.cfg.batch_size}, {num_batches} requested"
             )
-        bounds, order = self._pack(0), self._permutation(0)
-        total = len(bounds) - 1
+        total = self.num_rows_per_epoch
         for step in range(num_batches):
             rows = self._local_range(step, process_index, process_count)
-            members = [order[bounds[r] : bounds[r + 1]] if r < total else order[:0] for r in rows]
+            members = [self._row(0, r) if r < total else np.zeros(0, np.int64) for r in rows]
             yield self._rows(members, [float(r < total) for r in rows])
 
     def example_tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
