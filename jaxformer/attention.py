@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,8 @@ import numpy as np
 from jaxformer import attention_kernels as kernels
 
 Array = jax.Array
+Window = Union[int, Array]
+"""A sliding window: a Python int (static), or a traced integer scalar (e.g. one per scanned layer)."""
 
 # A large finite negative rather than -inf keeps fully masked rows finite (uniform weights, no NaN).
 # The chunked variant gives such a row uniform weights over the key blocks it visits (0 if it
@@ -61,7 +63,12 @@ def segment_mask(q_segment_ids_BxT: Array, kv_segment_ids_BxS: Optional[Array] =
 
 
 def sliding_window_mask(
-    q_len: int, kv_len: Optional[int] = None, *, window: int, causal: bool = True, offset: int = 0
+    q_len: int,
+    kv_len: Optional[int] = None,
+    *,
+    window: Window,
+    causal: bool = True,
+    offset: int = 0,
 ) -> Array:
     """[1, 1, T, S] mask letting query i see keys within `window` positions (looking back only if causal)."""
     kv_len = q_len if kv_len is None else kv_len
@@ -69,6 +76,18 @@ def sliding_window_mask(
     allowed = dist < window
     allowed &= (dist >= 0) if causal else (dist > -window)
     return allowed[None, None]
+
+
+def is_static_window(window: Optional[Window]) -> bool:
+    """Whether a window is known at trace time (None or an int), as the fused kernels need."""
+    return window is None or isinstance(window, (int, np.integer))
+
+
+def softcap(x: Array, cap: Optional[float]) -> Array:
+    """cap * tanh(x / cap): squashes logits smoothly into (-cap, cap); identity when cap is None."""
+    if cap is None:
+        return x
+    return cap * jnp.tanh(x / cap)
 
 
 def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
@@ -115,8 +134,9 @@ def dot_product_attention(
     is_causal: bool = False,
     segment_ids: Optional[Array] = None,
     kv_segment_ids: Optional[Array] = None,
-    sliding_window: Optional[int] = None,
+    sliding_window: Optional[Window] = None,
     scale: Optional[float] = None,
+    logit_softcap: Optional[float] = None,
     implementation: str = "plain",
     q_chunk_size: int = 512,
     kv_chunk_size: int = 512,
@@ -125,8 +145,10 @@ def dot_product_attention(
 
     `is_causal`, `segment_ids` (packed documents) and `sliding_window` are structural masks that the
     chunked variant builds block by block, so its memory stays linear in the sequence length; `mask`
-    and `bias` are combined as given. The softmax runs in float32 whatever the input dtype.
-    `implementation="auto"` picks the fastest variant that can take the inputs (see
+    and `bias` are combined as given. `sliding_window` may be a traced scalar (a per-layer window
+    under scan); only plain and chunked take one. `logit_softcap` turns the scaled logits into
+    cap * tanh(logits / cap) before masking (Gemma 2). The softmax runs in float32 whatever the
+    input dtype. `implementation="auto"` picks the fastest variant that can take the inputs (see
     `select_implementation`); "splash" (TPU) and "cudnn" (NVIDIA GPU) raise when they can't.
     """
     _check_shapes(query, key, value)
@@ -136,6 +158,8 @@ def dot_product_attention(
             f"valid: {', '.join(IMPLEMENTATIONS)}"
         )
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if isinstance(sliding_window, np.integer):  # a layer's entry of a static per-layer table
+        sliding_window = int(sliding_window)
     structure = dict(
         is_causal=is_causal,
         segment_ids=segment_ids,
@@ -143,23 +167,45 @@ def dot_product_attention(
         sliding_window=sliding_window,
     )
     if implementation == "auto":
-        implementation, _ = select_implementation(query, key, bias=bias, mask=mask, **structure)
+        implementation, _ = select_implementation(
+            query, key, bias=bias, mask=mask, logit_softcap=logit_softcap, **structure
+        )
     if implementation == "cudnn":
+        reason = kernels.cudnn_unsupported_options(
+            logit_softcap=logit_softcap, static_window=is_static_window(sliding_window)
+        )
+        if reason is not None:
+            raise ValueError(f"implementation='cudnn' can't run: {reason}; 'auto' falls back")
         return kernels.cudnn_attention(
             query, key, value, bias=bias, mask=mask, scale=scale, **structure
         )
     if implementation == "splash":
-        reason = kernels.splash_unsupported(query, key, bias=bias, mask=mask)
+        reason = kernels.splash_unsupported(
+            query, key, bias=bias, mask=mask, static_window=is_static_window(sliding_window)
+        )
         if reason is not None:
             raise ValueError(f"implementation='splash' can't run: {reason}; 'auto' falls back")
-        return kernels.splash_attention(query, key, value, scale=scale, **structure)
+        return kernels.splash_attention(
+            query, key, value, scale=scale, logit_softcap=logit_softcap, **structure
+        )
     if segment_ids is not None and kv_segment_ids is None:
         structure["kv_segment_ids"] = segment_ids
     if implementation == "chunked":
         return _chunked_attention(
-            query, key, value, bias, mask, scale, q_chunk_size, kv_chunk_size, **structure
+            query,
+            key,
+            value,
+            bias,
+            mask,
+            scale,
+            q_chunk_size,
+            kv_chunk_size,
+            logit_softcap=logit_softcap,
+            **structure,
         )
-    return _plain_attention(query, key, value, bias, mask, scale, **structure)
+    return _plain_attention(
+        query, key, value, bias, mask, scale, logit_softcap=logit_softcap, **structure
+    )
 
 
 def select_implementation(
@@ -171,25 +217,32 @@ def select_implementation(
     is_causal: bool = False,
     segment_ids: Optional[Array] = None,
     kv_segment_ids: Optional[Array] = None,
-    sliding_window: Optional[int] = None,
+    sliding_window: Optional[Window] = None,
+    logit_softcap: Optional[float] = None,
 ) -> tuple[str, str]:
     """The implementation "auto" runs for these inputs, and why: (name, reason).
 
     TPU: the Pallas splash kernel; NVIDIA GPU: cuDNN flash attention; otherwise, or when the kernel
-    can't express the inputs (an additive bias, an arbitrary mask, odd lengths or dtypes), "chunked"
+    can't express the inputs (an additive bias, an arbitrary mask, odd lengths or dtypes, a traced
+    sliding window, a logit soft-cap on cuDNN), "chunked"
     from CHUNKED_MIN_LOGITS logits per (example, head) on and "plain" below. The platform is that of
     the `jax.set_mesh` mesh if one is set (so AOT compiles for TPU pick splash), else JAX's default.
     """
     del segment_ids, kv_segment_ids  # every implementation takes them
     platform = kernels.current_platform()
     fallback = None
+    static_window = is_static_window(sliding_window)
     if platform == "tpu":
-        fallback = kernels.splash_unsupported(query, key, bias=bias, mask=mask)
+        fallback = kernels.splash_unsupported(
+            query, key, bias=bias, mask=mask, static_window=static_window
+        )
         if fallback is None:
             return "splash", "TPU: Pallas splash attention"
     elif platform == "gpu":
         fallback = kernels.cudnn_unsupported(
             query, bias=bias, sliding_window=sliding_window, is_causal=is_causal
+        ) or kernels.cudnn_unsupported_options(
+            logit_softcap=logit_softcap, static_window=static_window
         )
         if fallback is None:
             return "cudnn", "NVIDIA GPU: cuDNN flash attention"
@@ -255,17 +308,19 @@ def _grouped_bias_or_mask(x: Optional[Array], num_kv_heads: int) -> Optional[Arr
     return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
 
 
-def _logits(q_BxTxKxGxH: Array, k_BxSxKxH: Array, scale: float) -> Array:
+def _logits(
+    q_BxTxKxGxH: Array, k_BxSxKxH: Array, scale: float, logit_softcap: Optional[float]
+) -> Array:
     logits = jnp.einsum(
         "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
     )
-    return logits * scale
+    return softcap(logits * scale, logit_softcap)
 
 
-def _plain_attention(query, key, value, bias, mask, scale, **structure) -> Array:
+def _plain_attention(query, key, value, bias, mask, scale, *, logit_softcap, **structure) -> Array:
     b, t, n, h = query.shape
     s, k = key.shape[1], key.shape[2]
-    logits = _logits(_grouped(query, k), key, scale)  # [B, K, G, T, S]
+    logits = _logits(_grouped(query, k), key, scale, logit_softcap)  # [B, K, G, T, S]
     if bias is not None:
         logits = logits + _grouped_bias_or_mask(bias, k).astype(jnp.float32)
     full_mask = combine_masks(
@@ -306,6 +361,7 @@ def _chunked_attention(
     q_chunk,
     kv_chunk,
     *,
+    logit_softcap,
     is_causal,
     segment_ids,
     kv_segment_ids,
@@ -394,7 +450,7 @@ def _chunked_attention(
             m_prev, l_prev, acc_prev = carry
             kv_start, k_blk, v_blk, valid_blk, kv_seg, bias_blk, mask_blk = x
             kv_idx = kv_start + jnp.arange(kv_chunk)
-            logits = _logits(q_blk, k_blk, scale)  # [B, K, G, tq, sk]
+            logits = _logits(q_blk, k_blk, scale, logit_softcap)  # [B, K, G, tq, sk]
             bias_blk = bias_q if bias_blk is None else bias_blk
             if bias_blk is not None:
                 logits = logits + _grouped_bias_or_mask(bias_blk, k).astype(jnp.float32)

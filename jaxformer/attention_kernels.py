@@ -57,6 +57,17 @@ def cudnn_unsupported(query: Array, *, bias, sliding_window, is_causal) -> Optio
     return None
 
 
+def cudnn_unsupported_options(
+    *, logit_softcap: Optional[float], static_window: bool
+) -> Optional[str]:
+    """Why cuDNN can't run these attention options whatever the inputs (None if it can)."""
+    if logit_softcap is not None:
+        return "cuDNN attention has no logit soft-cap"
+    if not static_window:
+        return "cuDNN needs a sliding window known at trace time, not a traced (per-layer) one"
+    return None
+
+
 def cudnn_attention(
     query, key, value, *, bias, mask, is_causal, segment_ids, kv_segment_ids, sliding_window, scale
 ) -> Array:
@@ -103,10 +114,17 @@ def _block(length: int) -> Optional[int]:
     return next((b for b in _SPLASH_BLOCKS if length % b == 0), None)
 
 
-def splash_unsupported(query: Array, key: Array, *, bias, mask) -> Optional[str]:
+def splash_unsupported(
+    query: Array, key: Array, *, bias, mask, static_window: bool = True
+) -> Optional[str]:
     """Why the splash kernel can't take these inputs (None if it can)."""
     if current_platform() != "tpu":
         return f"the splash kernel needs a TPU, not {current_platform()!r}"
+    if not static_window:
+        return (
+            "splash builds its mask from a sliding window known at trace time, not a traced "
+            "(per-layer) one"
+        )
     if bias is not None:
         return "splash attention takes no additive bias"
     if mask is not None:
@@ -121,7 +139,16 @@ def splash_unsupported(query: Array, key: Array, *, bias, mask) -> Optional[str]
 
 
 def splash_attention(
-    query, key, value, *, is_causal, segment_ids, kv_segment_ids, sliding_window, scale
+    query,
+    key,
+    value,
+    *,
+    is_causal,
+    segment_ids,
+    kv_segment_ids,
+    sliding_window,
+    scale,
+    logit_softcap=None,
 ) -> Array:
     """Splash attention (check `splash_unsupported` first), one kernel call per example and shard.
 
@@ -135,7 +162,12 @@ def splash_attention(
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
     run = functools.partial(
-        _splash_local, is_causal=is_causal, sliding_window=sliding_window, q_len=t, kv_len=s
+        _splash_local,
+        is_causal=is_causal,
+        sliding_window=sliding_window,
+        logit_softcap=logit_softcap,
+        q_len=t,
+        kv_len=s,
     )
     args = (q_BxNxTxH, k_BxKxSxH, v_BxKxSxH)
     if segment_ids is not None:
@@ -195,6 +227,7 @@ def _splash_local(
     *,
     is_causal,
     sliding_window,
+    logit_softcap,
     q_len,
     kv_len,
 ):
@@ -225,6 +258,7 @@ def _splash_local(
         block_sizes=blocks,
         head_shards=1,
         q_seq_shards=1,
+        attn_logits_soft_cap=logit_softcap,  # applied to the (pre-scaled) logits, before masking
         interpret=SPLASH_INTERPRET,
     )
     if q_seg_BxT is None:
