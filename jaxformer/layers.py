@@ -121,20 +121,68 @@ NORMS: dict[str, type[nnx.Module]] = {"layernorm": nnx.LayerNorm, "rmsnorm": nnx
 """The norm kinds ModelConfig.norm accepts."""
 
 
+class UnitOffsetNorm(nnx.Module):
+    """RMSNorm or LayerNorm whose `scale` is stored as (scale - 1), zero-initialised, and applied
+    as (1 + scale), computed in float32 (Gemma's convention: small stored values keep their
+    precision in bfloat16 parameters)."""
+
+    def __init__(
+        self,
+        kind: str,
+        features: int,
+        *,
+        eps: float,
+        axis: str,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.kind, self.eps, self.dtype = kind, eps, dtype
+        self.scale = nnx.Param(zeros_init((axis,))(rngs.params(), (features,), param_dtype))
+        self.bias = (
+            nnx.Param(zeros_init((axis,))(rngs.params(), (features,), param_dtype))
+            if kind == "layernorm"
+            else None
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x_f32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x_f32 = x_f32 - x_f32.mean(axis=-1, keepdims=True)
+        y = x_f32 * jax.lax.rsqrt(jnp.mean(jnp.square(x_f32), axis=-1, keepdims=True) + self.eps)
+        y = y * (1.0 + self.scale[...].astype(jnp.float32))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
 def norm(
-    kind: str, features: int, *, eps: float, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
+    kind: str,
+    features: int,
+    *,
+    eps: float,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+    axis: str = "embed",
+    unit_offset: bool = False,
 ) -> nnx.Module:
-    """LayerNorm ('layernorm') or RMSNorm ('rmsnorm') over the embedding axis."""
+    """LayerNorm ('layernorm') or RMSNorm ('rmsnorm') over the last axis (logical name `axis`);
+    `unit_offset` stores the scale as (scale - 1) (see UnitOffsetNorm)."""
     if kind not in NORMS:
         raise ValueError(f"unknown norm {kind!r}; valid: {', '.join(NORMS)}")
+    if unit_offset:
+        return UnitOffsetNorm(
+            kind, features, eps=eps, axis=axis, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
     # RMSNorm has a scale only; LayerNorm also has a bias.
-    bias = dict(bias_init=zeros_init(("embed",))) if kind == "layernorm" else {}
+    bias = dict(bias_init=zeros_init((axis,))) if kind == "layernorm" else {}
     return NORMS[kind](
         features,
         epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
-        scale_init=ones_init(("embed",)),
+        scale_init=ones_init((axis,)),
         rngs=rngs,
         **bias,
     )
@@ -205,7 +253,8 @@ class AttentionInputs(NamedTuple):
     segment_ids: Optional[Array] = None
     """[B, T] packed-document ids: tokens attend only within their document."""
     kv_segment_ids: Optional[Array] = None
-    sliding_window: Optional[int] = None
+    sliding_window: Optional[attn_lib.Window] = None
+    """Keys within this distance (an int, or a traced per-layer scalar; see attention.Window)."""
     positions: Optional[Array] = None
     """[B, T] query positions for RoPE (default arange)."""
     kv_positions: Optional[Array] = None
@@ -216,7 +265,10 @@ class Attention(nnx.Module):
     """Multi-head self- or cross-attention with GQA, optional RoPE and a choice of kernels.
 
     Projections are per head: query/key/value kernels [embed, heads, head_dim] and the output
-    kernel [heads, head_dim, embed], so tensor parallelism splits whole heads. `decode` is the
+    kernel [heads, head_dim, embed], so tensor parallelism splits whole heads. Options: biases on
+    q/k/v only (`qkv_bias`), per-head query/key norms before RoPE (`qk_norm`, a norm kind),
+    a logit scale other than head_dim**-0.5 (`logit_scale`), soft-capped logits (`logit_softcap`)
+    and scaled RoPE frequencies (`rope_scaling`). `decode` is the
     incremental form for generation: it writes the new tokens' keys/values into a functional K/V
     cache (a pair of arrays passed in and returned) and attends over it.
     """
@@ -229,8 +281,15 @@ class Attention(nnx.Module):
         head_dim: int,
         *,
         use_bias: bool,
+        qkv_bias: Optional[bool] = None,
         scale_logits: bool = True,
+        logit_scale: Optional[float] = None,
+        logit_softcap: Optional[float] = None,
         rope_theta: Optional[float] = None,
+        rope_scaling: Optional[positional.RopeScaling] = None,
+        qk_norm: Optional[str] = None,
+        norm_eps: float = 1e-6,
+        norm_unit_offset: bool = False,
         implementation: str = "plain",
         std: float = 0.02,
         dtype: Dtype = jnp.float32,
@@ -243,13 +302,14 @@ class Attention(nnx.Module):
             )
         kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        in_bias = use_bias if qkv_bias is None else qkv_bias
 
         def in_proj(heads: int, name: str) -> nnx.Einsum:
             return projection(
                 "BTD,DNH->BTNH",
                 (d_model, heads, head_dim),
                 ("embed", name, "head_dim"),
-                (heads, head_dim) if use_bias else None,
+                (heads, head_dim) if in_bias else None,
                 (name, "head_dim"),
                 **kw,
             )
@@ -265,8 +325,23 @@ class Attention(nnx.Module):
             ("embed",),
             **kw,
         )
-        self.scale = head_dim**-0.5 if scale_logits else 1.0
-        self.rope_theta = rope_theta
+        # Created after the projections, so configs without them draw the same initial values.
+        norm_kw = dict(
+            eps=norm_eps,
+            axis="head_dim",
+            unit_offset=norm_unit_offset,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.query_norm = None if qk_norm is None else norm(qk_norm, head_dim, **norm_kw)
+        self.key_norm = None if qk_norm is None else norm(qk_norm, head_dim, **norm_kw)
+        if logit_scale is not None:
+            self.scale = logit_scale
+        else:
+            self.scale = head_dim**-0.5 if scale_logits else 1.0
+        self.logit_softcap = logit_softcap
+        self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
         self.implementation = implementation
 
     def project_kv(
@@ -275,9 +350,14 @@ class Attention(nnx.Module):
         """Keys and values [B, S, K, H] of a context (computed once for cross-attention caches)."""
         b, s, _ = context_BxSxD.shape
         k_BxSxKxH, v_BxSxKxH = self.key(context_BxSxD), self.value(context_BxSxD)
+        if self.key_norm is not None:
+            k_BxSxKxH = self.key_norm(k_BxSxKxH)
         if self.rope_theta is not None:
             k_BxSxKxH = positional.apply_rope(
-                k_BxSxKxH, _positions(kv_positions_BxS, b, s), theta=self.rope_theta
+                k_BxSxKxH,
+                _positions(kv_positions_BxS, b, s),
+                theta=self.rope_theta,
+                scaling=self.rope_scaling,
             )
         names = ("batch", "length", "kv_heads", "head_dim")
         return constrain(k_BxSxKxH, names), constrain(v_BxSxKxH, names)
@@ -309,6 +389,7 @@ class Attention(nnx.Module):
             kv_segment_ids=inputs.kv_segment_ids,
             sliding_window=inputs.sliding_window,
             scale=self.scale,
+            logit_softcap=self.logit_softcap,
             implementation=self.implementation,
         )
         return self.out(constrain(out_BxTxNxH, ("batch", "length", "heads", "head_dim")))
@@ -360,6 +441,7 @@ class Attention(nnx.Module):
             bias=inputs.bias,
             mask=attn_lib.combine_masks(written, inputs.mask),
             scale=self.scale,
+            logit_softcap=self.logit_softcap,
             implementation=impl,
         )
         return self.out(out_BxTxNxH), (k_cache, v_cache)
@@ -367,9 +449,14 @@ class Attention(nnx.Module):
     def _query(self, x_BxTxD: Array, positions: Optional[Array]) -> Array:
         b, t, _ = x_BxTxD.shape
         q_BxTxNxH = self.query(x_BxTxD)
+        if self.query_norm is not None:
+            q_BxTxNxH = self.query_norm(q_BxTxNxH)
         if self.rope_theta is not None:
             q_BxTxNxH = positional.apply_rope(
-                q_BxTxNxH, _positions(positions, b, t), theta=self.rope_theta
+                q_BxTxNxH,
+                _positions(positions, b, t),
+                theta=self.rope_theta,
+                scaling=self.rope_scaling,
             )
         return constrain(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxformer import attention as attn_lib
 from jaxformer import layers, positional
 from jaxformer.layers import AttentionInputs
 from jaxformer.logical import constrain
@@ -33,8 +34,17 @@ def make_attention(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.Attention:
         cfg.kv_heads,
         cfg.dims_per_head,
         use_bias=cfg.use_bias,
+        qkv_bias=cfg.qkv_bias,
         scale_logits=cfg.scale_attention,
+        logit_scale=(
+            None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+        ),
+        logit_softcap=cfg.attn_logit_softcap,
         rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
+        rope_scaling=cfg.rope_scaling_spec,
+        qk_norm=cfg.norm if cfg.qk_norm else None,
+        norm_eps=cfg.norm_eps,
+        norm_unit_offset=cfg.norm_unit_offset,
         implementation=cfg.attention_impl,
         std=cfg.init_std,
         rngs=rngs,
@@ -44,7 +54,14 @@ def make_attention(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.Attention:
 
 def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     """The config's norm over d_model."""
-    return layers.norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs, **dtypes(cfg))
+    return layers.norm(
+        cfg.norm,
+        cfg.d_model,
+        eps=cfg.norm_eps,
+        unit_offset=cfg.norm_unit_offset,
+        rngs=rngs,
+        **dtypes(cfg),
+    )
 
 
 class Embeddings(nnx.Module):
@@ -53,6 +70,7 @@ class Embeddings(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         kw = dict(std=cfg.init_std, rngs=rngs, **dtypes(cfg))
         self.max_len, self.position, self.dtype = cfg.max_len, cfg.position, jnp.dtype(cfg.dtype)
+        self.multiplier = cfg.d_model**0.5 if cfg.embed_scale else None
         self.token_embed = layers.embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
         self.position_embed = (
             layers.embedding(cfg.max_len, cfg.d_model, ("position", "embed"), **kw)
@@ -80,6 +98,8 @@ class Embeddings(nnx.Module):
                 f"sequence of {length} tokens is longer than the model's max_len={self.max_len}"
             )
         x_BxLxD = self.token_embed(tokens_BxL)
+        if self.multiplier is not None:  # Gemma rounds the multiplier to the compute dtype first
+            x_BxLxD = x_BxLxD * jnp.asarray(self.multiplier, x_BxLxD.dtype)
         if positions_BxL is None:
             positions_BxL = jnp.arange(length)[None, :]
         if self.position_embed is not None:
@@ -96,7 +116,8 @@ class Embeddings(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One residual block: self-attention, optional cross-attention, MLP; pre- or post-norm."""
+    """One residual block: self-attention, optional cross-attention, MLP; pre- or post-norm,
+    optionally with each sub-block's output normalised too (`post_norms`, Gemma 2)."""
 
     def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, rngs: nnx.Rngs):
         self.pre_norm = cfg.norm_position == "pre"
@@ -116,10 +137,16 @@ class Block(nnx.Module):
         )
         self.mlp_norm = make_norm(cfg, rngs)
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+        # Created last, so configs without them draw the same initial values.
+        post = cfg.post_norms
+        self.post_self_attn_norm = make_norm(cfg, rngs) if post else None
+        self.post_cross_attn_norm = make_norm(cfg, rngs) if post and cross_attention else None
+        self.post_mlp_norm = make_norm(cfg, rngs) if post else None
 
-    def _residual(self, x: Array, norm: nnx.Module, fn) -> Array:
+    def _residual(self, x: Array, norm: nnx.Module, fn, post_norm=None) -> Array:
         if self.pre_norm:
-            return x + self.dropout(fn(norm(x)))
+            out = fn(norm(x))
+            return x + self.dropout(out if post_norm is None else post_norm(out))
         return norm(x + self.dropout(fn(x)))
 
     def __call__(
@@ -133,12 +160,16 @@ class Block(nnx.Module):
             constrain(x_BxLxD, HIDDEN),
             self.self_attn_norm,
             lambda h: self.self_attn(h, inputs=self_inputs),
+            self.post_self_attn_norm,
         )
         if self.cross_attn is not None:
             x = self._residual(
-                x, self.cross_attn_norm, lambda h: self.cross_attn(h, context_BxSxD, cross_inputs)
+                x,
+                self.cross_attn_norm,
+                lambda h: self.cross_attn(h, context_BxSxD, cross_inputs),
+                self.post_cross_attn_norm,
             )
-        return constrain(self._residual(x, self.mlp_norm, self.mlp), HIDDEN)
+        return constrain(self._residual(x, self.mlp_norm, self.mlp, self.post_mlp_norm), HIDDEN)
 
     def decode(
         self,
@@ -158,15 +189,16 @@ class Block(nnx.Module):
             )
             return out
 
-        x = self._residual(x_BxTxD, self.self_attn_norm, self_attend)
+        x = self._residual(x_BxTxD, self.self_attn_norm, self_attend, self.post_self_attn_norm)
         if self.cross_attn is not None:
             cross_kv = (cache["cross_k"], cache["cross_v"])
             x = self._residual(
                 x,
                 self.cross_attn_norm,
                 lambda h: self.cross_attn(h, None, cross_inputs, kv=cross_kv),
+                self.post_cross_attn_norm,
             )
-        return self._residual(x, self.mlp_norm, self.mlp), new_cache
+        return self._residual(x, self.mlp_norm, self.mlp, self.post_mlp_norm), new_cache
 
 
 class LmHead(nnx.Module):
@@ -187,13 +219,15 @@ class LmHead(nnx.Module):
             )
         )
         self.scale = cfg.d_model**-0.5 if (cfg.tie_embeddings and cfg.scale_tied_logits) else None
+        self.softcap = cfg.final_logit_softcap
 
     def __call__(self, x_BxLxD: Array, embeddings: Embeddings) -> Array:
-        """[B, L, V] float32 logits."""
+        """[B, L, V] float32 logits (soft-capped in float32 if the config says so)."""
         if self.proj is not None:
             logits_BxLxV = self.proj(x_BxLxD)
         else:
             if self.scale is not None:
                 x_BxLxD = x_BxLxD * self.scale
             logits_BxLxV = embeddings.token_embed.attend(x_BxLxD)
-        return constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits_BxLxV = attn_lib.softcap(logits_BxLxV.astype(jnp.float32), self.softcap)
+        return constrain(logits_BxLxV, ("batch", "length", "vocab"))

@@ -9,6 +9,7 @@ from typing import Optional
 from jaxformer.attention import IMPLEMENTATIONS
 from jaxformer.config import check_choice
 from jaxformer.layers import ACTIVATIONS, NORMS
+from jaxformer.positional import ROPE_SCALINGS, RopeScaling
 
 TABLE_POSITIONS = ("learned", "sinusoidal")
 """Position kinds read from a [max_len, d_model] table, so sequences are at most max_len long."""
@@ -28,7 +29,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots_saveable", "offload_dots"),
     "pooling": ("first", "mean"),
+    "rope_scaling": ROPE_SCALINGS,
 }
+
+GLOBAL_WINDOW = 2**30
+"""The window a global layer gets in a per-layer window table (longer than any sequence)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,16 @@ class ModelConfig:
     position: str = "learned"
     """'learned', 'sinusoidal', 'rope', 'relative' (T5 bias) or 'none'."""
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    """RoPE frequency scaling: 'none', 'linear' (positions / rope_scaling_factor) or 'llama3'
+    (Llama 3.1's frequency-dependent scaling; see positional.RopeScaling)."""
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above rope_original_max_len / this are divided by the factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below rope_original_max_len / this are kept unscaled."""
+    rope_original_max_len: int = 8192
+    """llama3: the context length the model was pretrained at."""
     relative_buckets: int = 32
     relative_max_distance: int = 128
     norm: str = "layernorm"
@@ -65,14 +80,33 @@ class ModelConfig:
     """'pre' (GPT-2, T5, Llama) or 'post' (original BERT)."""
     embedding_norm: bool = False
     """Normalise the summed embeddings before the first block (BERT)."""
+    post_norms: bool = False
+    """Also normalise each sub-block's output (self-attention, cross-attention, MLP) before it
+    is added to the residual ("sandwich" norms, Gemma 2); needs norm_position='pre'."""
+    norm_unit_offset: bool = False
+    """Store every norm scale as (scale - 1), zero-initialised, applied as (1 + scale) in float32
+    (Gemma)."""
+    qk_norm: bool = False
+    """Normalise each head's query and key over head_dim (the `norm` kind) before RoPE (Qwen3)."""
     mlp: str = "gelu"
     """'gelu', 'gelu_exact', 'relu', 'swiglu' or 'geglu' (T5 v1.1 gated GELU)."""
     use_bias: bool = True
+    qkv_bias: Optional[bool] = None
+    """Bias on the query/key/value projections; None means use_bias (Qwen2: use_bias=False,
+    qkv_bias=True)."""
     tie_embeddings: bool = True
     scale_tied_logits: bool = False
     """Multiply the decoder output by d_model**-0.5 before a tied head (T5 v1.0)."""
     scale_attention: bool = True
     """Divide attention logits by sqrt(head_dim); T5 folds that scale into its init instead."""
+    query_pre_attn_scalar: Optional[float] = None
+    """Scale attention logits by query_pre_attn_scalar**-0.5 instead of head_dim**-0.5 (Gemma 2)."""
+    attn_logit_softcap: Optional[float] = None
+    """Attention logits (scaled, before masking) become cap * tanh(logits / cap) (Gemma 2)."""
+    final_logit_softcap: Optional[float] = None
+    """Output logits become cap * tanh(logits / cap), in float32 (Gemma 2)."""
+    embed_scale: bool = False
+    """Multiply token embeddings by sqrt(d_model), cast to the compute dtype first (Gemma)."""
     type_vocab_size: int = 0
     """Token-type (segment A/B) embeddings for BERT; 0 disables them."""
     num_labels: int = 2
@@ -82,6 +116,11 @@ class ModelConfig:
     the real tokens' hidden states (learns faster from a briefly pretrained encoder)."""
     dropout_rate: float = 0.0
     sliding_window: Optional[int] = None
+    """Self-attention sees keys less than this many positions away (q - window < k <= q when
+    causal); None attends to the whole sequence."""
+    global_attention_every: Optional[int] = None
+    """With sliding_window: layer i (0-based) attends globally when (i + 1) % this == 0, the
+    others use the window (Gemma 2: 2). None: every layer uses sliding_window (Mistral)."""
     attention_impl: str = "auto"
     """'auto' (the backend's fastest correct kernel), 'plain', 'chunked' (memory-efficient),
     'cudnn' (NVIDIA GPUs) or 'splash' (TPU Pallas kernel)."""
@@ -111,6 +150,70 @@ class ModelConfig:
             )
         if self.position == "rope" and self.dims_per_head % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.dims_per_head}")
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """The checks of the per-family options (soft-caps, norms, windows, RoPE scaling)."""
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0 (or null), got {value}")
+        if self.query_pre_attn_scalar is not None and not self.scale_attention:
+            raise ValueError(
+                "ModelConfig.query_pre_attn_scalar sets the logit scale, which "
+                "scale_attention=false turns off; set one of them"
+            )
+        if self.post_norms and self.norm_position != "pre":
+            raise ValueError(
+                "ModelConfig.post_norms (sandwich norms) needs norm_position='pre', "
+                f"got {self.norm_position!r}"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"ModelConfig.sliding_window must be >= 1, got {self.sliding_window}")
+        if self.global_attention_every is not None:
+            if self.sliding_window is None:
+                raise ValueError(
+                    "ModelConfig.global_attention_every alternates local (sliding_window) and "
+                    "global layers; set sliding_window too"
+                )
+            if self.global_attention_every < 1:
+                raise ValueError(
+                    "ModelConfig.global_attention_every must be >= 1, got "
+                    f"{self.global_attention_every}"
+                )
+        if self.rope_scaling != "none":
+            if self.position != "rope":
+                raise ValueError(
+                    f"ModelConfig.rope_scaling={self.rope_scaling!r} needs position='rope', "
+                    f"got {self.position!r}"
+                )
+            try:
+                _ = self.rope_scaling_spec
+            except ValueError as e:
+                raise ValueError(f"ModelConfig.rope_scaling: {e}") from None
+
+    @property
+    def rope_scaling_spec(self) -> Optional[RopeScaling]:
+        """The RoPE scaling the attention layers take (None for 'none')."""
+        if self.rope_scaling == "none":
+            return None
+        return RopeScaling(
+            self.rope_scaling,
+            self.rope_scaling_factor,
+            self.rope_low_freq_factor,
+            self.rope_high_freq_factor,
+            self.rope_original_max_len,
+        )
+
+    def layer_windows(self, depth: int) -> Optional[tuple[int, ...]]:
+        """Each layer's sliding window when global_attention_every sets a pattern (global layers
+        get GLOBAL_WINDOW), else None: every layer uses sliding_window as it is."""
+        if self.global_attention_every is None or self.sliding_window is None:
+            return None
+        every = self.global_attention_every
+        return tuple(
+            GLOBAL_WINDOW if (i + 1) % every == 0 else self.sliding_window for i in range(depth)
+        )
 
     def check_length(self, length: int, key: str) -> None:
         """ValueError naming `key` if a sequence of `length` positions overflows the position

@@ -62,7 +62,14 @@ class DecoderLM(nnx.Module):
             positions=positions,
             sliding_window=cfg.sliding_window,
         )
-        return run_blocks(self.blocks, x_BxLxD, inputs, remat=cfg.remat, scan=cfg.scan_layers)
+        return run_blocks(
+            self.blocks,
+            x_BxLxD,
+            inputs,
+            remat=cfg.remat,
+            scan=cfg.scan_layers,
+            windows=cfg.layer_windows(cfg.num_layers),
+        )
 
     def logits(self, x_BxLxD: Array) -> Array:
         """Float32 logits [B, L, V] of hidden states (any length: the loss calls it per chunk)."""
@@ -115,5 +122,6 @@ class DecoderLM(nnx.Module):
             index=index,
             self_inputs=inputs,
             scan=self.config.scan_layers,
+            windows=self.config.layer_windows(self.config.num_layers),
         )
         return self.logits(x_BxTxD), cache

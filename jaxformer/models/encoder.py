@@ -78,8 +78,14 @@ class EncoderLM(nnx.Module):
             positions=positions,
             sliding_window=self.config.sliding_window,
         )
+        cfg = self.config
         x_BxLxD = run_blocks(
-            self.blocks, x_BxLxD, inputs, remat=self.config.remat, scan=self.config.scan_layers
+            self.blocks,
+            x_BxLxD,
+            inputs,
+            remat=cfg.remat,
+            scan=cfg.scan_layers,
+            windows=cfg.layer_windows(cfg.num_layers),
         )
         if self.final_norm is not None:
             x_BxLxD = self.final_norm(x_BxLxD)
@@ -94,6 +100,7 @@ class EncoderLM(nnx.Module):
         else:
             logits = self.embed.token_embed.attend(h)
         logits = logits.astype(jnp.float32) + self.mlm_bias[...].astype(jnp.float32)
+        logits = attn_lib.softcap(logits, self.config.final_logit_softcap)
         return constrain(logits, ("batch", "length", "vocab"))
 
     def hidden(self, tokens_BxL: Array, **kwargs) -> Array:

@@ -63,9 +63,19 @@ class EncoderDecoderLM(nnx.Module):
         s = encoder_tokens_BxS.shape[1]
         x = self.embed(encoder_tokens_BxS)
         mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
-        inputs = AttentionInputs(mask=mask, bias=self._position_bias(self.encoder_bias, s, s))
+        cfg = self.config
+        inputs = AttentionInputs(
+            mask=mask,
+            bias=self._position_bias(self.encoder_bias, s, s),
+            sliding_window=cfg.sliding_window,
+        )
         x = run_blocks(
-            self.encoder_blocks, x, inputs, remat=self.config.remat, scan=self.config.scan_layers
+            self.encoder_blocks,
+            x,
+            inputs,
+            remat=cfg.remat,
+            scan=cfg.scan_layers,
+            windows=cfg.layer_windows(cfg.num_layers),
         )
         return self.dropout(self.encoder_norm(x))
 
@@ -101,7 +111,10 @@ class EncoderDecoderLM(nnx.Module):
         x = self.embed(decoder_tokens_BxT)
         self_mask = None if decoder_mask is None else attn_lib.padding_mask(decoder_mask)
         self_inputs = AttentionInputs(
-            mask=self_mask, is_causal=True, bias=self._position_bias(self.decoder_bias, t, t)
+            mask=self_mask,
+            is_causal=True,
+            bias=self._position_bias(self.decoder_bias, t, t),
+            sliding_window=self.config.sliding_window,
         )
         cross_mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
         x = run_blocks(
@@ -112,6 +125,7 @@ class EncoderDecoderLM(nnx.Module):
             scan=self.config.scan_layers,
             context_BxSxD=encoded_BxSxD,
             cross_inputs=AttentionInputs(mask=cross_mask),
+            windows=self.config.layer_windows(self.config.decoder_layers),
         )
         return self._final(x)
 
@@ -151,6 +165,7 @@ class EncoderDecoderLM(nnx.Module):
         self_inputs = AttentionInputs(
             positions=positions,
             bias=self._position_bias(self.decoder_bias, t, length, offset=index),
+            sliding_window=self.config.sliding_window,
         )
         cross_mask = None if encoder_mask is None else attn_lib.padding_mask(encoder_mask)
         x, cache = decode_blocks(
@@ -161,6 +176,7 @@ class EncoderDecoderLM(nnx.Module):
             self_inputs=self_inputs,
             scan=self.config.scan_layers,
             cross_inputs=AttentionInputs(mask=cross_mask, positions=positions),
+            windows=self.config.layer_windows(self.config.decoder_layers),
         )
         return self.logits(self._final(x)), cache
 

@@ -4,15 +4,18 @@ One `Block` module holds every layer's parameters ([layers, ...] arrays, logical
 `run_blocks` scans over them (compile time flat in depth) or, with `scan=False`, unrolls a Python
 loop over the same stacked parameters, so checkpoints do not depend on the choice. Remat wraps the
 per-layer body once. The KV cache is stacked the same way: [layers, batch, length, kv_heads, dim].
+Per-layer sliding windows (local/global patterns) are one more scanned input: inside the scanned
+body a layer's window is a traced scalar, which the plain and chunked attention masks take.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxformer.layers import AttentionInputs
@@ -73,6 +76,20 @@ def _loop(body: Callable, carry, xs, depth: int, scan: bool):
     return carry, _stack(ys)
 
 
+def _windows(windows: Optional[Sequence[int]], depth: int) -> Optional[np.ndarray]:
+    """The per-layer window table as a scanned input (None: the inputs' own sliding_window)."""
+    if windows is None:
+        return None
+    if len(windows) != depth:
+        raise ValueError(f"{len(windows)} per-layer windows for {depth} layers")
+    # numpy, not jnp: an unrolled loop then hands each layer a static int (any kernel may run).
+    return np.asarray(windows, np.int32)
+
+
+def _with_window(inputs: AttentionInputs, window) -> AttentionInputs:
+    return inputs if window is None else inputs._replace(sliding_window=window)
+
+
 def run_blocks(
     blocks: Block,
     x_BxLxD: Array,
@@ -82,13 +99,20 @@ def run_blocks(
     scan: bool = True,
     context_BxSxD: Optional[Array] = None,
     cross_inputs: AttentionInputs = AttentionInputs(),
+    windows: Optional[Sequence[int]] = None,
 ) -> Array:
-    """Applies the stacked blocks in order; rematerialises each layer as `remat` asks."""
-    graphdef, params, rest = nnx.split(blocks, nnx.Param, ...)
+    """Applies the stacked blocks in order; rematerialises each layer as `remat` asks.
 
-    def body(x, layer_state):
+    `windows` (one per layer, e.g. ModelConfig.layer_windows) replaces self_inputs.sliding_window
+    layer by layer.
+    """
+    graphdef, params, rest = nnx.split(blocks, nnx.Param, ...)
+    depth = num_layers(blocks)
+
+    def body(x, layer):
+        *layer_state, window = layer
         block = nnx.merge(graphdef, *layer_state)
-        x = block(x, self_inputs, context_BxSxD, cross_inputs)
+        x = block(x, _with_window(self_inputs, window), context_BxSxD, cross_inputs)
         return x, nnx.state(block, nnx.Not(nnx.Param))  # RNG counters move on
 
     if remat != "none":
@@ -97,7 +121,7 @@ def run_blocks(
                 f"unknown remat policy {remat!r}; valid: none, {', '.join(REMAT_POLICIES)}"
             )
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
-    x_BxLxD, rest = _loop(body, x_BxLxD, (params, rest), num_layers(blocks), scan)
+    x_BxLxD, rest = _loop(body, x_BxLxD, (params, rest, _windows(windows, depth)), depth, scan)
     nnx.update(blocks, rest)
     return x_BxLxD
 
@@ -111,18 +135,27 @@ def decode_blocks(
     self_inputs: AttentionInputs,
     cross_inputs: AttentionInputs = AttentionInputs(),
     scan: bool = True,
+    windows: Optional[Sequence[int]] = None,
 ) -> tuple[Array, dict]:
-    """Applies the stacked blocks to new tokens with a stacked cache; returns the new cache."""
+    """Applies the stacked blocks to new tokens with a stacked cache; returns the new cache.
+
+    `windows` as in `run_blocks`."""
     graphdef, state = nnx.split(blocks)
+    depth = num_layers(blocks)
 
     def body(x, layer):
-        layer_state, layer_cache = layer
+        layer_state, layer_cache, window = layer
         block = nnx.merge(graphdef, layer_state)
         return block.decode(
-            x, layer_cache, index=index, self_inputs=self_inputs, cross_inputs=cross_inputs
+            x,
+            layer_cache,
+            index=index,
+            self_inputs=_with_window(self_inputs, window),
+            cross_inputs=cross_inputs,
         )
 
-    x_BxTxD, cache = _loop(body, x_BxTxD, (state, cache), num_layers(blocks), scan)
+    xs = (state, cache, _windows(windows, depth))
+    x_BxTxD, cache = _loop(body, x_BxTxD, xs, depth, scan)
     return x_BxTxD, {k: constrain(v, CACHE_AXES) for k, v in cache.items()}
 
 
