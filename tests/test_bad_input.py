@@ -331,9 +331,21 @@ def test_rerun_extending_the_run_reports_the_changes_and_records_them(
 ):
     from jaxformer.training.main import run_training
 
+    """A rerun that extends the run trains on and records the changed settings. The last line of
+    metrics.jsonl was torn by a kill in mid-write: it is set aside (one line says so), so the
+    resumed run's first record starts a line of its own and every line reads."""
+    from jaxformer.training.metrics import read_metrics
+
+    path = os.path.join(run_copy, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"step": 3, "split": "tra')
     changes = ["train.steps=3", "train.log_every=2", "model.attention_impl=plain"]
     assert run_training(None, run_overrides + [f"run.dir={run_copy}"] + changes) == 0
     out = capsys.readouterr().out
+    assert "metrics.jsonl ended in an unfinished line (25 bytes" in out
+    assert [r["step"] for r in read_metrics(run_copy) if r["split"] == "train"] == [1, 2, 3]
+    with open(path + ".torn") as f:
+        assert f.read() == '{"step": 3, "split": "tra\n'
     assert (
         "[resume] settings changed since the checkpoint: model.attention_impl 'auto' -> "
         "'plain', train.steps 2 -> 3, train.log_every 1 -> 2; config.yaml now records them"
@@ -592,3 +604,47 @@ def test_convert_without_the_hf_extra_names_it(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "needs the torch package: pip install -e '.[hf]'" in err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ one writer per run directory
+
+
+def test_a_second_writer_is_refused_and_readers_still_work(
+    run_copy, run_overrides, monkeypatch, capsys
+):
+    """While a run is being written (its lock held, as a training process holds it), another
+    train.py on it exits 2 naming the holder and changes nothing; eval.py reads it meanwhile."""
+    import socket
+
+    import jaxformer.training.evaluate as evaluate
+    from jaxformer.training.main import run_training
+    from jaxformer.training.run_lock import RunLock
+
+    lock = RunLock(run_copy)
+    try:
+        before = snapshot(run_copy)
+        assert run_training(None, run_overrides + [f"run.dir={run_copy}", "train.steps=3"]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert f"being written by process {os.getpid()} on host {socket.gethostname()}" in line
+        assert snapshot(run_copy) == before
+        monkeypatch.setattr(evaluate, "generate_text", lambda trainer, prompt, *a: " pass")
+        assert _script("eval.py")([run_copy, "--batches", "1"]) == 0
+        assert "loss" in capsys.readouterr().out
+    finally:
+        lock.release()
+    assert not os.path.exists(os.path.join(run_copy, "run.lock"))
+
+
+# ------------------------------------------------------------------ metrics.jsonl
+
+
+def test_a_bad_metrics_line_is_named_before_evaluating(run_copy, capsys):
+    path = os.path.join(run_copy, "metrics.jsonl")
+    with open(path) as f:
+        lines = f.readlines()
+    lines.insert(1, "garbage\n")
+    with open(path, "w") as f:
+        f.writelines(lines)
+    assert _script("eval.py")([run_copy, "--plot"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{path}, line 2: not a JSON record" in line

@@ -23,6 +23,7 @@ from jaxformer.training import metrics as metrics_lib
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from jaxformer.training.config import TrainerSections, check_resume, model_changes
 from jaxformer.training.optimizer import make_schedule
+from jaxformer.training.run_lock import RunInUse, RunLock
 from jaxformer.training.state import (
     build_eval_step,
     build_state,
@@ -112,8 +113,19 @@ class Trainer:
         self.log, self.show_progress, self.read_only = log, show_progress, read_only
         self._set_up_mesh(cfg)
         self.run_dir = os.path.abspath(cfg.run.dir)
+        self._lock: Optional[RunLock] = None
+        if not read_only:  # one writer per run: taken before anything is read or written
+            self._lock_run_dir()
+        try:
+            self._build(cfg, step)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _build(self, cfg: TrainerSections, step: Optional[int]) -> None:
+        """Reads the checkpoint, prepares the data, builds (or restores) the state and steps."""
         meta = self._read_own_checkpoint(cfg, step)
-        self.env = RunEnv(self.run_dir, self.mesh, self.rules, log, show_progress)
+        self.env = RunEnv(self.run_dir, self.mesh, self.rules, self.log, self.show_progress)
         self.cfg = cfg = self.workload.prepare(cfg, meta, self.env)
         self.tokenizer = self.workload.tokenizer
         if meta is not None:
@@ -138,7 +150,7 @@ class Trainer:
         self._build_steps((meta or {}).get("data", {}))
         self.is_lead = jax.process_index() == 0
         self.writer = metrics_lib.MetricsWriter(
-            self.run_dir, enabled=self.is_lead and not read_only
+            self.run_dir, enabled=self.is_lead and not self.read_only, log=self.log
         )
 
     # ------------------------------------------------------------------ building
@@ -149,6 +161,31 @@ class Trainer:
         self.rules = cfg.mesh.rules
         self.batch_size = self.workload.batch_size(cfg)
         check_batch_size(self.batch_size, cfg.optimizer.grad_accum_steps, self.mesh, self.rules)
+
+    def _lock_run_dir(self) -> None:
+        """Takes the run directory's lock (process 0 for all hosts); RunInUse everywhere when
+        another live process writes the run."""
+        refused: Optional[RunInUse] = None
+        if jax.process_index() == 0:
+            try:
+                self._lock = RunLock(self.run_dir, log=self.log)
+            except RunInUse as err:
+                refused = err
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            anyone = multihost_utils.broadcast_one_to_all(np.int32(refused is not None))
+            if bool(anyone) and refused is None:
+                refused = RunInUse(
+                    f"{self.run_dir} is being written by another run (process 0 found its "
+                    "lock held); wait for it to end, or use another run.dir"
+                )
+        if refused is not None:
+            raise refused
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _read_own_checkpoint(self, cfg: TrainerSections, step: Optional[int]) -> Optional[dict]:
         """The run directory's checkpoint metadata (None for a fresh run), checked against `cfg`
@@ -409,9 +446,12 @@ class Trainer:
         return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
     def close(self) -> None:
-        """Finishes checkpoint writes and closes metric files."""
-        self.checkpointer.close()
-        self.writer.close()
+        """Finishes checkpoint writes, closes metric files and releases the run directory."""
+        try:
+            self.checkpointer.close()
+            self.writer.close()
+        finally:
+            self._release_lock()
 
 
 def _all_see_directory(path: str) -> bool:

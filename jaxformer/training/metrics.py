@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any, Optional
 
 import jax
@@ -81,17 +82,52 @@ def unigram_log_probs_from_counts(counts_V: np.ndarray) -> np.ndarray:
     return np.log(counts / counts.sum())
 
 
+METRICS_FILE = "metrics.jsonl"
+TORN_SUFFIX = ".torn"  # where a torn last line of metrics.jsonl is set aside
+
+
+def set_aside_torn_line(path: str) -> Optional[str]:
+    """Moves an unfinished last line of a JSON-lines file (a kill or a full disk in mid-write)
+    to `path + '.torn'`, so the file is valid again and the next record starts on its own line;
+    returns a line saying so, or None when the file ends cleanly."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    with open(path, "rb+") as f:
+        start = max(size - (1 << 20), 0)  # a record is far shorter than 1 MiB
+        f.seek(start)
+        tail = f.read()
+        if tail.endswith(b"\n"):
+            return None
+        cut = tail.rfind(b"\n") + 1  # 0 when the whole tail is one unfinished line
+        torn = tail[cut:]
+        with open(path + TORN_SUFFIX, "ab") as aside:
+            aside.write(torn + b"\n")
+        f.truncate(start + cut)
+    return (
+        f"[metrics] {path} ended in an unfinished line ({len(torn)} bytes, from a run stopped "
+        f"in mid-write); moved it to {path + TORN_SUFFIX} so the file stays valid JSON lines"
+    )
+
+
 class MetricsWriter:
     """One JSON line per logged step in <run_dir>/metrics.jsonl, plus TensorBoard event files."""
 
-    def __init__(self, run_dir: str, *, enabled: bool = True):
+    def __init__(self, run_dir: str, *, enabled: bool = True, log: Callable[[str], None] = print):
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # heavy import only for the process that logs
 
         os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(run_dir, METRICS_FILE)
+        said = set_aside_torn_line(path)
+        if said:
+            log(said)
+        self._jsonl = open(path, "a", encoding="utf-8")
         self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
@@ -114,9 +150,25 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """All records of <run_dir>/metrics.jsonl."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    """All records of <run_dir>/metrics.jsonl; a ValueError names the file and line of one that
+    is not a JSON object."""
+    path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.exists(path):
         return []
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                record = err
+            if not isinstance(record, dict):
+                why = record.msg if isinstance(record, json.JSONDecodeError) else "not an object"
+                raise ValueError(
+                    f"{path}, line {number}: not a JSON record ({why}); move that line out of "
+                    "the file (a resumed run sets an unfinished last line aside itself)"
+                )
+            records.append(record)
+    return records
