@@ -54,13 +54,15 @@ CASES = {
         ),
         dict(rope_scaling="llama3", rope_scaling_factor=4.0, tie_embeddings=False),
     ),
-    "llama_linear_tied": (
+    "llama_linear_tied_biases": (
         "LlamaConfig",
         dict(
             tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
             rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=2.0),
         ),
-        dict(rope_scaling="linear", rope_theta=500.0, tie_embeddings=True),
+        dict(rope_scaling="linear", rope_theta=500.0, tie_embeddings=True, use_bias=True),
     ),
     "mistral_window": (
         "MistralConfig",
@@ -241,6 +243,28 @@ def test_architecture_follows_features(options, expected):
     assert config.architectures == [expected]
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        # Windows every layer but each second one, written as Qwen2's explicit layer_types.
+        (dict(qkv_bias=True, sliding_window=5, global_attention_every=2), "Qwen2ForCausalLM"),
+        # Gemma 2 with a window on every layer, and with none (no sliding layer).
+        (dict(GEMMA, sliding_window=5), "Gemma2ForCausalLM"),
+        (GEMMA, "Gemma2ForCausalLM"),
+    ],
+)
+def test_feature_combinations_only_we_start_from(options, expected, tmp_path):
+    cfg = dataclasses.replace(LLAMA, preset="", vocab_size=V, init_std=0.15, **options)
+    model = models.create(cfg, rngs=nnx.Rngs(0))
+    ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(TOKENS)))
+    back = tf.AutoModelForCausalLM.from_pretrained(
+        convert.to_hf(model, cfg, tmp_path / "hf"), attn_implementation="eager"
+    )
+    assert type(back).__name__ == expected
+    np.testing.assert_allclose(hf_logits(back.eval()), ours, atol=ATOL)
+    assert convert.from_hf(tmp_path / "hf")[1] == cfg
+
+
 def test_other_families_keep_their_architectures():
     assert convert.hf_config(models.preset("gpt-tiny")).architectures == ["GPT2LMHeadModel"]
     assert convert.hf_config(models.preset("bert-tiny")).architectures == ["BertForMaskedLM"]
@@ -267,6 +291,17 @@ def test_other_families_keep_their_architectures():
             dict(qkv_bias=True, head_dim=32),
             "qwen2",
             r"Qwen2 checkpoint: ModelConfig.head_dim=32 \(needs None or 16\)$",
+        ),
+        (
+            dict(GEMMA, query_pre_attn_scalar=24.5),
+            None,
+            "Gemma 2 checkpoint: its config class needs a whole ModelConfig.query_pre_attn_scalar",
+        ),
+        (
+            dict(num_heads=3, num_kv_heads=1, head_dim=16),
+            None,
+            "Llama checkpoint: its config class needs ModelConfig.d_model=64 divisible by "
+            "ModelConfig.num_heads=3",
         ),
         (dict(), "bert", r"BERT checkpoint: ModelConfig.family='decoder'"),
         (dict(), "opt", r"unknown architecture 'opt'; choose one of gpt2, bert, t5, llama"),

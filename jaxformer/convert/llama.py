@@ -159,6 +159,9 @@ class Flavour:
         for ours, theirs in _GEMMA_SCALARS:
             value = getattr(c, theirs, None)
             out[ours] = None if value is None else float(value)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        if out["query_pre_attn_scalar"] == head_dim:  # the usual head_dim**-0.5
+            out["query_pre_attn_scalar"] = None
         return out
 
     def rules(self, cfg: ModelConfig) -> list[Rule]:
