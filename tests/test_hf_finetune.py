@@ -111,7 +111,8 @@ def test_readme_commands_fine_tune_a_converted_llama_and_export_it(tiny_llama, t
         assert _run(command, tmp_path, tiny_llama) == 0, command
 
     # The loss (on assistant tokens only) fell.
-    losses = [r["loss"] for r in read_metrics(str(tmp_path / "runs/llama-sft")) if "loss" in r]
+    rows = read_metrics(str(tmp_path / "runs/llama-sft"))
+    losses = [r["loss"] for r in rows if r.get("split") == "train"]
     assert len(losses) >= 4 and losses[-1] < 0.7 * losses[0], losses
 
     report = tmp_path / "report.json"
@@ -139,3 +140,30 @@ def test_readme_commands_fine_tune_a_converted_llama_and_export_it(tiny_llama, t
     new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
     assert len(new) >= 3  # the fine-tuned model answers before it stops
     assert tokenizer.decode(new) == ours
+
+
+def test_fine_tuning_straight_from_the_hf_directory_on_a_mesh(tiny_llama, tmp_path):
+    """--from hf:DIR streams the weights onto the run's mesh: its first steps are the converted
+    run's, step for step."""
+    with open(tmp_path / "chats.jsonl", "w", encoding="utf-8") as f:
+        for row in _chats(16):
+            f.write(json.dumps(row) + "\n")
+    assert convert_cli(["from-hf", tiny_llama, str(tmp_path / "converted")]) == 0
+    common = [
+        "--config",
+        "configs/finetune/sft.yaml",
+        f"task.train_files=[{tmp_path}/chats.jsonl]",
+        f"task.eval_files=[{tmp_path}/chats.jsonl]",
+        *shlex.split(TINY["finetune.py"]),
+        "train.steps=3",
+        "train.log_every=1",
+        "mesh.shape=[2,2,2]",
+    ]
+    losses = {}
+    for name, source in (("hf", f"hf:{tiny_llama}"), ("run", str(tmp_path / "converted"))):
+        run_dir = tmp_path / f"ft-{name}"
+        assert finetune_cli.main(["--from", source, *common, f"run.dir={run_dir}"]) == 0
+        rows = read_metrics(str(run_dir))
+        losses[name] = [r["loss"] for r in rows if r.get("split") == "train"]
+    assert len(losses["hf"]) == 3
+    np.testing.assert_allclose(losses["hf"], losses["run"], rtol=1e-6)
