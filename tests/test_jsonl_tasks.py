@@ -259,6 +259,28 @@ def test_a_chat_template_renders_and_its_end_of_turn_is_learned(tmp_path, stdlib
         task_batcher(bad, load_task(bad, "train"), stripping, 0)
 
 
+def test_a_hugging_face_template_renders_as_transformers_does(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from test_hf_tokenizer import _byte_level
+
+    from jaxformer.data.hf_tokenizer import HfTokenizer
+
+    directory = str(tmp_path / "tok")
+    _byte_level(directory)  # Llama 3 style: '<|eot_id|>' ends every turn
+    tok = HfTokenizer.from_directory(directory)
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    rows = chats(2)
+    cfg = jsonl_cfg(write_jsonl(tmp_path / "chat.jsonl", rows), max_input_len=256, batch_size=1)
+    batcher = task_batcher(cfg, load_task(cfg, "train"), tok, 0, shuffle=False)
+    for i, row in enumerate(rows):
+        ids, learned = batcher.example_tokens(i)
+        # (hf.decode: our decode skips pad ids, and this tokenizer pads with '<|eot_id|>')
+        assert hf.decode(ids) == hf.apply_chat_template(row["messages"], tokenize=False)
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        runs = [hf.decode(r) for r in learned_runs(ids, learned)]
+        assert runs == [a + "<|eot_id|>" for a in answers]
+
+
 def test_a_long_example_is_cut_keeping_the_completion_start(tmp_path, stdlib_tokenizer):
     tok, L = stdlib_tokenizer, 32
     rows = [
