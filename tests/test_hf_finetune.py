@@ -167,3 +167,35 @@ def test_fine_tuning_straight_from_the_hf_directory_on_a_mesh(tiny_llama, tmp_pa
         losses[name] = [r["loss"] for r in rows if r.get("split") == "train"]
     assert len(losses["hf"]) == 3
     np.testing.assert_allclose(losses["hf"], losses["run"], rtol=1e-6)
+
+
+def test_a_converted_run_continues_pretraining_with_its_own_tokenizer(
+    tiny_llama, stdlib_data_dir, tmp_path
+):
+    """train.py on a converted run (weights only, its HF tokenizer): trains with a fresh
+    optimizer, saves, and reports bits per byte through the tokenizer's byte lengths."""
+    from jaxformer.training.checkpoint import Checkpointer
+    from jaxformer.training.main import run_training
+
+    run = tmp_path / "converted"
+    assert convert_cli(["from-hf", tiny_llama, str(run)]) == 0
+    overrides = [
+        f"data.data_dir={stdlib_data_dir}",
+        f"data.tokens_dir={tmp_path}/tokens",
+        "data.max_documents=64",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "train.log_every=1",
+        "train.sample_prompt=",
+        "optimizer.warmup_steps=1",
+        "checkpoint.every=2",
+        "checkpoint.async_save=false",
+    ]
+    assert run_training(str(run / "config.yaml"), overrides) == 0
+    meta = Checkpointer(str(run), create=False).read_meta()
+    assert meta["step"] == 2 and "params_only" not in meta  # now a whole training state
+    validation = [r for r in read_metrics(str(run)) if r.get("split") == "validation"]
+    assert validation and 0 < validation[-1]["bits_per_byte"] < 20
