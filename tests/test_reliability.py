@@ -201,3 +201,139 @@ def test_spike_skipping_is_logged_and_resumes_bit_exactly(quiet_overrides, tmp_p
     assert [strip(r) for r in _metrics(resumed) if r["split"] == "train"] == [
         strip(r) for r in rows
     ]
+
+
+# ------------------------------------------------------------------ signals in every phase
+
+
+def test_sigterm_during_the_last_save_waits_for_it_and_exits_75(
+    quiet_overrides, tmp_path, monkeypatch, capsys
+):
+    """The final checkpointer.wait() runs with the loop's handlers installed: a SIGTERM while the
+    last save is in flight (sent at the start of that wait) lets it finish, then exits 75."""
+    run_dir = str(tmp_path / "run")
+    wait, sent = Checkpointer.wait, []
+
+    def sigterm_then_wait(self):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        wait(self)
+
+    monkeypatch.setattr(Checkpointer, "wait", sigterm_then_wait)
+    overrides = ["train.steps=2", "checkpoint.every=100", "checkpoint.async_save=true"]
+    status = run_training(None, quiet_overrides + overrides + [f"run.dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert status == PREEMPTED_EXIT, err
+    assert "SIGTERM: saved a checkpoint at step 2" in err and "Traceback" not in err
+    assert Checkpointer(run_dir, create=False).steps == [2]
+
+
+def test_sigterm_while_waiting_for_the_first_batch_stops_the_run(
+    quiet_overrides, tmp_path, monkeypatch, capsys
+):
+    """An input that never delivers (a stuck read, a huge batch) no longer holds off SIGTERM."""
+    import threading
+
+    from jaxformer.data import prefetch
+
+    real, stuck = prefetch.ahead, threading.Event()
+
+    def stuck_input(batch_fn, start, stop, **options):
+        def never(step):
+            stuck.wait(60)
+            return batch_fn(step)
+
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return real(never, start, stop, **options)
+
+    monkeypatch.setattr(prefetch, "ahead", stuck_input)
+    run_dir = str(tmp_path / "run")
+    try:
+        status = run_training(None, quiet_overrides + ["train.steps=2", f"run.dir={run_dir}"])
+    finally:
+        stuck.set()
+    err = capsys.readouterr().err
+    assert status == PREEMPTED_EXIT, err
+    assert "SIGTERM before the first step of this session: nothing new to save" in err
+    assert not os.path.exists(os.path.join(run_dir, "run.lock"))
+
+
+def test_sigterm_while_preparing_data_is_one_line_and_130(
+    quiet_overrides, tmp_path, monkeypatch, capsys
+):
+    import jaxformer.training.pretraining as pretraining
+
+    def terminated_while_preparing(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler interrupts this
+
+    monkeypatch.setattr(pretraining, "prepare_data", terminated_while_preparing)
+    run_dir = str(tmp_path / "run")
+    started = time.time()
+    assert run_training(None, quiet_overrides + [f"run.dir={run_dir}"]) == 130
+    assert time.time() - started < 25
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGTERM); "), lines
+    assert not os.path.exists(run_dir)  # the fresh run wrote nothing: no directory left
+
+
+def test_sigterm_stops_prepare_with_one_line_and_130(monkeypatch, capsys):
+    from jaxformer.data import prepare
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    monkeypatch.setattr(prepare, "prepare_data", terminated)
+    assert prepare.main([]) == 130
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [
+        "[prepare] interrupted; finished shards are kept: rerun the same command to resume"
+    ]
+
+
+@pytest.mark.slow
+def test_prepare_workers_die_with_their_parent(tmp_path):
+    """kill -9 of the process that started a worker (as the prepare pool starts them, with
+    exit_with_parent as its first act): the worker ends within seconds."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "from jaxformer.data.prepare import exit_with_parent\n"
+        "def work():\n"
+        "    exit_with_parent(0.1)\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    child = multiprocessing.get_context('spawn').Process(target=work)\n"
+        "    child.start()\n"
+        "    print(child.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    worker = int(parent.stdout.readline())
+    time.sleep(1.0)  # the worker is running its watch
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        _reap(worker)
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its parent by 10 s")
+
+
+def _reap(pid):
+    """An orphan re-parented to this process (a subreaper, e.g. in containers) stays a zombie
+    until waited for."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

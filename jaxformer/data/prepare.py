@@ -15,7 +15,10 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -151,7 +154,21 @@ def store_dir(cfg: DataConfig, source: SourceConfig, split: str, tokenizer: AnyT
 _WORKER: dict = {}
 
 
+def exit_with_parent(poll_seconds: float = 0.5) -> None:
+    """Ends this (worker) process soon after its parent dies, however the parent dies (kill -9
+    included), instead of tokenizing on for nobody while holding the parent's output pipe."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is re-parented to init or a subreaper
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _init_worker(source: SourceConfig, split: str, model: bytes) -> None:
+    exit_with_parent()
     _WORKER["texts"] = text_source(
         source.dataset, split, source.data_dir, source.text_key, source.max_documents
     )
@@ -325,6 +342,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="tokenizing processes (default: data.prepare_workers, 0 = all cores)",
     )
     parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check every shard's SHA-256 and token ids against the manifest",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         help="dotted key=value overrides, e.g. data.tokens_dir=gs://bucket/tokens",
@@ -332,10 +354,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     # Only the data section matters here; other overrides (as given to train.py) are ignored.
     overrides = [o[len("data.") :] for o in args.overrides if o.startswith("data.")]
+
+    def terminate(_signum, _frame):
+        raise KeyboardInterrupt  # SIGTERM (a scheduler, `timeout`) ends it as Ctrl-C does
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         section = read_yaml(args.config).get("data") or {} if args.config else {}
         cfg = load_config(DataConfig, None, overrides, base=section)
         data = prepare_data(cfg, "", workers=args.workers)
+        if args.verify:
+            for s in data.sources:
+                for store in (s.train, s.eval):
+                    store.verify()
+                    print(f"[verify] {store.root}: sizes, checksums and token ids match")
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -345,6 +377,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for s in data.sources:
         print(
             json.dumps(

@@ -11,11 +11,17 @@ One split of a corpus is a directory:
 
 Local paths are memory-mapped, so resident memory stays independent of corpus size; other paths
 (e.g. gs://) go through etils.epath and are read by byte range.
+
+The manifest records each shard file's size and SHA-256 (computed when the shard is written).
+Opening a local store checks every size (cheap: one stat per file); `TokenStore.verify()` (and
+`python -m jaxformer.data.prepare --verify`) checks the checksums and the token ids too. A damaged
+file is a TokenStoreError naming it and how to rebuild the store.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -26,6 +32,21 @@ import numpy as np
 MANIFEST = "manifest.json"
 FORMAT = 2  # 2: the split's summed token histogram in `counts`
 _REMOTE_DOC_SHARDS_CACHED = 8
+
+
+SHARD_FILES = ("tokens", "docs", "counts")
+
+
+class TokenStoreError(ValueError):
+    """A token store's file is missing, damaged or inconsistent with its manifest."""
+
+
+def rebuild_hint(root: str) -> str:
+    """How to rebuild a damaged store (its directory name is a digest of what it holds)."""
+    return (
+        f"delete {root} and rerun the same command, which prepares it again (or prepare ahead "
+        "with python -m jaxformer.data.prepare --config CONFIG)"
+    )
 
 
 class TokenSource(Protocol):
@@ -77,11 +98,24 @@ def write_bytes_atomic(root: str, name: str, data: bytes) -> None:
 
 
 def read_json(root: str, name: str) -> Optional[dict]:
-    """The JSON object at root/name, or None when it does not exist."""
+    """The JSON object at root/name, or None when it does not exist; TokenStoreError (naming the
+    file) when it is not a JSON object."""
     path = _path(root, name)
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise TokenStoreError(
+            f"{path} is damaged (not JSON: {err}); {rebuild_hint(root)}"
+        ) from None
+    if not isinstance(data, dict):
+        raise TokenStoreError(f"{path} is damaged (not a JSON object); {rebuild_hint(root)}")
+    return data
+
+
+def _file_record(data: bytes) -> list:
+    return [len(data), hashlib.sha256(data).hexdigest()]
 
 
 def write_shard(
@@ -99,15 +133,20 @@ def write_shard(
     starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
     counts = np.bincount(tokens, minlength=vocab_size).astype(np.int64)
     stem = shard_name(index)
-    write_bytes_atomic(root, f"{stem}.tokens", tokens.astype(dtype).tobytes())
-    write_bytes_atomic(root, f"{stem}.docs", starts[: len(doc_lengths)].tobytes())
-    write_bytes_atomic(root, f"{stem}.counts", counts.tobytes())
+    contents = dict(
+        tokens=tokens.astype(dtype).tobytes(),
+        docs=starts[: len(doc_lengths)].tobytes(),
+        counts=counts.tobytes(),
+    )
+    for kind, data in contents.items():
+        write_bytes_atomic(root, f"{stem}.{kind}", data)
     marker = dict(
         info,
         index=index,
         num_tokens=int(len(tokens)),
         num_docs=int(len(doc_lengths)),
         dtype=dtype.name,
+        files={kind: _file_record(data) for kind, data in contents.items()},  # [bytes, sha256]
     )
     write_bytes_atomic(root, f"{stem}.json", json.dumps(marker).encode())
     return marker
@@ -137,9 +176,14 @@ def write_manifest(
     rather than one per shard.
     """
     total = np.zeros(vocab_size, np.int64)
+    files = []
     for m in markers:
-        total += np.frombuffer(
-            _path(root, f"{shard_name(m['index'])}.counts").read_bytes(), np.int64
+        stem = shard_name(m["index"])
+        total += np.frombuffer(_path(root, f"{stem}.counts").read_bytes(), np.int64)
+        # Shards written before sizes were recorded are measured now.
+        files.append(
+            m.get("files")
+            or {k: _file_record(_path(root, f"{stem}.{k}").read_bytes()) for k in SHARD_FILES}
         )
     write_bytes_atomic(root, "counts", total.tobytes())
     manifest = dict(
@@ -152,6 +196,7 @@ def write_manifest(
         num_docs=int(sum(m["num_docs"] for m in markers)),
         shard_tokens=[m["num_tokens"] for m in markers],
         shard_docs=[m["num_docs"] for m in markers],
+        shard_files=files,
     )
     write_bytes_atomic(root, MANIFEST, json.dumps(manifest, indent=1).encode())
 
@@ -191,15 +236,68 @@ class TokenStore:
                 f"version reads {FORMAT}; prepare it again"
             )
         self.manifest = manifest
-        self.vocab_size = int(manifest["vocab_size"])
-        self._dtype = np.dtype(manifest["dtype"])
-        self._shard_starts = np.concatenate([[0], np.cumsum(manifest["shard_tokens"])]).astype(
-            np.int64
-        )
-        self._shard_first_doc = np.concatenate([[0], np.cumsum(manifest["shard_docs"])]).astype(
-            np.int64
-        )
+        try:
+            self.vocab_size = int(manifest["vocab_size"])
+            self._dtype = np.dtype(manifest["dtype"])
+            shard_tokens = np.asarray(manifest["shard_tokens"], np.int64)
+            shard_docs = np.asarray(manifest["shard_docs"], np.int64)
+            if not len(shard_tokens) == len(shard_docs) == int(manifest["num_shards"]):
+                raise ValueError("shard lists of different lengths")
+        except (KeyError, TypeError, ValueError) as err:
+            raise TokenStoreError(
+                f"{_path(root, MANIFEST)} is damaged ({type(err).__name__}: {err}); "
+                f"{rebuild_hint(root)}"
+            ) from None
+        self._shard_starts = np.concatenate([[0], np.cumsum(shard_tokens)]).astype(np.int64)
+        self._shard_first_doc = np.concatenate([[0], np.cumsum(shard_docs)]).astype(np.int64)
+        if not is_remote(root):  # one stat per file; an object store would pay a request each
+            self.check_sizes()
         self._open()
+
+    def _expected_sizes(self, i: int) -> dict[str, int]:
+        """Bytes each file of shard i must hold, from the manifest."""
+        recorded = (self.manifest.get("shard_files") or [None] * (i + 1))[i]
+        if recorded:
+            return {kind: int(recorded[kind][0]) for kind in SHARD_FILES}
+        return dict(  # a manifest from before sizes were recorded: derived from the counts
+            tokens=int(self.manifest["shard_tokens"][i]) * self._dtype.itemsize,
+            docs=int(self.manifest["shard_docs"][i]) * 8,
+            counts=self.vocab_size * 8,
+        )
+
+    def _damaged(self, name: str, why: str) -> TokenStoreError:
+        return TokenStoreError(f"{_path(self.root, name)} is {why}; {rebuild_hint(self.root)}")
+
+    def check_sizes(self) -> None:
+        """TokenStoreError naming the first file whose size is not the manifest's."""
+        expected = [("counts", self.vocab_size * 8)]
+        for i in range(int(self.manifest["num_shards"])):
+            expected += [
+                (f"{shard_name(i)}.{kind}", size) for kind, size in self._expected_sizes(i).items()
+            ]
+        for name, size in expected:
+            path = _path(self.root, name)
+            if not path.exists():
+                raise self._damaged(name, "missing")
+            actual = path.stat().length
+            if actual != size:
+                raise self._damaged(
+                    name, f"{actual} bytes where the manifest says {size} (truncated or damaged)"
+                )
+
+    def verify(self) -> None:
+        """Checks every size, every recorded SHA-256 and that every token id is in the
+        vocabulary; TokenStoreError naming the first damaged file."""
+        self.check_sizes()
+        for i, recorded in enumerate(self.manifest.get("shard_files") or []):
+            for kind in SHARD_FILES:
+                name = f"{shard_name(i)}.{kind}"
+                digest = hashlib.sha256(_path(self.root, name).read_bytes()).hexdigest()
+                if recorded and digest != recorded[kind][1]:
+                    raise self._damaged(name, "damaged (its SHA-256 is not the manifest's)")
+        step = 1 << 24
+        for start in range(0, self.num_tokens, step):
+            self.tokens(start, min(start + step, self.num_tokens))  # checks the ids
 
     def _open(self) -> None:
         self._tokens: dict[int, Any] = {}
@@ -270,7 +368,14 @@ class TokenStore:
             base = int(self._shard_starts[i])
             lo, hi = max(start - base, 0), min(end, int(self._shard_starts[i + 1])) - base
             if hi > lo:
-                parts.append(np.asarray(self._shard_tokens(i)[lo:hi]))
+                part = np.asarray(self._shard_tokens(i)[lo:hi])
+                if int(part.max()) >= self.vocab_size:  # damage no size check sees
+                    raise self._damaged(
+                        f"{shard_name(i)}.tokens",
+                        f"damaged: it holds token id {int(part.max())}, outside the "
+                        f"vocabulary of {self.vocab_size}",
+                    )
+                parts.append(part)
         out = np.concatenate(parts) if parts else np.zeros(0, self._dtype)
         return out.astype(np.int32)
 

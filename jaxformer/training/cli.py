@@ -8,18 +8,22 @@ in `@command(...)`, so the same mistakes end the same way everywhere:
   file system, a full disk; and `OSError`s that libraries raise with a message but no errno, such
   as transformers' "can't load the configuration") prints `error: <message>` on stderr and
   returns 2;
-- Ctrl-C outside a training loop (which saves and exits 75 itself) prints one line and returns 130;
+- Ctrl-C or SIGTERM outside a training loop (which saves and exits 75 itself) prints one line and
+  returns 130;
 - anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib.util
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 BAD_INPUT_EXIT = 2
@@ -99,6 +103,29 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop: ends a command as Ctrl-C does (unwinding, status 130)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While inside (in the main thread), SIGTERM raises Terminated, so `timeout` or a scheduler
+    stopping a command during data preparation, compiling or evaluating gets one line and 130
+    (the training loop installs its own handlers, which save first)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def command(interrupted: str = "") -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorates a command's library function (which returns an exit status) so that user
     errors end as `error: ...` and status 2, Ctrl-C as one line (plus `interrupted`) and 130."""
@@ -107,11 +134,13 @@ def command(interrupted: str = "") -> Callable[[Callable[..., int]], Callable[..
         @functools.wraps(fn)
         def run(*args, **kwargs) -> int:
             try:
-                return fn(*args, **kwargs)
-            except KeyboardInterrupt:
+                with terminate_as_interrupt():
+                    return fn(*args, **kwargs)
+            except KeyboardInterrupt as err:
                 _close_progress_bars()
+                how = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
                 print(
-                    f"\ninterrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}",
+                    f"\ninterrupted ({how}){'; ' + interrupted if interrupted else ''}",
                     file=sys.stderr,
                 )
                 return INTERRUPTED_EXIT

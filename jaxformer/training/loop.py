@@ -38,14 +38,23 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run saved its state; rerunning the comma
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGINT arrived; the state after `step` is saved and durable."""
+    """SIGTERM/SIGINT arrived; the state after `step` is saved and durable (`saved`), or the run
+    stopped before training a step of its own, so its latest checkpoint stands."""
 
-    def __init__(self, step: int, signal_name: str):
-        super().__init__(
-            f"{signal_name}: saved a checkpoint at step {step}; rerun the same "
-            "command to resume from it"
-        )
+    def __init__(self, step: int, signal_name: str, saved: bool = True):
+        if saved:
+            text = f"{signal_name}: saved a checkpoint at step {step}"
+        else:
+            text = (
+                f"{signal_name} before the first step of this session: nothing new to save "
+                f"(the run stands at step {step})"
+            )
+        super().__init__(f"{text}; rerun the same command to resume from it")
         self.step = step
+
+
+class _StopWaiting(Exception):
+    """A stop signal arrived while the loop waited for a batch (see _Stops)."""
 
 
 NONFINITE_EXIT = 3
@@ -68,9 +77,28 @@ def run_to_exit_status(trainer: Trainer) -> tuple[int, Optional[dict]]:
         trainer.close()
 
 
+class _Stops(list):
+    """Names of the stop signals received; while `waiting` (for a batch that may never come) a
+    signal also interrupts the wait by raising _StopWaiting."""
+
+    waiting = False
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """While inside, a stop signal (one already received, too) raises _StopWaiting."""
+        if self:
+            raise _StopWaiting
+        self.waiting = True
+        try:
+            yield
+        finally:
+            self.waiting = False
+
+
 @contextlib.contextmanager
-def _stop_signals(flag: list) -> Iterator[None]:
-    """While inside, SIGTERM and SIGINT only record themselves in `flag` (the loop checks it)."""
+def _stop_signals(flag: _Stops) -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT only record themselves in `flag` (the loop checks it),
+    or interrupt a wait for a batch."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -78,6 +106,9 @@ def _stop_signals(flag: list) -> Iterator[None]:
 
     def record(signum, _frame):
         flag.append(signal.Signals(signum).name)
+        if flag.waiting:
+            flag.waiting = False
+            raise _StopWaiting
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, record)
@@ -201,7 +232,9 @@ class Trainer:
                 f"{self.run_dir} holds a {meta['workload']} run; this is a "
                 f"{self.workload.name} run: use another run.dir"
             )
-        if not self.read_only:
+        # A converted model (weights only, never trained here) is a starting point, not a run
+        # to continue as it was: any data, optimizer or training settings may go with it.
+        if not self.read_only and not meta.get("params_only"):
             changed = check_resume(cfg, meta["config"], int(meta["step"]), self.run_dir)
             if changed:
                 self.log(changed)
@@ -222,13 +255,19 @@ class Trainer:
         if meta is None:
             return None
         if meta.get("params_only"):  # a converted model: its weights, a fresh optimizer
-            model_only = self.checkpointer.restore_state(
-                nnx.State({0: self.state[0]}),
-                self.mesh,
-                self.rules,
-                int(meta["step"]),
-                partial=True,
-            )
+            # A reader of its own: a partial restore registers orbax's PyTree handler for the
+            # state item, which the run's own manager must not keep (its saves are Standard).
+            reader = Checkpointer(self.run_dir, create=False)
+            try:
+                model_only = reader.restore_state(
+                    nnx.State({0: self.state[0]}),
+                    self.mesh,
+                    self.rules,
+                    int(meta["step"]),
+                    partial=True,
+                )
+            finally:
+                reader.close()
             self.state[0] = model_only[0]
         elif step is not None:
             self.state = self.checkpointer.restore_state(
@@ -323,15 +362,18 @@ class Trainer:
         )
         log = self._step_log(bar)
         last_eval: dict[str, float] = {}
-        signals: list[str] = []
+        signals = _Stops()
         host_batches = self._host_batches(stop)
         next_batch = None
         with _stop_signals(signals):
             for step in range(self.start_step, stop):
-                batch = next_batch if next_batch is not None else next(host_batches)
-                device_metrics = self._train_one_step(batch)
+                if next_batch is None:
+                    next_batch = self._wait_for_batch(host_batches, signals, step, log, bar)
+                device_metrics = self._train_one_step(next_batch)
                 # The step runs asynchronously; meanwhile the next batch goes onto the devices.
-                next_batch = next(host_batches) if step + 1 < stop else None
+                next_batch = None
+                if step + 1 < stop:
+                    next_batch = self._wait_for_batch(host_batches, signals, step + 1, log, bar)
                 done = step + 1
                 log.record(
                     done, device_metrics, log=done % cfg.train.log_every == 0 or done == stop
@@ -347,15 +389,22 @@ class Trainer:
                     log.flush()
                     self._save_counted(done, log)
                 if self._stop_requested(signals):
-                    self._preempt(done, stop, log, bar, signals)
+                    saved = done % cfg.checkpoint.every == 0 or done == stop
+                    self._preempt(done, log, bar, signals, saved)
             log.settle_update()
+            # The last save finishes with the handlers still installed: a signal meanwhile
+            # waits for it (then exits 75) instead of killing the process mid-save.
+            self.checkpointer.wait()
+            if self.start_step < stop and self._stop_requested(signals):
+                log.flush()
+                bar.close()
+                raise Preempted(stop, signals[0] if signals else "another process")
         log.flush()
         bar.close()
         self.skipped_steps, self.spike_steps = log.skipped_steps, log.spike_steps
         if self.start_step >= stop:  # a finished run rerun: report where it stands
             self.log(f"[resume] {self.run_dir} is already at step {self.start_step}")
             last_eval = self.evaluate()
-        self.checkpointer.wait()
         return dict(
             train=log.last_train,
             validation=last_eval,
@@ -423,10 +472,32 @@ class Trainer:
         self.skipped_steps, self.spike_steps = log.skipped_steps, log.spike_steps
         self.save(done)
 
-    def _preempt(self, done: int, stop: int, log: StepLog, bar: tqdm, signals: list) -> None:
-        """Saves step `done` (unless just saved), waits for it to be durable, raises Preempted."""
+    def _wait_for_batch(
+        self, batches: Iterator[dict], signals: _Stops, step: int, log: StepLog, bar: tqdm
+    ) -> dict:
+        """The next batch; a stop signal while it is being made (a slow or stuck input)
+        interrupts the wait and preempts the run at the `step` updates done so far."""
+        if jax.process_count() > 1:
+            # Every host must save the same step together: they agree on stopping only between
+            # steps (_stop_requested), so on several hosts a wait is not cut short.
+            return next(batches)
+        try:
+            with signals.interruptible():
+                return next(batches)
+        except _StopWaiting:
+            self._preempt(step, log, bar, signals, saved=False)
+        raise AssertionError("unreachable")  # _preempt raises
+
+    def _preempt(self, done: int, log: StepLog, bar: tqdm, signals: list, saved: bool) -> None:
+        """Saves step `done` (unless `saved` already), waits for it to be durable, raises
+        Preempted."""
         log.settle_update()
-        if done % self.cfg.checkpoint.every and done != stop:
+        if done == self.start_step:  # nothing trained in this session: the checkpoint stands
+            self.checkpointer.wait()
+            log.flush()
+            bar.close()
+            raise Preempted(done, signals[0] if signals else "another process", saved=False)
+        if not saved:
             self._save_counted(done, log)
         self.checkpointer.wait()
         log.flush()
