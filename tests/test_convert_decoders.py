@@ -25,7 +25,7 @@ tf.logging.set_verbosity_error()
 V, S, NEW = 256, 16, 8
 ATOL = 1e-4
 TOKENS = np.random.default_rng(0).integers(0, V, (2, S))
-PROMPT = [5, 17, 42, 8, 99, 3]
+PROMPTS = [[5, 17, 42, 8, 99, 3, 250], [7, 200, 31]]  # ours right-padded, in one batch
 BASE = dict(
     vocab_size=V,
     hidden_size=64,
@@ -110,6 +110,8 @@ def hf_model(config_class, **options):
                 p.add_(0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.15)
+        if config.model_type == "gemma2":  # its inputs are embeddings * sqrt(hidden_size)
+            model.get_input_embeddings().weight.mul_(config.hidden_size**-0.5)
     return model
 
 
@@ -158,17 +160,24 @@ def test_logit_parity_both_ways(case, tmp_path):
 def test_greedy_generation_matches_transformers(case):
     name, hf, model, cfg, _ = case
     hf.generation_config.eos_token_id = None  # generate exactly NEW tokens on both sides
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor([PROMPT]),
-            attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
-            max_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-        )[0, len(PROMPT) :].tolist()
-    ours = np.asarray(generate(model, jnp.asarray([PROMPT]), max_new_tokens=NEW))[0].tolist()
-    assert len(ref) == NEW
-    assert ours == ref, name
+    refs = []
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        refs.append(out[0, len(prompt) :].tolist())
+    lengths = np.array([len(p) for p in PROMPTS])
+    batch = np.zeros((len(PROMPTS), lengths.max()), np.int32)
+    for row, prompt in enumerate(PROMPTS):
+        batch[row, : len(prompt)] = prompt
+    ours = generate(model, jnp.asarray(batch), prompt_lengths=lengths, max_new_tokens=NEW)
+    assert [len(r) for r in refs] == [NEW] * len(PROMPTS)
+    assert np.asarray(ours).tolist() == refs, name
 
 
 # ----------------------------------------------------------------------------- refusals
