@@ -381,6 +381,8 @@ def test_rerun_extending_the_run_reports_the_changes_and_records_them(
         (["model.num_heads=0"], "model.num_heads=0: must be >= 1"),  # was a ZeroDivisionError
         (["model.num_layers=0"], "model.num_layers=0: must be >= 1"),  # failed at the first save
         (["data.batch_size=0"], "data.batch_size=0: must be >= 1"),  # after data preparation
+        # Was 13 GB and 12 minutes into building batch 1 before anything said so.
+        (["data.batch_size=10000000000"], "of host memory, "),
     ],
 )
 def test_the_whole_config_is_checked_before_any_work(overrides, message, tmp_path, capsys):
@@ -394,6 +396,22 @@ def test_the_whole_config_is_checked_before_any_work(overrides, message, tmp_pat
     assert status == 2
     assert message in _one_error_line(capsys.readouterr().err)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_batch_larger_than_host_memory_is_refused_naming_the_sizes(monkeypatch):
+    import jaxformer.training.config as config_lib
+
+    monkeypatch.setattr(config_lib, "available_memory", lambda: 3 * 2**20)
+    overrides = ["data.batch_size=512", "data.seq_len=128", "data.prefetch=4"]
+    with pytest.raises(ValueError) as raised:
+        load_experiment(None, overrides)
+    # 512 rows x 5 arrays x 128 x 4 bytes = 1.25 MiB; 6 batches alive at once.
+    assert str(raised.value) == (
+        "data.batch_size=512 (data.seq_len=128): one batch takes 1.2 MiB of host memory, "
+        "7.5 MiB with data.prefetch=4 batches made ahead, but this host has 3.0 MiB available; "
+        "lower data.batch_size (e.g. data.batch_size=102) or data.prefetch"
+    )
+    load_experiment(None, overrides[:2] + ["data.prefetch=0"])  # 2.5 MiB: fits
 
 
 def test_an_empty_sample_prompt_from_the_shell_skips_the_sample():

@@ -220,11 +220,69 @@ def check_experiment(cfg: ExperimentConfig) -> None:
             )
         except ValueError as err:
             raise ConfigError(f"{err}; raise data.target_len or data.seq_len") from None
+    check_host_memory(cfg)
     if data.tokenizer_path and not os.path.isfile(data.tokenizer_path):
         raise ConfigError(
             f"data.tokenizer_path={data.tokenizer_path!r} is not a file; give an "
             "existing sentencepiece .model, or data.tokenizer_path='' to train one"
         )
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation on this host (MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # not Linux: free pages, an underestimate that still catches absurd batches
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if num_bytes < 1024 or unit == "TiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    return ""
+
+
+def batch_host_bytes(cfg: ExperimentConfig) -> tuple[int, int]:
+    """(bytes of one batch on this host, bytes of the batches alive at once: the prefetch buffer,
+    the one being built and its stacked copy). A row is int32/float32 arrays: five of seq_len
+    (inputs, targets, weights, segments, positions), or for span corruption three of seq_len
+    and five of target_len."""
+    data = cfg.data
+    if cfg.objective == "span_corruption":
+        row = 4 * (3 * data.seq_len + 5 * data.target_len)
+    else:
+        row = 4 * 5 * data.seq_len
+    rows = data.batch_size // max(cfg.mesh.num_processes, 1)  # each host builds its share
+    one = rows * row
+    return one, one * (data.prefetch + 2)
+
+
+def check_host_memory(cfg: ExperimentConfig) -> None:
+    """Refuses a batch (with its prefetch buffer) larger than this host's available memory,
+    before a run grows towards it for minutes."""
+    available = available_memory()
+    if available is None:
+        return
+    one, alive = batch_host_bytes(cfg)
+    if alive <= available:
+        return
+    data = cfg.data
+    fits = max(data.batch_size * available // alive // 2, 1)  # half the memory, for the rest
+    raise ConfigError(
+        f"data.batch_size={data.batch_size} (data.seq_len={data.seq_len}): one batch takes "
+        f"{_size(one)} of host memory, {_size(alive)} with data.prefetch={data.prefetch} "
+        f"batches made ahead, but this host has {_size(available)} available; lower "
+        f"data.batch_size (e.g. data.batch_size={fits}) or data.prefetch"
+    )
 
 
 def check_schedule(optimizer: OptimizerConfig, steps: int) -> None:
