@@ -461,6 +461,7 @@ def test_sft_config_fine_tunes_a_chat_and_its_assistant_loss_falls(
     before = trainer.evaluate()
     after = trainer.run()["validation"]
     trainer.close()
+    print(f"[sft] rows {batcher.num_rows_per_epoch}, before {before}, after {after}")
     assert set(after) == {"loss", "token_accuracy", "perplexity"}
     assert after["loss"] < 0.5 * before["loss"], (before, after)
     assert after["token_accuracy"] > before["token_accuracy"] + 0.2, (before, after)

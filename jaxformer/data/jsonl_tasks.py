@@ -60,7 +60,7 @@ import numpy as np
 
 from jaxformer.data import tasks
 from jaxformer.data.token_store import ArrayTokens, TokenSource
-from jaxformer.data.tokenizer import Tokenizer, builtin_chat_text
+from jaxformer.data.tokenizer import AnyTokenizer, builtin_chat_text
 
 PACKED_KINDS = ("completion", "chat")
 DEFAULT_KEYS = {  # kind -> (input_key, target_key, label_key) of a JSONL line
@@ -256,12 +256,12 @@ def load_jsonl(cfg: tasks.TaskConfig, split: str) -> JsonlExamples:
 # ------------------------------------------------------------------ rendering into pieces
 
 
-def chat_template(tokenizer: Tokenizer) -> Optional[str]:
+def chat_template(tokenizer: AnyTokenizer) -> Optional[str]:
     """The tokenizer's chat template, None when it has none (then the built-in format renders)."""
     return getattr(tokenizer, "chat_template", None) or None
 
 
-def chat_renderer(tokenizer: Tokenizer) -> Callable[[list[dict], bool], str]:
+def chat_renderer(tokenizer: AnyTokenizer) -> Callable[[list[dict], bool], str]:
     """(messages, add_generation_prompt) -> text: the tokenizer's template, else the built-in
     format (the one our sentencepiece Tokenizer.apply_chat_template renders)."""
     if chat_template(tokenizer) is None:
@@ -307,7 +307,7 @@ def chat_pieces(
     return pieces + [(whole[len(done) :], False, False)]
 
 
-def example_pieces(examples: JsonlExamples, index: int, tokenizer: Tokenizer) -> list[Piece]:
+def example_pieces(examples: JsonlExamples, index: int, tokenizer: AnyTokenizer) -> list[Piece]:
     """The pieces of one example (2 * answers + 1 of them); an error names its file:line."""
     record = examples.record(index)
     if examples.cfg.kind == "completion":
@@ -321,7 +321,7 @@ def example_pieces(examples: JsonlExamples, index: int, tokenizer: Tokenizer) ->
 class _PieceTexts(Sequence):
     """Every example's piece texts in order (random access, rendering one example at a time)."""
 
-    def __init__(self, examples: JsonlExamples, tokenizer: Tokenizer, first_piece: np.ndarray):
+    def __init__(self, examples: JsonlExamples, tokenizer: AnyTokenizer, first_piece: np.ndarray):
         self._examples, self._tokenizer, self._first = examples, tokenizer, first_piece
         self._cached: tuple[int, list[Piece]] = (-1, [])
 
@@ -336,7 +336,7 @@ class _PieceTexts(Sequence):
 
 
 def piece_layout(
-    examples: JsonlExamples, tokenizer: Tokenizer
+    examples: JsonlExamples, tokenizer: AnyTokenizer
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(first piece of each example [n + 1], learned [P], followed by EOS [P]), without
     rendering: piece j of an example is learned iff j is odd, and only completions and chats in
@@ -352,7 +352,7 @@ def piece_layout(
 def tokenize_pieces(
     cfg: tasks.TaskConfig,
     examples: JsonlExamples,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     *,
     show_progress: bool = True,
     log=print,
@@ -377,7 +377,7 @@ def tokenize_pieces(
     )
 
 
-def pieces_in_memory(examples: JsonlExamples, tokenizer: Tokenizer) -> ArrayTokens:
+def pieces_in_memory(examples: JsonlExamples, tokenizer: AnyTokenizer) -> ArrayTokens:
     """The same pieces as `tokenize_pieces` (each followed by EOS), encoded in memory."""
     first, _, _ = piece_layout(examples, tokenizer)
     texts = _PieceTexts(examples, tokenizer, first)
@@ -437,7 +437,7 @@ class PackedTaskBatcher(tasks.TaskBatcher):
         self,
         cfg: tasks.TaskConfig,
         examples: JsonlExamples,
-        tokenizer: Tokenizer,
+        tokenizer: AnyTokenizer,
         seed: int,
         shuffle: bool = True,
         token_fields: Optional[Mapping[str, TokenSource]] = None,
