@@ -154,7 +154,10 @@ def test_a_bad_line_is_an_error_naming_file_and_line(tmp_path, kind, line, messa
 
 def test_bad_utf8_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(json.dumps(CHAT_OK).encode() + b"\n" + b'{"x": "\xff"}\n')
+    line = json.dumps(CHAT_OK).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + line + b"\r\n" + line + b"\r\n")  # BOM, CRLF: fine
+    assert len(load_task(jsonl_cfg(str(path), kind="chat"), "train")) == 2
+    path.write_bytes(line + b"\n" + b'{"x": "\xff"}\n')
     with pytest.raises(ValueError, match=f"^{path}:2: not UTF-8"):
         load_task(jsonl_cfg(str(path), kind="chat"), "train")
 

@@ -91,8 +91,8 @@ def _read(path: str, option: str) -> bytes:
 
 
 def _lines(data: bytes, path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of the non-blank lines."""
-    for number, raw in enumerate(data.split(b"\n"), 1):
+    """(1-based line number, text) of the non-blank lines (a leading UTF-8 BOM is dropped)."""
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
