@@ -130,7 +130,15 @@ class Flavour:
             return {}
         if self.windows == "all":
             return dict(sliding_window=int(window))
-        types = list(getattr(c, "layer_types", None) or [_FULL] * c.num_hidden_layers)
+        types = getattr(c, "layer_types", None)
+        if types is None:  # transformers 4.x: each model type had its own implicit pattern
+            raise unsupported(
+                self.NAME,
+                "sliding_window",
+                window,
+                "without layer_types, which transformers >= 5 records; upgrade transformers",
+            )
+        types = list(types)
         if len(types) != c.num_hidden_layers or set(types) - {_SLIDING, _FULL}:
             raise unsupported(
                 self.NAME, "layer_types", types, f"only {_SLIDING!r}/{_FULL!r}, one per layer"
@@ -397,13 +405,9 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return dict(rope_theta=cfg.rope_theta, rope_scaling=scaling)
 
 
-def _flavour(model_type: str, **kw: Any) -> Flavour:
-    return Flavour(model_type=model_type, **kw)
-
-
 FLAVOURS: dict[str, Flavour] = {
-    "llama": _flavour(
-        "llama",
+    "llama": Flavour(
+        model_type="llama",
         NAME="Llama",
         config_class="LlamaConfig",
         architecture="LlamaForCausalLM",
@@ -412,8 +416,8 @@ FLAVOURS: dict[str, Flavour] = {
         windows="none",
         head_dim="divisible",
     ),
-    "mistral": _flavour(
-        "mistral",
+    "mistral": Flavour(
+        model_type="mistral",
         NAME="Mistral",
         config_class="MistralConfig",
         architecture="MistralForCausalLM",
@@ -422,8 +426,8 @@ FLAVOURS: dict[str, Flavour] = {
         windows="all",
         head_dim="free",
     ),
-    "qwen2": _flavour(
-        "qwen2",
+    "qwen2": Flavour(
+        model_type="qwen2",
         NAME="Qwen2",
         config_class="Qwen2Config",
         architecture="Qwen2ForCausalLM",
@@ -432,8 +436,8 @@ FLAVOURS: dict[str, Flavour] = {
         windows="layer_types",
         head_dim="derived",
     ),
-    "qwen3": _flavour(
-        "qwen3",
+    "qwen3": Flavour(
+        model_type="qwen3",
         NAME="Qwen3",
         config_class="Qwen3Config",
         architecture="Qwen3ForCausalLM",
@@ -442,8 +446,8 @@ FLAVOURS: dict[str, Flavour] = {
         windows="layer_types",
         head_dim="free",
     ),
-    "gemma2": _flavour(
-        "gemma2",
+    "gemma2": Flavour(
+        model_type="gemma2",
         NAME="Gemma 2",
         config_class="Gemma2Config",
         architecture="Gemma2ForCausalLM",
