@@ -312,6 +312,11 @@ def test_other_families_keep_their_architectures():
             "Llama checkpoint: its config class needs ModelConfig.d_model=64 divisible by "
             "ModelConfig.num_heads=3",
         ),
+        (
+            dict(init_std=2.0),
+            None,
+            "Llama checkpoint: transformers' LlamaConfig refuses .*initializer_range",
+        ),
         (dict(), "bert", r"BERT checkpoint: ModelConfig.family='decoder'"),
         (dict(), "opt", r"unknown architecture 'opt'; choose one of gpt2, bert, t5, llama"),
     ],

@@ -306,7 +306,13 @@ class Flavour:
             kw.update({theirs: getattr(cfg, ours) for ours, theirs in _GEMMA_SCALARS})
             # An int in Gemma2Config; None means the usual head_dim**-0.5.
             kw["query_pre_attn_scalar"] = int(cfg.query_pre_attn_scalar or cfg.dims_per_head)
-        return config_class(**kw)
+        try:
+            return config_class(**kw)
+        except Exception as e:  # transformers' own validation (huggingface_hub strict dataclasses)
+            raise ValueError(
+                f"this model cannot be written as a {self.NAME} checkpoint: transformers' "
+                f"{self.config_class} refuses its settings: {e}"
+            ) from e
 
     def _windows_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         if self.windows == "none":
