@@ -522,6 +522,49 @@ def test_full_disk_while_checkpointing_keeps_earlier_checkpoints(
     assert Checkpointer(run_dir, create=False).read_meta()["step"] == 1  # still resumable
 
 
+# What TensorStore raised in the background thread when a real tmpfs filled up during a save.
+TENSORSTORE_ENOSPC = (
+    'RESOURCE_EXHAUSTED: Error writing "0.blocks.mlp.kernel/0.4.0.0" in OCDBT database at local '
+    'file "{d}/": Failed writing: "{d}/d/79cbe7": Failed to write 31824 bytes to file 12: No '
+    "space left on device [os_error_code='28']"
+)
+
+
+@pytest.mark.parametrize("raised", ["OSError", "TensorStore"])
+def test_full_disk_in_a_background_save_is_one_line(
+    raised, run_overrides, tmp_path, monkeypatch, capfd, caplog
+):
+    """ENOSPC inside orbax's asynchronous save thread (injected where it commits): one `error:`
+    line naming the disk, none of orbax's logged tracebacks, the earlier checkpoint intact."""
+    from orbax.checkpoint._src.path import atomicity
+
+    from jaxformer.training.main import run_training
+
+    run_dir = str(tmp_path / "run")
+    commits = []
+    for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+        original = cls.finalize
+
+        async def finalize(self, *args, _original=original, **kwargs):
+            if "checkpoints/2" not in str(getattr(self, "_final_path", "")):
+                return await _original(self, *args, **kwargs)
+            commits.append(self)
+            where = os.path.join(run_dir, "checkpoints", "2.orbax-checkpoint-tmp")
+            if raised == "OSError":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
+            raise ValueError(TENSORSTORE_ENOSPC.format(d=where))
+
+        monkeypatch.setattr(cls, "finalize", finalize)
+    overrides = ["train.steps=3", "checkpoint.async_save=true", f"run.dir={run_dir}"]
+    assert run_training(None, run_overrides + overrides) == 2
+    assert commits  # the fault was injected where orbax commits, in the background
+    err = capfd.readouterr().err
+    line = _one_error_line(err)
+    assert line.startswith("error: No space left on device: '") and "the disk is full" in line
+    assert not [r for r in caplog.records if r.levelno >= 40], caplog.records
+    assert Checkpointer(run_dir, create=False).steps == [1]
+
+
 # ------------------------------------------------------------------ 6. Ctrl-C inside the loop
 
 

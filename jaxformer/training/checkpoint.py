@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import jax
@@ -19,11 +20,13 @@ from jaxformer import sharding as shard_lib
 from jaxformer.training.checkpoint_faults import (
     MISMATCH,
     Unreadable,
+    disk_error,
     error_chain,
     everywhere,
     first_line,
     install_test_save_delay,
     looks_damaged,
+    quiet_disk_errors,
     quiet_read_failures,
     reason,
 )
@@ -105,6 +108,7 @@ class Checkpointer:
         if not create and not os.path.isdir(directory):
             raise CheckpointError(f"no checkpoints in {run_dir} (expected {directory})")
         install_test_save_delay()
+        quiet_disk_errors()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(keep, 2), create=create, enable_async_checkpointing=async_save
         )
@@ -145,12 +149,13 @@ class Checkpointer:
         if params_only:
             meta["params_only"] = True
         storable = _to_storable(nnx.to_pure_dict(state))
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(storable), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+        with _disk_errors_as_oserror():  # this save's, or the error of the one before it
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(storable), meta=ocp.args.JsonSave(meta)
+                ),
+            )
 
     def read_meta(self, step: Optional[int] = None) -> dict:
         """The JSON part (step, data state, config, tokenizer) of a checkpoint: of `step`, or of
@@ -391,10 +396,24 @@ class Checkpointer:
         return step
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are finished."""
-        self.manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are finished; a save that failed on a full or
+        read-only disk raises its OSError (one line for the user, not orbax's chain)."""
+        with _disk_errors_as_oserror():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with _disk_errors_as_oserror():
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+
+@contextlib.contextmanager
+def _disk_errors_as_oserror() -> Iterator[None]:
+    try:
+        yield
+    except Exception as err:
+        found = disk_error(err)
+        if found is None:
+            raise
+        raise found from None

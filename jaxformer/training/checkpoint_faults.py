@@ -5,6 +5,7 @@ the test hook that holds a save open so a test can kill the process in the middl
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import inspect
 import json
@@ -13,6 +14,7 @@ import os
 import re
 import sys
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -28,6 +30,13 @@ STATUS = re.compile(
     r"ABORTED|INTERNAL|UNKNOWN): .*$",
     re.MULTILINE,
 )
+
+
+# A save that fails because the disk is full or read-only is the user's to fix, not a bug.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# TensorStore's way of saying which system error stopped a write (a ValueError, not an OSError).
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_FAILED_PATH = re.compile(r'Failed (?:writing|to write)[^"]*"([^"]+)"')
 
 
 class Unreadable(Exception):
@@ -56,6 +65,44 @@ def reason(err: BaseException, limit: int = 300) -> str:
             return found.group(0).strip()[:limit]
     e = error_chain(err)[-1]
     return f"{type(e).__name__}: {first_line(e, limit)}"
+
+
+def disk_error(err: BaseException) -> Optional[OSError]:
+    """The full-disk (or read-only file system) OSError behind a failed save, else None: found
+    in the chain as an OSError, or in TensorStore's message (RESOURCE_EXHAUSTED ... No space left
+    on device [os_error_code='28'])."""
+    for e in error_chain(err):
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return e
+        text = str(e)
+        code = _OS_ERROR_CODE.search(text)
+        if code and int(code.group(1)) in DISK_ERRNOS:
+            path = _FAILED_PATH.search(text)
+            number = int(code.group(1))
+            return OSError(number, os.strerror(number), *([path.group(1)] if path else []))
+    return None
+
+
+class _QuietDiskErrors(logging.Filter):
+    """Drops orbax's log records (each with a traceback, several per failed background save)
+    of a full or read-only disk: the run reports it in one line when it waits for the save."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and disk_error(exc) is not None:
+            return False
+        code = _OS_ERROR_CODE.search(record.getMessage())
+        return not (code and int(code.group(1)) in DISK_ERRNOS)
+
+
+_quiet_disk_errors = _QuietDiskErrors()
+
+
+def quiet_disk_errors() -> None:
+    """Installs the _QuietDiskErrors filter on absl's logger, which orbax logs through."""
+    logger = logging.getLogger("absl")
+    if _quiet_disk_errors not in logger.filters:
+        logger.addFilter(_quiet_disk_errors)
 
 
 def looks_damaged(err: BaseException) -> bool:
