@@ -475,6 +475,12 @@ def test_sft_config_fine_tunes_a_chat_and_its_assistant_loss_falls(
     assert run_eval(str(run_dir), None, None, str(report), plot=False, prompt=None) == 0
     loss = json.loads(report.read_text())["metrics"]["loss"]
     assert loss == pytest.approx(after["loss"], rel=1e-5)
+    # Exporting needs no data: the head comes from the model, not from the files' first line.
+    from jaxformer.convert.runs import run_head
+
+    os.rename(train, train + ".moved")
+    jsonl_tasks.sniff_kind.cache_clear()
+    assert run_head(str(run_dir)) is None
 
 
 def test_sft_yaml_is_a_jsonl_decoder_task():

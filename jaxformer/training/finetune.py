@@ -143,7 +143,8 @@ class Finetuning(Workload):
         return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, eval_split=split))
 
     def hf_head(self, cfg: FinetuneExperiment) -> Optional[str]:
-        return "classification" if cfg.task.resolved().kind == "classification" else None
+        # From the model, not the task: a jsonl task's kind 'auto' reads its (maybe moved) files.
+        return "classification" if cfg.model.family == FAMILY_OF_KIND["classification"] else None
 
     def batch_size(self, cfg: FinetuneExperiment) -> int:
         return cfg.task.batch_size
