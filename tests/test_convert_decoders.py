@@ -326,6 +326,24 @@ def test_to_hf_refuses_what_the_architecture_cannot_express(options, architectur
         convert.hf_config(dataclasses.replace(LLAMA, **options), architecture=architecture)
 
 
+@pytest.mark.parametrize(
+    "preset, options, match",
+    [
+        (
+            "gpt-tiny",
+            dict(qk_norm=True),
+            r"GPT-2 checkpoint: ModelConfig.qk_norm=True \(needs False\)",
+        ),
+        ("gpt-tiny", dict(qkv_bias=False), r"ModelConfig.qkv_bias=False \(needs None or True\)"),
+        ("bert-tiny", dict(attn_logit_softcap=5.0), "BERT checkpoint: .*attn_logit_softcap=5.0"),
+        ("t5-tiny", dict(post_norms=True), r"T5 checkpoint: ModelConfig.post_norms=True"),
+    ],
+)
+def test_gpt2_bert_t5_refuse_the_new_options(preset, options, match):
+    with pytest.raises(ValueError, match=match):
+        convert.hf_config(dataclasses.replace(models.preset(preset), **options))
+
+
 def test_command_line_architecture(tmp_path):
     from jaxformer.convert import runs
 

@@ -67,6 +67,8 @@ def _converter(cfg: ModelConfig, architecture: Optional[str]) -> Any:
         raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     converter = BY_MODEL_TYPE[name]
     converter.check(cfg)
+    if not isinstance(converter, llama.Flavour):  # GPT-2, BERT, T5 have none of these options
+        common.check_representable(cfg, converter.NAME, **llama.plain_options(cfg))
     return converter
 
 

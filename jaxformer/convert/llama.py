@@ -330,6 +330,23 @@ class Flavour:
         return out
 
 
+def plain_options(cfg: ModelConfig) -> dict[str, Any]:
+    """For check_representable: the values of this family's options under which a model is one
+    that GPT-2, BERT or T5 checkpoints (which have none of them) can express."""
+    return dict(
+        qkv_bias=_OneOf((None, cfg.use_bias)),
+        qk_norm=False,
+        post_norms=False,
+        norm_unit_offset=False,
+        embed_scale=False,
+        attn_logit_softcap=None,
+        final_logit_softcap=None,
+        query_pre_attn_scalar=_OneOf((None, cfg.dims_per_head)),
+        global_attention_every=None,
+        rope_scaling="none",
+    )
+
+
 def layer_types(cfg: ModelConfig) -> list[str]:
     """HF's per-layer attention kinds of `cfg`: sliding everywhere but each n-th (global) layer."""
     every = cfg.global_attention_every
