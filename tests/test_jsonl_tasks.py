@@ -327,6 +327,21 @@ def test_batches_are_a_function_of_seed_and_step_and_split_across_processes(
     np.testing.assert_array_equal(fresh.batch(late)["inputs"], a.batch(late)["inputs"])
 
 
+def test_batches_asked_for_by_several_threads_at_once_are_the_same(tmp_path, stdlib_tokenizer):
+    import concurrent.futures
+
+    cfg = jsonl_cfg(
+        write_jsonl(tmp_path / "c.jsonl", completions(12)), max_input_len=32, batch_size=2
+    )
+    ex = load_task(cfg, "train")
+    steps = list(range(40))[::-1]  # many epochs, the latest first
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(task_batcher(cfg, ex, stdlib_tokenizer, 2).batch, steps))
+    alone = task_batcher(cfg, ex, stdlib_tokenizer, 2)
+    for step, got in zip(steps, threaded):
+        np.testing.assert_array_equal(got["inputs"], alone.batch(step)["inputs"], err_msg=step)
+
+
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_batches_count_every_example_once(tmp_path, stdlib_tokenizer, process_count):
     tok = stdlib_tokenizer

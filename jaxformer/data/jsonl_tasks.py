@@ -53,6 +53,7 @@ import functools
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
@@ -471,17 +472,19 @@ class PackedTaskBatcher(tasks.TaskBatcher):
         self._width = np.maximum(self._window[:, 1] - self._window[:, 0] - 1, 0)
         self._packs: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._epoch_starts = [0]  # global row where each packed epoch begins
+        self._lock = threading.RLock()
 
     def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(members, bounds) of the epoch's rows (greedy_pack)."""
-        if epoch not in self._packs:
-            self._packs[epoch] = greedy_pack(
-                self._width, self._permutation(epoch), self.cfg.max_input_len
-            )
-            while len(self._packs) > 2:
-                self._packs.popitem(last=False)
-        self._packs.move_to_end(epoch)
-        return self._packs[epoch]
+        with self._lock:  # prefetch threads ask for batches at once
+            if epoch not in self._packs:
+                self._packs[epoch] = greedy_pack(
+                    self._width, self._permutation(epoch), self.cfg.max_input_len
+                )
+                while len(self._packs) > 2:
+                    self._packs.popitem(last=False)
+            self._packs.move_to_end(epoch)
+            return self._packs[epoch]
 
     def _row(self, epoch: int, row: int) -> np.ndarray:
         members, bounds = self._pack(epoch)
@@ -498,11 +501,12 @@ class PackedTaskBatcher(tasks.TaskBatcher):
 
     def _locate(self, row: int) -> tuple[int, int]:
         """(epoch, row within it) of a global training row."""
-        while self._epoch_starts[-1] <= row:
-            epoch = len(self._epoch_starts) - 1
-            self._epoch_starts.append(self._epoch_starts[-1] + len(self._pack(epoch)[1]) - 1)
-        epoch = bisect.bisect_right(self._epoch_starts, row) - 1
-        return epoch, row - self._epoch_starts[epoch]
+        with self._lock:
+            while self._epoch_starts[-1] <= row:
+                epoch = len(self._epoch_starts) - 1
+                self._epoch_starts.append(self._epoch_starts[-1] + len(self._pack(epoch)[1]) - 1)
+            epoch = bisect.bisect_right(self._epoch_starts, row) - 1
+            return epoch, row - self._epoch_starts[epoch]
 
     def batch(
         self, step: int, process_index: int = 0, process_count: int = 1

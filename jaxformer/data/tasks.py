@@ -28,6 +28,7 @@ import collections
 import dataclasses
 import importlib
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
@@ -351,6 +352,7 @@ class TaskBatcher:
         )
         self.num_labels: Optional[int] = getattr(examples, "num_labels", None)
         self._perms: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._perms_lock = threading.Lock()
 
     @property
     def num_batches_per_epoch(self) -> int:
@@ -358,14 +360,15 @@ class TaskBatcher:
         return math.ceil(len(self.examples) / self.cfg.batch_size)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            n = len(self.examples)
-            rng = np.random.default_rng([self.seed, epoch, _PERMUTATION_SALT])
-            self._perms[epoch] = rng.permutation(n) if self.shuffle else np.arange(n)
-            while len(self._perms) > 2:
-                self._perms.popitem(last=False)
-        self._perms.move_to_end(epoch)
-        return self._perms[epoch]
+        with self._perms_lock:  # prefetch threads ask for batches at once
+            if epoch not in self._perms:
+                n = len(self.examples)
+                rng = np.random.default_rng([self.seed, epoch, _PERMUTATION_SALT])
+                self._perms[epoch] = rng.permutation(n) if self.shuffle else np.arange(n)
+                while len(self._perms) > 2:
+                    self._perms.popitem(last=False)
+            self._perms.move_to_end(epoch)
+            return self._perms[epoch]
 
     def _local_range(self, step: int, process_index: int, process_count: int) -> range:
         if process_count < 1 or not 0 <= process_index < process_count:
