@@ -337,3 +337,26 @@ def _reap(pid):
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+# ------------------------------------------------------------------ pods: retention, hangs
+
+
+def test_keep_every_keeps_durable_steps_beside_the_rolling_ones(tmp_path):
+    import jax.numpy as jnp
+
+    checkpointer = Checkpointer(str(tmp_path), keep=2, keep_every=3, async_save=False)
+    state = nnx.State({"w": jnp.zeros(4)})
+    for step in range(1, 8):
+        checkpointer.save(
+            step, state, config={}, tokenizer_model=b"", data_state={}, workload="pretraining"
+        )
+    checkpointer.close()
+    assert Checkpointer(str(tmp_path), create=False).steps == [3, 6, 7]
+    rolling = Checkpointer(str(tmp_path / "rolling"), keep=2, async_save=False)
+    for step in range(1, 5):
+        rolling.save(
+            step, state, config={}, tokenizer_model=b"", data_state={}, workload="pretraining"
+        )
+    rolling.close()
+    assert Checkpointer(str(tmp_path / "rolling"), create=False).steps == [3, 4]

@@ -100,17 +100,27 @@ class Checkpointer:
     """
 
     def __init__(
-        self, run_dir: str, *, keep: int = 3, async_save: bool = True, create: bool = True
+        self,
+        run_dir: str,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        create: bool = True,
+        keep_every: int = 0,
     ):
         """`keep` newest checkpoints are kept, and never fewer than two: the newest is not read
-        back after saving, so the one before it stays as the fallback."""
+        back after saving, so the one before it stays as the fallback. Steps that are multiples
+        of `keep_every` (if > 0) are never deleted."""
         self.directory = directory = checkpoint_dir(run_dir)
         if not create and not os.path.isdir(directory):
             raise CheckpointError(f"no checkpoints in {run_dir} (expected {directory})")
         install_test_save_delay()
         quiet_disk_errors()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max(keep, 2), create=create, enable_async_checkpointing=async_save
+            max_to_keep=max(keep, 2),
+            keep_period=keep_every or None,
+            create=create,
+            enable_async_checkpointing=async_save,
         )
         self.manager = ocp.CheckpointManager(directory, options=options)
 

@@ -80,10 +80,15 @@ class CheckpointConfig:
     back to the one before)."""
     async_save: bool = True
     """Write checkpoints in the background while training continues."""
+    keep_every: int = 0
+    """Also keep, for good, each checkpoint whose step is a multiple of this (durable older steps
+    beside the rolling `keep`, e.g. to go back past a slow divergence); 0: only the rolling ones."""
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.keep < 1:
             raise ValueError("checkpoint.every and checkpoint.keep must be >= 1")
+        if self.keep_every < 0:
+            raise ValueError(f"checkpoint.keep_every must be >= 0, got {self.keep_every}")
 
 
 @dataclasses.dataclass(frozen=True)

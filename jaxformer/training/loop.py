@@ -246,6 +246,7 @@ class Trainer:
             keep=self.cfg.checkpoint.keep,
             async_save=self.cfg.checkpoint.async_save,
             create=not self.read_only,
+            keep_every=self.cfg.checkpoint.keep_every,
         )
         if not self.read_only and jax.process_index() == 0:
             save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
