@@ -32,7 +32,8 @@ class FinetuneSection:
     """Where the pretrained weights come from and what stays fixed."""
 
     from_dir: str = ""
-    """Run directory of the pretraining (or converted) checkpoint; set by --from."""
+    """Run directory of the pretraining (or converted) checkpoint, or 'hf:DIR' for a Hugging Face
+    save_pretrained directory; set by --from."""
     from_step: Optional[int] = None
     """Checkpoint step to start from; None means the latest."""
     freeze: tuple[str, ...] = ()
@@ -67,15 +68,29 @@ def load_finetune(
     The checkpoint may be of any registered workload (pretrained, converted, fine-tuned): its
     stored config is read as that workload's config type, and only its model section is taken.
     """
-    meta = Checkpointer(from_dir, create=False).read_meta(from_step)
-    _, stored = run_config(meta, os.path.abspath(from_dir))
-    base = {
-        "model": config_to_dict(stored.model),
-        "finetune": {"from_dir": os.path.abspath(from_dir), "from_step": meta["step"]},
-    }
+    if _is_hf(from_dir):
+        meta = _hf_source().pretrained_meta(from_dir)
+        source = _hf_source().HF_PREFIX + _hf_source().hf_directory(from_dir)
+        model = meta["config"]["model"]
+    else:
+        meta = Checkpointer(from_dir, create=False).read_meta(from_step)
+        _, stored = run_config(meta, os.path.abspath(from_dir))
+        source, model = os.path.abspath(from_dir), config_to_dict(stored.model)
+    base = {"model": model, "finetune": {"from_dir": source, "from_step": meta["step"]}}
     cfg = load_config(FinetuneExperiment, yaml_path, overrides, base=base)
     check_finetune(cfg)
     return cfg, meta
+
+
+def _is_hf(from_dir: str) -> bool:
+    return from_dir.startswith("hf:")
+
+
+def _hf_source():
+    """jaxformer.convert.source (the `hf` extra), imported only for an 'hf:DIR' start."""
+    from jaxformer.convert import source
+
+    return source
 
 
 def check_finetune(cfg: FinetuneExperiment) -> None:
@@ -159,8 +174,11 @@ class Finetuning(Workload):
         self, cfg: FinetuneExperiment, meta: Optional[dict], env: RunEnv
     ) -> FinetuneExperiment:
         if self.pretrained_meta is None:
-            self.pretrained_meta = Checkpointer(cfg.finetune.from_dir, create=False).read_meta(
-                cfg.finetune.from_step
+            from_dir = cfg.finetune.from_dir
+            self.pretrained_meta = (
+                _hf_source().pretrained_meta(from_dir)
+                if _is_hf(from_dir)
+                else Checkpointer(from_dir, create=False).read_meta(cfg.finetune.from_step)
             )
         source = meta if meta is not None else self.pretrained_meta
         if not source["tokenizer"]:
@@ -214,9 +232,15 @@ class Finetuning(Workload):
 
     def initialize(self, model: nnx.Module, cfg: FinetuneExperiment, env: RunEnv) -> None:
         """Copies the pretrained parameters in; the task head (if new) keeps its initialisation."""
-        self.new_parameters = load_pretrained_params(
-            model, cfg.finetune.from_dir, self.pretrained_meta, env.mesh, env.rules
-        )
+        from_dir = cfg.finetune.from_dir
+        if _is_hf(from_dir):
+            self.new_parameters = _hf_source().load_params(
+                model, from_dir, env.mesh, env.rules, copy=copy_matching_params
+            )
+        else:
+            self.new_parameters = load_pretrained_params(
+                model, from_dir, self.pretrained_meta, env.mesh, env.rules
+            )
         if self.new_parameters:
             env.log("[finetune] newly initialised: " + ", ".join(self.new_parameters))
 
@@ -247,13 +271,21 @@ def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh, ru
     restored = checkpointer.restore_state(
         nnx.state((abstract,)), mesh, rules, meta["step"], partial=True
     )
-    pretrained = dict(nnx.to_flat_state(nnx.state(restored[0], nnx.Param)))
+    pretrained = {
+        path: var[...] for path, var in nnx.to_flat_state(nnx.state(restored[0], nnx.Param))
+    }
+    return copy_matching_params(model, pretrained)
+
+
+def copy_matching_params(model: nnx.Module, pretrained: dict[tuple, jax.Array]) -> list[str]:
+    """Copies each pretrained array ({parameter path: array}) into the model's parameter of the
+    same path and shape (in the model's dtype and sharding); returns the paths left fresh."""
     fresh = []
     target = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(target):
         source = pretrained.get(path)
-        if source is not None and source[...].shape == var[...].shape:
-            var[...] = jax.device_put(source[...], var[...].sharding)
+        if source is not None and source.shape == var[...].shape:
+            var[...] = jax.device_put(source.astype(var[...].dtype), var[...].sharding)
         else:
             fresh.append(".".join(map(str, path)))
     nnx.update(model, target)
