@@ -62,7 +62,7 @@ def convert_command(args: argparse.Namespace) -> int:
     """Runs a parsed command line; 0, or 2 with one `error:` line (CheckpointError, a bad
     directory, a missing `hf` extra, ...)."""
     from jaxformer import convert
-    from jaxformer.convert import runs
+    from jaxformer.convert import common, runs
 
     def require_hf(*modules: str) -> None:
         # Checked after the paths, so a wrong path is reported the same with or without the extra.
@@ -82,9 +82,13 @@ def convert_command(args: argparse.Namespace) -> int:
         out = runs.save_run(model, cfg, args.dst, tokenizer_model=tokenizer)
         print(f"wrote {cfg.family} model to run directory {out}{note}")
     else:
-        model, cfg = runs.load_run(args.src, args.step)
+        stored, default_head = runs.run_model_config(args.src, args.step)
         require_hf("transformers", "safetensors")
-        head = args.head or runs.run_head(args.src, args.step)
+        head = args.head or default_head
+        # Refused before the weights are read: an 8B run loads for minutes.
+        convert.hf_config(stored, head, args.architecture)
+        common.check_destination(args.dst, overwrite=args.overwrite)
+        model, cfg = runs.load_run(args.src, args.step)
         out = convert.to_hf(
             model,
             cfg,

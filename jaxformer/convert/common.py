@@ -269,6 +269,15 @@ def export_rules(rules: Iterable[Rule], params: dict[str, np.ndarray]) -> dict[s
 # ----------------------------------------------------------------------------- writing
 
 
+def check_destination(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    """ValueError unless `out_dir` is new, empty, or to be overwritten."""
+    out_dir = os.fspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(
+            f"{out_dir} exists and is not empty; choose a new directory (nothing was written)"
+        )
+
+
 def write_hf(
     out_dir: str, hf_config: Any, weights: dict[str, np.ndarray], *, overwrite: bool = False
 ) -> str:
@@ -276,10 +285,7 @@ def write_hf(
     from safetensors.numpy import save_file
 
     out_dir = os.fspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ValueError(
-            f"{out_dir} exists and is not empty; choose a new directory (nothing was written)"
-        )
+    check_destination(out_dir, overwrite=overwrite)
     os.makedirs(out_dir, exist_ok=True)
     hf_config.save_pretrained(out_dir)
     save_file(

@@ -184,12 +184,18 @@ def save_run(
 def run_head(run_dir: str, step: Optional[int] = None) -> Optional[str]:
     """The Hugging Face head a run's model is for (a fine-tuned classifier's 'classification'),
     as the workload that wrote it says; None for the family's default."""
+    return run_model_config(run_dir, step)[1]
+
+
+def run_model_config(run_dir: str, step: Optional[int] = None) -> tuple[ModelConfig, Optional[str]]:
+    """(model config, Hugging Face head) of a run's checkpoint, read from its metadata alone (no
+    weights), so an export can be refused before anything large is loaded."""
     checkpointer = Checkpointer(run_dir, create=False)
     try:
         workload, cfg = run_config(checkpointer.read_meta(step), os.path.abspath(run_dir))
     finally:
         checkpointer.close()
-    return workload.hf_head(cfg)
+    return cfg.model, workload.hf_head(cfg)
 
 
 def load_run(run_dir: str, step: Optional[int] = None) -> tuple[nnx.Module, ModelConfig]:
