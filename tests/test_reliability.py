@@ -297,24 +297,28 @@ def test_sigterm_stops_prepare_with_one_line_and_130(monkeypatch, capsys):
 def test_prepare_workers_die_with_their_parent(tmp_path):
     """kill -9 of the process that started a worker (as the prepare pool starts them, with
     exit_with_parent as its first act): the worker ends within seconds."""
-    script = tmp_path / "parent.py"
+    script, ready = tmp_path / "parent.py", tmp_path / "ready"
     script.write_text(
-        "import multiprocessing, sys, time\n"
+        "import multiprocessing, os, sys, time\n"
         "from jaxformer.data.prepare import exit_with_parent\n"
-        "def work():\n"
-        "    exit_with_parent(0.1)\n"
+        "def work(parent, ready):\n"
+        "    exit_with_parent(parent, 0.1)\n"
+        "    open(ready, 'w').close()\n"
         "    time.sleep(120)\n"
         "if __name__ == '__main__':\n"
-        "    child = multiprocessing.get_context('spawn').Process(target=work)\n"
+        "    context = multiprocessing.get_context('spawn')\n"
+        "    child = context.Process(target=work, args=(os.getpid(), sys.argv[1]))\n"
         "    child.start()\n"
         "    print(child.pid, flush=True)\n"
         "    time.sleep(120)\n"
     )
     parent = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        [sys.executable, str(script), str(ready)], stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
     worker = int(parent.stdout.readline())
-    time.sleep(1.0)  # the worker is running its watch
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:  # the worker is watching
+        time.sleep(0.1)
     parent.kill()
     parent.wait()
     deadline = time.time() + 10
@@ -360,3 +364,67 @@ def test_keep_every_keeps_durable_steps_beside_the_rolling_ones(tmp_path):
         )
     rolling.close()
     assert Checkpointer(str(tmp_path / "rolling"), create=False).steps == [3, 4]
+
+
+def test_watchdog_fires_once_naming_what_hung_and_not_while_progress_is_made():
+    import threading
+
+    from jaxformer.training.watchdog import Watchdog, thread_stacks
+
+    fired, done = [], threading.Event()
+    watchdog = Watchdog(0.2, on_hang=lambda message: (fired.append(message), done.set()))
+    for step in range(6):  # progress every 0.1 s: never late
+        watchdog.progress(f"step {step}")
+        time.sleep(0.1)
+    assert not fired
+    watchdog.progress("the save of step 6")
+    assert done.wait(5)
+    time.sleep(0.5)
+    watchdog.close()
+    assert len(fired) == 1 and fired[0].startswith("[hang] the save of step 6 made no progress")
+    assert "exiting with status 76" in fired[0]
+    assert "--- thread MainThread" in thread_stacks()
+
+
+def test_a_hung_save_trips_the_step_timeout(quiet_overrides, tmp_path, monkeypatch):
+    """In-process: the hang is reported (and would end the process: see the slow test below)
+    with every thread's stack, the hung save among them."""
+    from jaxformer.training import watchdog
+
+    hangs = []
+    monkeypatch.setattr(
+        watchdog, "dump_stacks_and_exit", lambda m: hangs.append((m, watchdog.thread_stacks()))
+    )
+    save = Checkpointer.save
+
+    def slow_save(self, step, *args, **kwargs):
+        if step == 2:  # the first save (step 1) may take 10 x the timeout: it compiles
+            time.sleep(5)
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", slow_save)
+    overrides = ["train.steps=2", "checkpoint.every=1", "train.step_timeout=3"]
+    overrides += [f"run.dir={tmp_path / 'run'}"]
+    assert run_training(None, quiet_overrides + overrides) == 0  # the fake hang does not exit
+    assert len(hangs) == 1, hangs
+    message, stacks = hangs[0]
+    assert message.startswith("[hang] the save of step 2 made no progress for 3 s")
+    assert "in slow_save" in stacks
+
+
+@pytest.mark.slow
+def test_a_hung_save_exits_76_with_every_stack(quiet_overrides, tmp_path):
+    from jaxformer.training.checkpoint_faults import TEST_SAVE_DELAY_ENV
+
+    run_dir = str(tmp_path / "run")
+    command = [sys.executable, os.path.join(ROOT, "train.py"), *quiet_overrides]
+    command += ["train.steps=2", "checkpoint.every=1", "train.step_timeout=1.5"]
+    command += [f"run.dir={run_dir}"]
+    env = {**os.environ, TEST_SAVE_DELAY_ENV: "120"}  # every save held open for two minutes
+    started = time.time()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 76, done.stderr
+    # The first save may take 10 x 1.5 s (it compiles); this one is held open far longer.
+    assert "\n[hang] the save of step 1 made no progress for 15 s" in done.stderr
+    assert "--- thread MainThread:" in done.stderr and "in finalize" in done.stderr
+    assert time.time() - started < 120  # it did not wait for the save

@@ -154,10 +154,10 @@ def store_dir(cfg: DataConfig, source: SourceConfig, split: str, tokenizer: AnyT
 _WORKER: dict = {}
 
 
-def exit_with_parent(poll_seconds: float = 0.5) -> None:
-    """Ends this (worker) process soon after its parent dies, however the parent dies (kill -9
-    included), instead of tokenizing on for nobody while holding the parent's output pipe."""
-    parent = os.getppid()
+def exit_with_parent(parent: int, poll_seconds: float = 0.5) -> None:
+    """Ends this (worker) process soon after its parent (pid `parent`, passed down by the parent
+    itself: a worker may start after the parent died) dies, however it dies (kill -9 included),
+    instead of tokenizing on for nobody while holding the parent's output pipe."""
 
     def watch() -> None:
         while os.getppid() == parent:  # an orphan is re-parented to init or a subreaper
@@ -167,8 +167,12 @@ def exit_with_parent(poll_seconds: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def _init_pool_worker(parent: int, source: SourceConfig, split: str, model: bytes) -> None:
+    exit_with_parent(parent)  # only in a pool's worker: a run in-process may outlive its shell
+    _init_worker(source, split, model)
+
+
 def _init_worker(source: SourceConfig, split: str, model: bytes) -> None:
-    exit_with_parent()
     _WORKER["texts"] = text_source(
         source.dataset, split, source.data_dir, source.text_key, source.max_documents
     )
@@ -274,8 +278,8 @@ def tokenize_split(
             with concurrent.futures.ProcessPoolExecutor(
                 workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(source, split, tokenizer.serialized_model()),
+                initializer=_init_pool_worker,
+                initargs=(os.getpid(), source, split, tokenizer.serialized_model()),
             ) as pool:
                 futures = {
                     pool.submit(_tokenize_shard, root, i, a, b, info): (i, b - a)

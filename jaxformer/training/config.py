@@ -49,6 +49,11 @@ class TrainConfig:
     """Prompt continued greedily at the end of a decoder run ('' to skip; the shell turns
     `train.sample_prompt=''` into an empty value, read as '')."""
     sample_tokens: int = 48
+    step_timeout: float = 0.0
+    """Seconds a step or a save may make no progress before the run prints every thread's Python
+    stack and exits with status 76, so a scheduler restarts it (the rerun resumes from the last
+    checkpoint); the first steps, the first save and each validation get 10x (they compile).
+    0 disables."""
 
     def __post_init__(self) -> None:
         if self.sample_prompt is None:
@@ -65,6 +70,8 @@ class TrainConfig:
             )
         if self.spike_window < 1 or self.spike_warmup < 0:
             raise ValueError("train.spike_window must be >= 1 and train.spike_warmup >= 0")
+        if self.step_timeout < 0:
+            raise ValueError(f"train.step_timeout must be >= 0, got {self.step_timeout}")
         if self.z_loss < 0 or self.loss_chunk_size < 0:
             raise ValueError("train.z_loss and train.loss_chunk_size must be >= 0")
 
@@ -326,6 +333,7 @@ RESUME_CHANGEABLE = (
     "train.peak_flops",
     "train.sample_prompt",
     "train.sample_tokens",
+    "train.step_timeout",
     "checkpoint.",
     "mesh.",
     "run.",

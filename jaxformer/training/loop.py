@@ -32,6 +32,7 @@ from jaxformer.training.state import (
 )
 from jaxformer.training.step import spike_guard
 from jaxformer.training.step_log import NonFiniteStep, StepLog
+from jaxformer.training.watchdog import Watchdog
 from jaxformer.training.workload import Evaluator, RunEnv, Workload, workload_for_config
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run saved its state; rerunning the command resumes it
@@ -366,7 +367,12 @@ class Trainer:
         signals = _Stops()
         host_batches = self._host_batches(stop)
         next_batch = None
-        with _stop_signals(signals):
+        timeout = cfg.train.step_timeout
+        self.watchdog = Watchdog(timeout)
+        # The first two steps' results include compiling (the log reads them one step late).
+        self.watchdog.progress("the first steps (compiling)", allow=10 * timeout)
+        saves: list[int] = []
+        with self.watchdog_closed(), _stop_signals(signals):
             for step in range(self.start_step, stop):
                 if next_batch is None:
                     next_batch = self._wait_for_batch(host_batches, signals, step, log, bar)
@@ -379,11 +385,21 @@ class Trainer:
                 log.record(
                     done, device_metrics, log=done % cfg.train.log_every == 0 or done == stop
                 )
+                compiling = done - self.start_step < 2
+                self.watchdog.progress(
+                    f"step {done + 1}", allow=10 * timeout if compiling else None
+                )
                 bar.update(1)
                 if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total:
                     log.flush()
+                    self.watchdog.progress(f"the validation at step {done}", allow=10 * timeout)
                     last_eval = self._validate(done, bar)
                 if done % cfg.checkpoint.every == 0 or done == stop:
+                    first_save = not saves
+                    saves.append(done)  # the first save compiles its slicing programs
+                    self.watchdog.progress(
+                        f"the save of step {done}", allow=10 * timeout if first_save else None
+                    )
                     log.settle_update()  # never checkpoint past an unchecked step
                     # nor past unwritten metrics: a host lost right after this save would
                     # otherwise take them along, and the rerun starts after them.
@@ -395,6 +411,9 @@ class Trainer:
             log.settle_update()
             # The last save finishes with the handlers still installed: a signal meanwhile
             # waits for it (then exits 75) instead of killing the process mid-save.
+            self.watchdog.progress(
+                f"the last save (step {stop})", allow=10 * timeout if len(saves) < 2 else None
+            )
             self.checkpointer.wait()
             if self.start_step < stop and self._stop_requested(signals):
                 log.flush()
@@ -413,6 +432,14 @@ class Trainer:
             skipped_steps=self.skipped_steps,
             spike_steps=self.spike_steps,
         )
+
+    @contextlib.contextmanager
+    def watchdog_closed(self) -> Iterator[None]:
+        """Stops the hang watchdog when the loop ends, however it ends."""
+        try:
+            yield
+        finally:
+            self.watchdog.close()
 
     def _step_log(self, bar: tqdm) -> StepLog:
         """The one-step-late reader of this run's metrics and skipped updates."""
@@ -498,6 +525,7 @@ class Trainer:
             log.flush()
             bar.close()
             raise Preempted(done, signals[0] if signals else "another process", saved=False)
+        self.watchdog.progress(f"the save of step {done} on preemption")
         if not saved:
             self._save_counted(done, log)
         self.checkpointer.wait()
