@@ -392,7 +392,7 @@ def test_global_layers_see_beyond_the_window_scanned_and_unrolled():
         assert sees_token_0(
             build("llama-tiny", **local, global_attention_every=2, scan_layers=scan)
         )
-    a = build("llama-tiny", **local, global_attention_every=2)
+    a = build("llama-tiny", **local, global_attention_every=2, scan_layers=True)
     b = build("llama-tiny", **local, global_attention_every=2, scan_layers=False)
     np.testing.assert_allclose(a(x), b(x), atol=1e-5)
 
