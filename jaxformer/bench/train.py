@@ -21,6 +21,7 @@ from jaxformer import sharding as shard_lib
 from jaxformer.bench import flops as flops_lib
 from jaxformer.bench import peak as peak_lib
 from jaxformer.models.config import PRESETS
+from jaxformer.models.config import preset as named_preset
 from jaxformer.training import state as state_lib
 from jaxformer.training.config import ExperimentConfig, load_experiment
 from jaxformer.training.optimizer import make_optimizer
@@ -34,7 +35,7 @@ def default_seq_len(preset: Optional[str]) -> int:
     table length up to 2048."""
     if preset is None:
         return DEFAULT_RUN["seq_len"]
-    return min(PRESETS[preset].max_len, 2048)
+    return min(named_preset(preset).max_len, 2048)  # an unknown name: ValueError naming it
 
 
 def experiment(
@@ -59,6 +60,8 @@ def experiment(
     """The ExperimentConfig benchmarked: a preset (or the default run's GPT) with the given sizes,
     checked as `train.py` checks its config (errors name the option)."""
     base = preset or "gpt-tiny"
+    if preset:
+        named_preset(preset)  # an unknown name: ValueError listing the valid ones
     sizes = {} if preset else dict(DEFAULT_RUN)
     given = dict(num_layers=layers, d_model=d_model, num_heads=heads, d_ff=d_ff)
     sizes.update({k: v for k, v in given.items() if v is not None})
@@ -86,6 +89,10 @@ def experiment(
         if value is not None:
             items.append(f"{key}={value}")
     cfg = load_experiment(None, [*items, *overrides])
+    if cfg.data.vocab_size < 110:
+        raise ValueError(
+            f"--vocab {cfg.data.vocab_size} is too small: the objectives need >= 110 ids"
+        )
     # As the Trainer does: the model's vocabulary is the tokenizer's (here data.vocab_size).
     return dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size)

@@ -1,0 +1,169 @@
+"""`python -m jaxformer.bench`: the commands run and their reports agree with themselves and with
+hand-computed FLOPs (no timing assertions)."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxformer import models
+from jaxformer.bench import flops as flops_lib
+from jaxformer.bench import train as train_lib
+from jaxformer.bench.__main__ import main
+from jaxformer.training.config import load_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _json_of(capsys) -> dict:
+    """The JSON object on the last line of the command's output."""
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_default_shape_is_the_default_run():
+    """Without --preset the bench trains the model `python train.py` trains."""
+    cfg = train_lib.experiment()
+    run = load_experiment(os.path.join(ROOT, "configs", "default.yaml"))
+    for key in ("d_model", "num_layers", "num_heads", "d_ff", "family", "position", "mlp"):
+        assert getattr(cfg.model, key) == getattr(run.model, key), key
+    assert cfg.model.vocab_size == run.data.vocab_size  # the Trainer takes the tokenizer's
+    assert (cfg.data.seq_len, cfg.data.batch_size) == (run.data.seq_len, run.data.batch_size)
+
+
+def test_flops_of_the_default_run_by_hand():
+    """6 N (tied embedding once, position table not at all) plus causal attention counted half."""
+    d, layers, ff, vocab, seq = 128, 4, 512, 2048, 128
+    per_layer = 4 * d * d + 4 * d + 2 * d * ff + ff + d + 4 * d  # attention, MLP, two LayerNorms
+    n = vocab * d + layers * per_layer + 2 * d  # + final norm
+    expected = 6 * n + 12 * layers * (seq / 2) * d
+    cfg = train_lib.experiment()
+    assert flops_lib.flops_per_token(cfg.model, seq) == expected
+    params = flops_lib.matmul_params(cfg.model, flops_lib.abstract_model(cfg.model))
+    assert params.total == n + seq * d  # count_params includes the position table
+
+
+def test_flops_of_encoder_decoder_and_untied_head_by_hand():
+    t5 = models.preset("t5-tiny")  # tied, relative bias, 2 + 2 layers, 4 heads x 16
+    p = flops_lib.matmul_params(t5, flops_lib.abstract_model(t5))
+    d, ff, hd = 64, 256, 4 * 16
+    enc_layer = 4 * d * hd + 2 * d * ff + 2 * d
+    dec_layer = 8 * d * hd + 2 * d * ff + 3 * d
+    assert p.encoder == 2 * enc_layer + d
+    assert p.decoder == 2 * dec_layer + d + 512 * d  # the tied table is the decoder's head
+    s, t = 64, 16
+    expected = 6 * (p.encoder * s + p.decoder * t)
+    expected += 12 * 2 * s * s * hd + 12 * 2 * t * (t / 2) * hd + 12 * 2 * t * s * hd
+    assert flops_lib.step_flops(t5, p, 1, s, t) == expected
+    llama = models.preset("llama-tiny")
+    untied = llama.__class__(**{**llama.__dict__, "tie_embeddings": False})
+    tied_n = flops_lib.matmul_params(llama, flops_lib.abstract_model(llama))
+    untied_n = flops_lib.matmul_params(untied, flops_lib.abstract_model(untied))
+    # An untied model holds one more [vocab, d] table; only its head is multiplied.
+    assert untied_n.total == tied_n.total + 512 * 64
+    assert untied_n.encoder == tied_n.encoder
+
+
+def _check_consistent(r: dict) -> None:
+    assert r["tokens_per_step"] == r["batch"] * (r["target_len"] or r["seq_len"])
+    assert math.isclose(r["tokens_per_second"], r["tokens_per_step"] / r["step_seconds"])
+    assert math.isclose(
+        r["achieved_flops_per_second"], r["model_flops_per_token"] * r["tokens_per_second"]
+    )
+    assert math.isclose(r["mfu"], r["achieved_flops_per_second"] / r["peak_flops_per_second"])
+    assert r["step_seconds_min"] <= r["step_seconds"] <= r["step_seconds_max"]
+    assert r["peak_memory_bytes"] > 0 and r["compile_seconds"] > 0
+    assert math.isfinite(r["loss"])
+
+
+def test_train_decoder_reports_consistent_fields(capsys):
+    argv = ["train", "--layers", "2", "--d-model", "32", "--heads", "2", "--seq-len", "32"]
+    assert main([*argv, "--vocab", "256", "--batch", "8", "--steps", "2", "--json"]) == 0
+    r = _json_of(capsys)
+    _check_consistent(r)
+    assert (r["layers"], r["d_model"], r["d_ff"], r["vocab"]) == (2, 32, 128, 256)
+    assert r["peak_source"].startswith("measured float32 matmul peak")
+    assert r["device"] and r["params"] > 0 and r["optimizer"] == "adamw"
+
+
+def test_train_encoder_decoder_counts_target_tokens(capsys):
+    argv = ["train", "--preset", "t5-tiny", "--seq-len", "32", "--target-len", "8"]
+    assert main([*argv, "--batch", "8", "--steps", "1", "--peak-flops", "1e12", "--json"]) == 0
+    r = _json_of(capsys)
+    _check_consistent(r)
+    assert r["family"] == "encoder_decoder" and r["tokens_per_step"] == 8 * 8
+    assert r["peak_source"] == "given (--peak-flops)"
+
+
+@pytest.mark.parametrize("preset", ["bert-tiny", "llama3-8b"])
+def test_steps_zero_reports_flops_without_running(preset, capsys):
+    assert main(["train", "--preset", preset, "--steps", "0", "--json"]) == 0
+    r = _json_of(capsys)
+    assert "step_seconds" not in r and r["params"] > 0
+    if preset == "llama3-8b":
+        assert abs(r["params"] - 8.03e9) / 8.03e9 < 0.01
+        # the untied input table (vocab x d) is gathered, not multiplied
+        assert r["matmul_params"] == r["params"] - 128256 * 4096
+
+
+def test_peak_reports_both_dtypes(capsys):
+    assert main(["peak", "--size", "128", "--repeats", "1", "--json"]) == 0
+    r = _json_of(capsys)
+    assert r["float32_flops_per_second"] > 0 and r["bfloat16_flops_per_second"] > 0
+    assert r["float32_flops_per_second"] >= r["float32_median_flops_per_second"]
+
+
+def test_generate_with_and_without_cache_same_tokens(capsys):
+    argv = ["generate", "--layers", "2", "--d-model", "32", "--heads", "2", "--vocab", "256"]
+    argv += ["--batch", "1", "2", "--new-tokens", "4", "--repeats", "1", "--json"]
+    if importlib.util.find_spec("transformers") and importlib.util.find_spec("torch"):
+        argv.append("--hf")
+    assert main(argv) == 0
+    r = _json_of(capsys)
+    impls = {row["impl"] for row in r["rows"]}
+    assert {"jaxformer kv-cache", "jaxformer no cache"} <= impls
+    assert "--hf" not in argv or "hf generate (dynamic cache)" in impls
+    for row in r["rows"]:
+        assert row["same_tokens"], row
+        assert math.isclose(row["tokens_per_second"], row["batch"] * 4 / row["seconds"])
+
+
+def test_bad_input_names_the_option(capsys):
+    assert main(["train", "--preset", "gpt-nope", "--steps", "0"]) == 2
+    assert "gpt-nope" in capsys.readouterr().err
+    assert main(["train", "--vocab", "50", "--steps", "1"]) == 2
+    assert "--vocab 50" in capsys.readouterr().err
+
+
+def test_bench_imports_no_tfds_or_grain():
+    """The GPU script's path (train, peak, generate) runs where only jax/flax/optax/orbax are."""
+    code = (
+        "import sys, jaxformer.bench.__main__, jaxformer.bench.train, jaxformer.bench.generate;"
+        "from jaxformer.bench import train; train.synthetic_batch(train.experiment(batch=2));"
+        "print([m for m in sys.modules if m.split('.')[0] in ('tensorflow_datasets', 'grain')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_plan_ranks_candidates_and_writes_the_best(tmp_path, capsys):
+    pytest.importorskip("libtpu", reason="plan compiles for TPU topologies with libtpu")
+    out = tmp_path / "best.yaml"
+    argv = ["plan", "--config", os.path.join(ROOT, "configs", "gpt_tiny.yaml")]
+    argv += ["--topology", "v5e:2x2", "--meshes", "4x1x1", "1x4x1", "--max-candidates", "2"]
+    argv += ["--remat", "full", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    r = _json_of(capsys)
+    rows = r["rows"]
+    assert len(rows) == 2 and all(row["fits"] for row in rows)
+    assert rows[0]["step_seconds"] <= rows[1]["step_seconds"]
+    for row in rows:
+        assert math.isclose(
+            row["step_seconds"],
+            max(row["compute_seconds"], row["hbm_seconds"], row["ici_seconds"]),
+        )
+    best = load_experiment(str(out))
+    assert list(best.mesh.shape) == rows[0]["candidate"]["mesh.shape"]
