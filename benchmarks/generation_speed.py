@@ -12,14 +12,13 @@ the same tokens; the script checks it.
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import models
+from jaxformer.bench.generate import greedy_without_cache  # the no-cache loop lives there
 from jaxformer.inference import generate
 
 PROMPT = 16  # decoder prompt / encoder input length
@@ -30,36 +29,6 @@ CONFIGS = {
         **{**models.PRESETS["t5-tiny"].__dict__, **COMMON, "head_dim": 32}
     ),
 }
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def greedy_without_cache(graphdef, state, prompt_BxP, n):
-    model = nnx.merge(graphdef, state)
-    b, p = prompt_BxP.shape
-    if model.config.family == "decoder":
-        width, start = p + n - 1, p
-        buffer = jnp.zeros((b, width), jnp.int32).at[:, :p].set(prompt_BxP)
-        logits_of = lambda m, tokens: m(tokens)
-    else:
-        encoded = model.encode(prompt_BxP)
-        width, start = n, 1
-        buffer = jnp.zeros((b, width), jnp.int32)  # decoder start token 0
-        logits_of = lambda m, tokens: m.decoder_logits(tokens, encoded)
-
-    def body(i, carry):
-        buffer, out = carry
-        # A model copy per step: running it updates its RNG counters, which the Variables of a
-        # model merged outside the loop body cannot take from inside it (TraceContextError).
-        step_model = nnx.merge(graphdef, state, copy=True)
-        logits = logits_of(step_model, buffer)  # the full forward pass, every step
-        tok = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, start - 1 + i, 1, False), -1)
-        out = out.at[:, i].set(tok.astype(jnp.int32))
-        buffer = jax.lax.dynamic_update_index_in_dim(
-            buffer, tok.astype(jnp.int32), jnp.minimum(start + i, width - 1), 1
-        )
-        return buffer, out
-
-    return jax.lax.fori_loop(0, n, body, (buffer, jnp.zeros((b, n), jnp.int32)))[1]
 
 
 def timed(fn, repeats):
