@@ -61,6 +61,31 @@ class ClassificationBatch:
     positions: Optional[Array] = None  # [B, L] int32 (the classifier uses its own positions)
 
 
+@struct.dataclass
+class TokenClassificationBatch:
+    """One token sequence per row with a class label per token (NER, POS tagging)."""
+
+    inputs: Array  # [B, L] int32 token ids
+    segment_ids: Array  # [B, L] int32, 0 = padding
+    token_labels: Array  # [B, L] int32 label index of each token (0 where not scored)
+    label_weights: Array  # [B, L] float32 1 on a word's first token, 0 elsewhere (x row weight)
+    example_weight: Array  # [B] float32 row weight (already folded into label_weights)
+    positions: Optional[Array] = None  # [B, L] int32 (the encoder uses its own positions)
+
+
+@struct.dataclass
+class SpanBatch:
+    """A question and a context per row, with the answer's first and last context token."""
+
+    inputs: Array  # [B, L] int32 token ids: bos, question, eos (separator), context
+    segment_ids: Array  # [B, L] int32, 0 = padding
+    token_types: Array  # [B, L] int32 0 on the question, 1 on the context
+    start_positions: Array  # [B] int32 index of the answer's first token (0 = not in the window)
+    end_positions: Array  # [B] int32 index of the answer's last token (0 = not in the window)
+    example_weight: Array  # [B] float32 weight of each row's loss (0 = eval padding row)
+    positions: Optional[Array] = None  # [B, L] int32 (the encoder uses its own positions)
+
+
 # One name per objective, for readers of a producer's signature; the shape is what matters.
 CausalLMBatch = TokenBatch
 MaskedLMBatch = TokenBatch
@@ -68,8 +93,8 @@ CompletionBatch = TokenBatch
 SpanCorruptionBatch = Seq2SeqBatch
 Text2TextBatch = Seq2SeqBatch
 
-Batch = Union[TokenBatch, Seq2SeqBatch, ClassificationBatch]
-BATCH_TYPES = (TokenBatch, Seq2SeqBatch, ClassificationBatch)
+Batch = Union[TokenBatch, Seq2SeqBatch, ClassificationBatch, TokenClassificationBatch, SpanBatch]
+BATCH_TYPES = (TokenBatch, Seq2SeqBatch, ClassificationBatch, TokenClassificationBatch, SpanBatch)
 
 
 def _keys(cls: type) -> tuple[frozenset[str], frozenset[str]]:

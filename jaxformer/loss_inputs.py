@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Union
 
 import jax
+import jax.numpy as jnp
 
 Array = jax.Array
 
@@ -42,3 +43,25 @@ class ClassificationLossInputs:
 
 
 LossInputs = Union[TokenLossInputs, ClassificationLossInputs]
+
+# Masked-out answer positions: finite, so a row whose window holds no context still has a finite
+# loss, yet far below any real logit.
+_NOT_A_POSITION = -1e9
+
+
+def span_loss_inputs(
+    start_logits_BxL: Array,
+    end_logits_BxL: Array,
+    valid_BxL: Array,
+    starts_B: Array,
+    ends_B: Array,
+    weights_B: Array,
+) -> TokenLossInputs:
+    """Extractive-QA loss as per-token inputs: two "tokens" per row (start, end) whose
+    "vocabulary" is the L positions, so the step's cross-entropy averages the start and end losses
+    (as BertForQuestionAnswering does) and its argmax predictions are [B, 2] (start, end)."""
+    logits_Bx2xL = jnp.stack([start_logits_BxL, end_logits_BxL], axis=1).astype(jnp.float32)
+    logits_Bx2xL = jnp.where(valid_BxL[:, None, :], logits_Bx2xL, _NOT_A_POSITION)
+    targets_Bx2 = jnp.stack([starts_B, ends_B], axis=1).astype(jnp.int32)
+    weights_Bx2 = jnp.broadcast_to(weights_B.astype(jnp.float32)[:, None], targets_Bx2.shape)
+    return TokenLossInputs(logits_Bx2xL, lambda logits: logits, targets_Bx2, weights_Bx2)

@@ -161,6 +161,9 @@ def to_hf(
     """
     config = hf_config(cfg, head, architecture)
     weights = hf_weights(model, cfg, architecture)
+    for_head = getattr(_converter(cfg, architecture), "weights_for_head", None)
+    if for_head is not None and head is not None:  # names a head's class reads (BERT QA)
+        weights = for_head(weights, head)
     return common.write_hf(os.fspath(out_dir), config, weights, overwrite=overwrite)
 
 

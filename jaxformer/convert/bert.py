@@ -1,8 +1,12 @@
-"""BERT (`BertForMaskedLM`, `BertForSequenceClassification`) <-> jaxformer EncoderLM.
+"""BERT (`BertForMaskedLM`, `BertForSequenceClassification`, `BertForTokenClassification`,
+`BertForQuestionAnswering`) <-> jaxformer EncoderLM.
 
 Our EncoderLM has both heads: the masked-LM head (transform dense + activation + LayerNorm, tied
 decoder, bias) and the tanh pooler + classifier. Reading maps whichever heads the checkpoint has
 and keeps our initialisation for the rest; writing stores both, so either HF class loads it.
+The token-classification head is the same `classifier` applied to every token, and the QA
+head's `qa_outputs` is that classifier with two labels (start, end): reading renames
+`qa_outputs` to `classifier`, and a question-answering export (`weights_for_head`) back.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from jaxformer.convert.common import (
 from jaxformer.models.config import ModelConfig
 
 NAME = "BERT"
-ARCHITECTURES = {"masked_lm": "BertForMaskedLM", "classification": "BertForSequenceClassification"}
+ARCHITECTURES = {
+    "masked_lm": "BertForMaskedLM",
+    "classification": "BertForSequenceClassification",
+    "token_classification": "BertForTokenClassification",
+    "question_answering": "BertForQuestionAnswering",
+}
+_QA, _CLASSIFIER = "qa_outputs.", "classifier."
 OPTIONAL = ("mlm_", "pooler.", "classifier.")
 IGNORED = (
     r"embeddings\.position_ids",
@@ -41,8 +51,15 @@ _BASE = ("embeddings.", "encoder.", "pooler.")
 
 
 def normalize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Strips the 'bert.' prefix of headed models and drops a tied decoder copy."""
+    """Strips the 'bert.' prefix of headed models, drops a tied decoder copy and reads a QA
+    head's `qa_outputs` as our classifier (two labels: start, end)."""
     weights = strip_prefix(weights, "bert.")
+    if any(k.startswith(_QA) for k in weights):
+        if any(k.startswith(_CLASSIFIER) for k in weights):
+            raise ValueError("BERT weights hold both qa_outputs and classifier heads")
+        weights = {
+            (_CLASSIFIER + k[len(_QA) :] if k.startswith(_QA) else k): v for k, v in weights.items()
+        }
     if same(
         weights.get("cls.predictions.decoder.weight"),
         weights.get("embeddings.word_embeddings.weight"),
@@ -157,6 +174,17 @@ def finish_export(weights: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str,
     return out
 
 
+def weights_for_head(weights: dict[str, np.ndarray], head: str) -> dict[str, np.ndarray]:
+    """The exported weights under the names `head`'s class reads: BertForQuestionAnswering
+    calls the classifier `qa_outputs`."""
+    if head != "question_answering":
+        return weights
+    return {
+        (_QA + k[len(_CLASSIFIER) :] if k.startswith(_CLASSIFIER) else k): v
+        for k, v in weights.items()
+    }
+
+
 def config_to_hf(cfg: ModelConfig, head: str) -> Any:
     """A BertConfig for our config."""
     import transformers
@@ -167,6 +195,11 @@ def config_to_hf(cfg: ModelConfig, head: str) -> Any:
             f"a classifier with model.pooling={cfg.pooling!r} cannot be written as "
             "BertForSequenceClassification (which pools the first token); fine-tune with "
             "model.pooling=first to export it"
+        )
+    if head == "question_answering" and cfg.num_labels != 2:
+        raise ValueError(
+            "BertForQuestionAnswering needs a classifier of 2 labels (start, end logits); this "
+            f"model has num_labels={cfg.num_labels}"
         )
 
     return transformers.BertConfig(

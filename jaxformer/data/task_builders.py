@@ -7,7 +7,16 @@ code_completion (completion)    a function's docstring -> the function (decorato
                                 the docstring names its parameters; a bare body would use names the
                                 model never saw.
 
-All three use corpus.split_of by file path, so their validation files are the files stdlib_code holds
+code_tokens    (token_classification) the Python tokens of one logical line of code -> BIO tags of
+                keywords (`is not` / `not in` as one span), builtin names, names (a dotted chain
+                `os.path.join` as one span), numbers, strings (adjacent literals as one span) and
+                operators; brackets, commas, colons and dots outside names are O.
+code_qa        (question_answering) a function without its docstring plus a question about it
+                ("What does NAME return?" -> the first returned expression; "Which argument of
+                NAME defaults to VALUE?" -> the parameter's name), answers as character spans of
+                the source in SQuAD's layout.
+
+All of them use corpus.split_of by file path, so their validation files are the files stdlib_code holds
 out from pretraining. There is no test split: it would have to come from files pretraining saw, or
 halve a validation split that already holds only ~5% of the files.
 """
@@ -15,14 +24,19 @@ halve a validation split that already holds only ~5% of the files.
 from __future__ import annotations
 
 import ast
+import builtins
 import collections
 import functools
 import hashlib
+import io
+import keyword
 import os
+import tokenize
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxformer.data import corpus
@@ -284,10 +298,239 @@ class CodeCompletion(_StdlibTaskBuilder):
         }
 
 
+TOKEN_ENTITIES = ("KEYWORD", "BUILTIN", "NAME", "NUMBER", "STRING", "OPERATOR")
+TOKEN_TAGS = ("O",) + tuple(f"{p}-{e}" for e in TOKEN_ENTITIES for p in "BI")
+LINE_CAP = {"train": 4000, "validation": 500}  # code lines per split, picked by key hash
+MIN_LINE_WORDS, MAX_LINE_WORDS, MAX_WORD_CHARS = 3, 48, 60
+_DELIMITERS = frozenset("()[]{},:;.@") | {"->", "..."}
+_BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_")) - set(keyword.kwlist)
+_SKIPPED = {
+    tokenize.COMMENT,
+    tokenize.NL,
+    tokenize.INDENT,
+    tokenize.DEDENT,
+    tokenize.ENCODING,
+    tokenize.ENDMARKER,
+}
+_FSTRING_START = getattr(tokenize, "FSTRING_START", None)  # Python >= 3.12 splits f-strings
+_FSTRING_END = getattr(tokenize, "FSTRING_END", None)
+
+
+def _logical_lines(text: str) -> Iterator[tuple[int, list[tuple[int, str]]]]:
+    """(first line number, [(token type, text)]) of each logical line; an f-string is one STRING
+    token on every Python version. Raises tokenize.TokenError / SyntaxError on bad source."""
+    lines = text.splitlines(keepends=True)
+    offsets = np.cumsum([0] + [len(line) for line in lines]).tolist()
+    words: list[tuple[int, str]] = []
+    first, depth, fstring_from = 0, 0, None
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == _FSTRING_START:
+            depth += 1
+            if depth == 1:
+                fstring_from = tok.start
+            continue
+        if depth:
+            if tok.type == _FSTRING_END:
+                depth -= 1
+                if not depth:
+                    start = offsets[fstring_from[0] - 1] + fstring_from[1]
+                    end = offsets[tok.end[0] - 1] + tok.end[1]
+                    words.append((tokenize.STRING, text[start:end]))
+            continue
+        if tok.type in _SKIPPED:
+            continue
+        if tok.type == tokenize.NEWLINE:
+            if words:
+                yield first, words
+            words = []
+            continue
+        if not words:
+            first = tok.start[0]
+        words.append((tok.type, tok.string))
+
+
+def tag_code_line(words: list[tuple[int, str]]) -> list[str]:
+    """BIO tags (TOKEN_TAGS) of one logical line's tokens, from `_logical_lines`."""
+    tags = ["O"] * len(words)
+    i = 0
+    while i < len(words):
+        kind, text = words[i]
+        j = i + 1  # one past the span's last token
+        if kind == tokenize.NAME and keyword.iskeyword(text):
+            entity = "KEYWORD"
+            pair = (text, words[j][1]) if j < len(words) else ()
+            if pair in (("is", "not"), ("not", "in")):
+                j += 1
+        elif kind == tokenize.NAME:
+            while j + 1 < len(words) and words[j][1] == "." and words[j + 1][0] == tokenize.NAME:
+                j += 2
+            dotted = j > i + 1 or (i > 0 and words[i - 1][1] == ".")
+            entity = "BUILTIN" if text in _BUILTINS and not dotted else "NAME"
+        elif kind == tokenize.NUMBER:
+            entity = "NUMBER"
+        elif kind == tokenize.STRING:
+            while j < len(words) and words[j][0] == tokenize.STRING:
+                j += 1
+            entity = "STRING"
+        elif kind == tokenize.OP and text not in _DELIMITERS:
+            entity = "OPERATOR"
+        else:
+            i += 1
+            continue
+        tags[i:j] = [f"B-{entity}"] + [f"I-{entity}"] * (j - i - 1)
+        i = j
+    return tags
+
+
+def code_lines(text: str) -> list[tuple[int, list[str], list[str]]]:
+    """(line number, tokens, BIO tags) of a file's logical lines of MIN..MAX_LINE_WORDS short,
+    single-line tokens; [] for a file that does not tokenize."""
+    found = []
+    try:
+        for line, words in _logical_lines(text):
+            texts = [w for _, w in words]
+            if not MIN_LINE_WORDS <= len(texts) <= MAX_LINE_WORDS or any(
+                len(w) > MAX_WORD_CHARS or "\n" in w for w in texts
+            ):
+                continue
+            found.append((line, texts, tag_code_line(words)))
+    except (tokenize.TokenError, SyntaxError):
+        return []
+    return found
+
+
+class CodeTokens(_StdlibTaskBuilder):
+    """Token classification: the tokens of a line of stdlib code -> BIO tags of their kinds."""
+
+    DESCRIPTION = "Logical lines of stdlib code as Python tokens with BIO tags of their kinds."
+
+    def _features(self) -> dict[str, Any]:
+        return {
+            "tokens": tfds.features.Sequence(tfds.features.Text()),
+            "tags": tfds.features.Sequence(tfds.features.ClassLabel(names=list(TOKEN_TAGS))),
+            "path": tfds.features.Text(),
+        }
+
+    def _generate_examples(
+        self, split: str, paths: tuple[str, ...]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        rows = [
+            (f"{path}:{line}", path, tokens, tags)
+            for path, text in _read_stdlib(paths)
+            for line, tokens, tags in code_lines(text)
+        ]
+        rows.sort(key=lambda row: _key_hash(row[0]))
+        for key, path, tokens, tags in rows[: LINE_CAP[split]]:
+            yield key, {"tokens": tokens, "tags": tags, "path": path}
+
+
+MAX_QA_CONTEXT_CHARS, MAX_ANSWER_CHARS = 1200, 60
+
+
+def function_questions(source: str, name: str) -> list[tuple[str, str, int]]:
+    """(question, answer, answer's character offset in source) about one function's source:
+    what its first return statement returns, and which parameter has a given default (asked only
+    when that default's text is unique)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    fn = tree.body[0] if tree.body else None
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return []
+    lines = source.split("\n")
+    starts = np.cumsum([0] + [len(line) + 1 for line in lines]).tolist()
+
+    def offset(node: ast.AST) -> int:  # ast columns count UTF-8 bytes
+        line = lines[node.lineno - 1].encode("utf-8")[: node.col_offset]
+        return starts[node.lineno - 1] + len(line.decode("utf-8"))
+
+    def span(node: ast.AST) -> Optional[tuple[str, int]]:
+        text = ast.get_source_segment(source, node)
+        if not text or "\n" in text or len(text) > MAX_ANSWER_CHARS:
+            return None
+        start = offset(node)
+        return (text, start) if source[start : start + len(text)] == text else None
+
+    found = []
+    returned = next(
+        (
+            node.value
+            for node in _own_statements(fn)
+            if isinstance(node, ast.Return) and node.value is not None
+        ),
+        None,
+    )
+    answer = span(returned) if returned is not None else None
+    if answer:
+        found.append((f"What does {name} return?", *answer))
+    args = fn.args.posonlyargs + fn.args.args
+    pairs = list(zip(args[len(args) - len(fn.args.defaults) :], fn.args.defaults))
+    pairs += [(a, d) for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults) if d is not None]
+    defaults = collections.Counter(ast.get_source_segment(source, d) for _, d in pairs)
+    for arg, default in pairs:
+        text = ast.get_source_segment(source, default)
+        answer = span(arg)
+        if answer and text and defaults[text] == 1 and "\n" not in text:
+            found.append((f"Which argument of {name} defaults to {text}?", answer[0], answer[1]))
+            break  # one such question per function
+    return found
+
+
+def _own_statements(fn: ast.AST) -> Iterator[ast.AST]:
+    """The statements of a function in source order, not those of functions or classes in it."""
+    for field in _BLOCK_FIELDS:
+        for child in getattr(fn, field, ()):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            yield child
+            yield from _own_statements(child)
+
+
+class CodeQA(_StdlibTaskBuilder):
+    """Extractive QA: a question about a stdlib function -> a span of its source (SQuAD layout)."""
+
+    DESCRIPTION = (
+        "Questions about stdlib functions (what they return, which argument has a default) "
+        "answered by a span of the function's source, in SQuAD's layout."
+    )
+
+    def _features(self) -> dict[str, Any]:
+        return {
+            "id": tfds.features.Text(),
+            "context": tfds.features.Text(),
+            "question": tfds.features.Text(),
+            "answers": tfds.features.Sequence(
+                {"text": tfds.features.Text(), "answer_start": np.int32}
+            ),
+        }
+
+    def _generate_examples(
+        self, split: str, paths: tuple[str, ...]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        for path, f in stdlib_functions(paths):
+            source = f["source"]
+            if len(source) > MAX_QA_CONTEXT_CHARS:
+                continue
+            for i, (question, text, start) in enumerate(function_questions(source, f["name"])):
+                key = f"{path}:{f['lineno']}:{i}"
+                yield (
+                    key,
+                    {
+                        "id": key,
+                        "context": source,
+                        "question": question,
+                        "answers": {"text": [text], "answer_start": [start]},
+                    },
+                )
+
+
 BUILDERS: dict[str, type[_StdlibTaskBuilder]] = {
     "code_package": CodePackage,
     "code_docstring": CodeDocstring,
     "code_completion": CodeCompletion,
+    "code_tokens": CodeTokens,
+    "code_qa": CodeQA,
 }
 
 

@@ -16,6 +16,20 @@ completion      seq = prompt + bos (separator) + completion + eos, at most L+1 t
                 example_weight. max_target_len is unused. When too long, the completion keeps at least
                 half of the L+1 budget (more if the prompt is short) and is cut on the right; the prompt
                 takes the rest and is cut on the left, so the text next to the separator survives.
+token_classification  a list of words with a label each (e.g. conll2003 tokens / ner). Word i is
+                encoded on its own, as " " + word after the first, so its pieces are its own;
+                inputs [B,L] = bos + the words' pieces[:L-1] + pad, segment_ids, positions,
+                token_labels [B,L] (the word's label on its first piece, 0 elsewhere),
+                label_weights [B,L] (1 on first pieces in the window), example_weight. Words cut
+                off by the window are neither trained nor scored.
+question_answering  a question, a context and SQuAD-style answers ({text: [...], answer_start:
+                [...]}, character offsets). The context is split into words (a run of word
+                characters, or one other non-space character, each with the whitespace before it)
+                encoded one by one, so every token belongs to one word and a predicted span is a
+                slice of the context text. inputs [B,L] = bos + question[:L/2] + eos + context +
+                pad, token_types (1 on the context), segment_ids, positions, start_positions /
+                end_positions [B] (the first / last token of the first answer's words; 0, the bos,
+                when the answer lies past the window, as Hugging Face's run_qa), example_weight.
 
 Your own JSONL files (name 'jsonl', train_files / eval_files) are read by jaxformer.data.jsonl_tasks:
 their completion and chat kinds pack several examples per row (its docstring gives that format);
@@ -28,6 +42,7 @@ import collections
 import dataclasses
 import importlib
 import math
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
@@ -41,17 +56,32 @@ from jaxformer.data.task_builders import BUILDERS, build_task_dataset
 from jaxformer.data.token_store import TokenSource
 from jaxformer.data.tokenizer import Tokenizer
 
-KINDS = ("classification", "text2text", "completion", "chat")
+KINDS = (
+    "classification",
+    "text2text",
+    "completion",
+    "chat",
+    "token_classification",
+    "question_answering",
+)
 BUILTIN_KINDS = {
     "code_package": "classification",
     "code_docstring": "text2text",
     "code_completion": "completion",
+    "code_tokens": "token_classification",
+    "code_qa": "question_answering",
 }
 DEFAULT_KEYS = {  # kind -> (input_key, target_key, label_key)
     "classification": ("text", "", "label"),
     "text2text": ("source", "target", ""),
     "completion": ("prompt", "completion", ""),
+    "token_classification": ("tokens", "", "tags"),
+    "question_answering": ("question", "answers", ""),
 }
+LABELLED_KINDS = ("classification", "token_classification")
+"""Kinds whose label_key is a ClassLabel feature (per row, or a sequence of them per word)."""
+WORD_KINDS = ("token_classification", "question_answering")
+"""Kinds encoded word by word per batch (alignment needs each word's pieces), not token stores."""
 # TFDS dataset collections registered only on import (the rest register by folder).
 _LEGACY_COLLECTIONS = (
     "text",
@@ -70,18 +100,23 @@ class TaskConfig:
     """A fine-tuning dataset and the shapes of its batches."""
 
     name: str = "code_package"
-    """'code_package', 'code_docstring', 'code_completion', 'jsonl' (your own files: train_files,
-    eval_files) or a TFDS name such as 'glue/sst2'."""
+    """'code_package', 'code_docstring', 'code_completion', 'code_tokens', 'code_qa', 'jsonl' (your
+    own files: train_files, eval_files) or a TFDS name such as 'glue/sst2'."""
     kind: str = "auto"
     """'auto' (known for the built-ins; for jsonl, from the first line's keys), 'classification',
-    'text2text', 'completion' or 'chat' (jsonl only)."""
+    'text2text', 'completion', 'token_classification', 'question_answering' or 'chat' (jsonl
+    only)."""
     input_key: str = ""
-    """Feature holding the input text; '' -> text / source / prompt by kind (jsonl: prompt / input /
-    messages)."""
+    """Feature holding the input text; '' -> text / source / prompt / tokens (a list of words) /
+    question by kind (jsonl: prompt / input / messages)."""
     target_key: str = ""
-    """Feature holding the target text (text2text, completion); '' -> target / completion by kind."""
+    """Feature holding the target text (text2text, completion) or the answers (question_answering,
+    SQuAD's {text, answer_start}); '' -> target / completion / answers by kind."""
     label_key: str = ""
-    """ClassLabel feature (classification); '' -> label."""
+    """ClassLabel feature (classification; token_classification: a sequence of them, one per
+    word); '' -> label / tags."""
+    context_key: str = ""
+    """Feature holding the context the answer is cut from (question_answering); '' -> context."""
     data_dir: str = ""
     """TFDS data directory; '' -> ~/.cache/jaxformer/tfds (as corpus.resolve_data_dir)."""
     train_split: str = "train"
@@ -111,7 +146,7 @@ class TaskConfig:
                         f"task.name=jsonl needs task.{field}: a list of JSONL files, e.g. "
                         f"task.{field}=[data/{field.split('_')[0]}.jsonl]"
                     )
-            if self.kind == "classification":
+            if self.kind in LABELLED_KINDS + WORD_KINDS:
                 raise ValueError("task.name=jsonl reads completion, chat or text2text files")
         else:
             given = [f for f in ("train_files", "eval_files") if getattr(self, f)]
@@ -144,12 +179,14 @@ class TaskConfig:
         else:
             kind = BUILTIN_KINDS[self.name] if self.kind == "auto" else self.kind
             keys = DEFAULT_KEYS[kind]
+        labelled = kind in LABELLED_KINDS
         return dataclasses.replace(
             self,
             kind=kind,
             input_key=self.input_key or keys[0],
-            target_key=(self.target_key or keys[1]) if kind != "classification" else "",
-            label_key=(self.label_key or keys[2]) if kind == "classification" else "",
+            target_key=(self.target_key or keys[1]) if not labelled else "",
+            label_key=(self.label_key or keys[2]) if labelled else "",
+            context_key=(self.context_key or "context") if kind == "question_answering" else "",
         )
 
 
@@ -168,7 +205,9 @@ class TaskExamples(corpus.RandomAccessView):
     ):
         super().__init__(source, length)
         self.cfg, self.split = cfg, split
-        self.keys = tuple(k for k in (cfg.input_key, cfg.target_key, cfg.label_key) if k)
+        self.keys = tuple(
+            k for k in (cfg.input_key, cfg.target_key, cfg.label_key, cfg.context_key) if k
+        )
         self.label_names = label_names
 
     @property
@@ -177,7 +216,16 @@ class TaskExamples(corpus.RandomAccessView):
         return None if self.label_names is None else len(self.label_names)
 
     def _convert(self, record: Any) -> dict:
-        return {k: corpus.python_value(record[k]) for k in self.keys}
+        return {k: _plain(record[k]) for k in self.keys}
+
+
+def _plain(value: Any) -> Any:
+    """A TFDS feature value as plain Python, sequences (lists) and dicts of features included."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim):
+        return [_plain(v) for v in value]
+    return corpus.python_value(value)
 
 
 class _TextField(Sequence):
@@ -206,6 +254,8 @@ def tokenize_task_fields(
     from jaxformer.data import jsonl_tasks, prepare  # pylint: disable=g-import-not-at-top
 
     cfg = cfg.resolved()
+    if cfg.kind in WORD_KINDS:
+        return {}  # encoded word by word per batch (see the module docstring)
     if cfg.name == JSONL and cfg.kind in jsonl_tasks.PACKED_KINDS:
         store = jsonl_tasks.tokenize_pieces(
             cfg, examples, tokenizer, show_progress=show_progress, log=log
@@ -266,7 +316,7 @@ def load_task(cfg: TaskConfig, split: str) -> TaskExamples:
     else:
         builder = _tfds_builder(cfg.name, data_dir)
     features = builder.info.features
-    keys = [k for k in (cfg.input_key, cfg.target_key, cfg.label_key) if k]
+    keys = [k for k in (cfg.input_key, cfg.target_key, cfg.label_key, cfg.context_key) if k]
     for key in keys:
         if key not in features:
             raise ValueError(
@@ -280,6 +330,17 @@ def load_task(cfg: TaskConfig, split: str) -> TaskExamples:
                 f"classification needs a ClassLabel feature; {cfg.name!r}[{cfg.label_key!r}] is {label}"
             )
         label_names = list(label.names)
+    elif cfg.kind == "token_classification":
+        label = features[cfg.label_key]
+        inner = getattr(label, "feature", None)
+        if not isinstance(label, tfds.features.Sequence) or not isinstance(
+            inner, tfds.features.ClassLabel
+        ):
+            raise ValueError(
+                "token_classification needs a sequence of ClassLabel features (one per word); "
+                f"{cfg.name!r}[{cfg.label_key!r}] is {label}"
+            )
+        label_names = list(inner.names)
     if cfg.name in BUILDERS:
         if split not in builder.info.splits:
             raise ValueError(
@@ -296,6 +357,40 @@ def load_task(cfg: TaskConfig, split: str) -> TaskExamples:
     if length == 0:
         raise ValueError(f"dataset {cfg.name!r} split {split!r} has no examples")
     return TaskExamples(source, cfg, split, length, label_names)
+
+
+# A context word: a run of word characters, or one other non-space character, with the whitespace
+# before it (so words encoded one by one decode back to the context).
+_CONTEXT_WORD = re.compile(r"\s*(\w+|[^\w\s])")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedQuestion:
+    """One question_answering example as the model sees it, for metrics on the host."""
+
+    ids: list[int]  # bos, question, eos, context tokens (cut to max_input_len)
+    context_start: int  # index of the first context token
+    spans: list[tuple[int, int]]  # each token's character span in the context ((0, 0) before it)
+    context: str
+    answers: list[tuple[str, int]]  # (text, character offset) of each reference answer
+
+    def answer_text(self, start: int, end: int) -> str:
+        """The context text of tokens start..end (inclusive); '' for a span outside the context."""
+        if not self.context_start <= start <= end < len(self.ids):
+            return ""
+        return self.context[self.spans[start][0] : self.spans[end][1]]
+
+
+def _answers(value: Any, cfg: TaskConfig) -> list[tuple[str, int]]:
+    """(text, character offset) pairs of a SQuAD-style answers feature."""
+    try:
+        texts, starts = value["text"], value["answer_start"]
+    except (TypeError, KeyError):
+        raise ValueError(
+            f"task {cfg.name!r}: question_answering needs {cfg.target_key!r} to hold "
+            f"{{'text': [...], 'answer_start': [...]}} (as TFDS squad); got {value!r:.80}"
+        ) from None
+    return [(str(t), int(s)) for t, s in zip(texts, starts)]
 
 
 def _pad(ids: Sequence[int], length: int) -> np.ndarray:
@@ -416,6 +511,22 @@ class TaskBatcher:
     def _rows(self, indices: list[int], weights: list[float]) -> dict[str, np.ndarray]:
         cfg = self.cfg
         items = [self.examples[i] for i in indices]
+        if cfg.kind == "token_classification":
+            rows = self._token_classification(items)
+        elif cfg.kind == "question_answering":
+            rows = [self._span_row(q) for q in self.encode_questions(items)]
+        else:
+            rows = self._text_rows(indices, items)
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        w_B = np.asarray(weights, np.float32)
+        batch["example_weight"] = w_B
+        for key in ("loss_weights", "label_weights"):
+            if key in batch:
+                batch[key] = batch[key] * w_B[:, None]
+        return batch
+
+    def _text_rows(self, indices: list[int], items: list[Mapping[str, Any]]) -> list[dict]:
+        cfg = self.cfg
         inputs = self._token_ids(cfg.input_key, indices, items)
         if cfg.kind == "classification":
             rows = [
@@ -425,12 +536,100 @@ class TaskBatcher:
             targets = self._token_ids(cfg.target_key, indices, items)
             make = self._text2text if cfg.kind == "text2text" else self._completion
             rows = [make(a, b) for a, b in zip(inputs, targets)]
-        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        w_B = np.asarray(weights, np.float32)
-        batch["example_weight"] = w_B
-        if "loss_weights" in batch:
-            batch["loss_weights"] = batch["loss_weights"] * w_B[:, None]
-        return batch
+        return rows
+
+    def _token_classification(self, items: list[Mapping[str, Any]]) -> list[dict]:
+        cfg, L = self.cfg, self.cfg.max_input_len
+        words = [[str(w) for w in item[cfg.input_key]] for item in items]
+        labels = [[int(t) for t in item[cfg.label_key]] for item in items]
+        pieces = self._encode_words(
+            [[w if i == 0 else " " + w for i, w in enumerate(row)] for row in words]
+        )
+        rows = []
+        for row_words, row_labels, row_pieces in zip(words, labels, pieces):
+            if len(row_labels) != len(row_words):
+                raise ValueError(
+                    f"task {cfg.name!r}: {len(row_words)} words in {cfg.input_key!r} but "
+                    f"{len(row_labels)} labels in {cfg.label_key!r}"
+                )
+            seq, tags, firsts = [self.tokenizer.bos_id], [0], [0.0]
+            for ids, label in zip(row_pieces, row_labels):
+                if self.num_labels is not None and not 0 <= label < self.num_labels:
+                    raise ValueError(
+                        f"label {label} of task {cfg.name!r} is outside [0, {self.num_labels})"
+                    )
+                seq += ids
+                tags += [label] + [0] * (len(ids) - 1)
+                firsts += [1.0] + [0.0] * (len(ids) - 1)
+            n = min(len(seq), L)
+            real_L = (np.arange(L) < n).astype(np.int32)
+            weights_L = np.zeros(L, np.float32)
+            weights_L[:n] = firsts[:n]
+            rows.append(
+                {
+                    "inputs": _pad(seq[:n], L),
+                    "segment_ids": real_L,
+                    "positions": np.arange(L, dtype=np.int32) * real_L,
+                    "token_labels": _pad(tags[:n], L),
+                    "label_weights": weights_L,
+                }
+            )
+        return rows
+
+    def _encode_words(self, rows: list[list[str]]) -> list[list[list[int]]]:
+        """Each row's words encoded one by one, in one tokenizer call for the whole batch."""
+        flat = self.tokenizer.encode_batch([w for row in rows for w in row]) if rows else []
+        out, k = [], 0
+        for row in rows:
+            out.append(flat[k : k + len(row)])
+            k += len(row)
+        return out
+
+    def encode_questions(self, items: list[Mapping[str, Any]]) -> list[EncodedQuestion]:
+        """The rows of question_answering examples, with each context token's character span."""
+        cfg, L, tok = self.cfg, self.cfg.max_input_len, self.tokenizer
+        questions = tok.encode_batch([str(item[cfg.input_key]) for item in items])
+        contexts = [str(item[cfg.context_key]) for item in items]
+        words = [list(_CONTEXT_WORD.finditer(c)) for c in contexts]
+        pieces = self._encode_words([[m.group(0) for m in row] for row in words])
+        out = []
+        for item, question, context, row_words, row_pieces in zip(
+            items, questions, contexts, words, pieces
+        ):
+            head = [tok.bos_id] + question[: max(L // 2 - 2, 0)] + [tok.eos_id]
+            seq, spans = list(head), [(0, 0)] * len(head)
+            for m, ids in zip(row_words, row_pieces):
+                seq += ids
+                spans += [(m.start(1), m.end(1))] * len(ids)
+            answers = _answers(item[cfg.target_key], cfg)
+            out.append(EncodedQuestion(seq[:L], len(head), spans[:L], context, answers))
+        return out
+
+    def _span_row(self, q: EncodedQuestion) -> dict[str, np.ndarray]:
+        L, n = self.cfg.max_input_len, len(q.ids)
+        start = end = 0
+        if q.answers:
+            text, offset = q.answers[0]
+            first = offset + len(text) - len(text.lstrip())
+            last = offset + len(text.rstrip())  # one past the answer's last non-space character
+            inside = [
+                i
+                for i in range(q.context_start, n)
+                if q.spans[i][1] > first and q.spans[i][0] < last
+            ]
+            # Only a whole answer is a target: a cut one would teach a wrong end.
+            if inside and q.spans[inside[-1]][1] >= last:
+                start, end = inside[0], inside[-1]
+        real_L = (np.arange(L) < n).astype(np.int32)
+        types_L = ((np.arange(L) >= q.context_start) & (real_L > 0)).astype(np.int32)
+        return {
+            "inputs": _pad(q.ids, L),
+            "segment_ids": real_L,
+            "positions": np.arange(L, dtype=np.int32) * real_L,
+            "token_types": types_L,
+            "start_positions": np.int32(start),
+            "end_positions": np.int32(end),
+        }
 
     def _token_ids(
         self, key: str, indices: list[int], items: list[Mapping[str, Any]]

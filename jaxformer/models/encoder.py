@@ -1,4 +1,12 @@
-"""Encoder-only (BERT-style) model: bidirectional, padding mask, masked-LM and pooled classifier heads."""
+"""Encoder-only (BERT-style) model: bidirectional, padding mask, masked-LM and classifier heads.
+
+One `classifier` ([embed, num_labels]) serves three task kinds, as the matching Hugging Face
+heads are each one linear layer of that shape: over the tanh-pooled first token (classification,
+BertForSequenceClassification's `classifier`), over every token (token_classification,
+BertForTokenClassification's `classifier`) and over every token with num_labels = 2 (start and
+end logits: question_answering, BertForQuestionAnswering's `qa_outputs`). The task kind picks how
+it is applied, so no head adds parameters or moves a path.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +18,21 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import layers
-from jaxformer.batches import Batch, ClassificationBatch, TokenBatch
+from jaxformer.batches import (
+    Batch,
+    ClassificationBatch,
+    SpanBatch,
+    TokenBatch,
+    TokenClassificationBatch,
+)
 from jaxformer.layers import AttentionInputs
 from jaxformer.logical import constrain
-from jaxformer.loss_inputs import ClassificationLossInputs, LossInputs, TokenLossInputs
+from jaxformer.loss_inputs import (
+    ClassificationLossInputs,
+    LossInputs,
+    TokenLossInputs,
+    span_loss_inputs,
+)
 from jaxformer.models.block import Embeddings, dtypes, make_norm
 from jaxformer.models.config import ModelConfig
 from jaxformer.models.stack import make_blocks, run_blocks
@@ -22,10 +41,15 @@ Array = jax.Array
 
 
 class EncoderLM(nnx.Module):
-    """Bidirectional encoder with a masked-LM head (the call) and a pooled classifier (`classify`)."""
+    """Bidirectional encoder with a masked-LM head (the call) and a classifier: pooled
+    (`classify`), per token (`token_logits`) or as answer-span logits (`span_logits`)."""
 
     objective: ClassVar[str] = "masked_lm"
-    task_kinds: ClassVar[tuple[str, ...]] = ("classification",)
+    task_kinds: ClassVar[tuple[str, ...]] = (
+        "classification",
+        "token_classification",
+        "question_answering",
+    )
     generates: ClassVar[bool] = False
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -150,15 +174,78 @@ class EncoderLM(nnx.Module):
             pooled_BxD = jnp.tanh(self.pooler(hidden[:, 0]))
         return self.classifier(self.dropout(pooled_BxD)).astype(jnp.float32)
 
+    def label_logits(self, hidden_BxLxD: Array) -> Array:
+        """Per-token classifier logits [B, L, num_labels] (float32) from hidden states."""
+        logits_BxLxC = self.classifier(hidden_BxLxD).astype(jnp.float32)
+        return constrain(logits_BxLxC, ("batch", "length", None))
+
+    def token_logits(
+        self,
+        tokens_BxL: Array,
+        *,
+        attention_mask: Optional[Array] = None,
+        token_types: Optional[Array] = None,
+    ) -> Array:
+        """Per-token label logits [B, L, num_labels] (BertForTokenClassification's)."""
+        hidden = self.encode(tokens_BxL, attention_mask=attention_mask, token_types=token_types)
+        return self.label_logits(self.dropout(hidden))
+
+    def span_logits(
+        self,
+        tokens_BxL: Array,
+        *,
+        attention_mask: Optional[Array] = None,
+        token_types: Optional[Array] = None,
+    ) -> tuple[Array, Array]:
+        """Answer start and end logits, each [B, L] (BertForQuestionAnswering's; num_labels 2)."""
+        if self.config.num_labels != 2:
+            raise ValueError(
+                f"span logits need num_labels == 2 (start, end), got {self.config.num_labels}"
+            )
+        logits_BxLx2 = self.token_logits(
+            tokens_BxL, attention_mask=attention_mask, token_types=token_types
+        )
+        return logits_BxLx2[..., 0], logits_BxLx2[..., 1]
+
+    def _token_types(self, token_types_BxL: Array) -> Optional[Array]:
+        # A model without a token-type table reads the context's place from positions alone.
+        return token_types_BxL if self.config.type_vocab_size > 0 else None
+
     def loss_inputs(self, batch: Batch) -> LossInputs:
-        """Classifier inputs of a ClassificationBatch, masked-LM inputs of a TokenBatch."""
+        """Classifier inputs of a ClassificationBatch, per-token label inputs of a
+        TokenClassificationBatch, answer-span inputs of a SpanBatch, masked-LM inputs of a
+        TokenBatch."""
         if isinstance(batch, ClassificationBatch):
             logits_BxC = self.classify(batch.inputs, attention_mask=batch.segment_ids > 0)
             return ClassificationLossInputs(logits_BxC, batch.labels, batch.example_weight)
+        if isinstance(batch, TokenClassificationBatch):
+            hidden_BxLxD = self.encode(batch.inputs, attention_mask=batch.segment_ids > 0)
+            # Dropout here, not in the loss's logits_fn: that runs inside scan and remat.
+            return TokenLossInputs(
+                self.dropout(hidden_BxLxD),
+                self.label_logits,
+                batch.token_labels,
+                batch.label_weights,
+            )
+        if isinstance(batch, SpanBatch):
+            real_BxL = batch.segment_ids > 0
+            start_BxL, end_BxL = self.span_logits(
+                batch.inputs,
+                attention_mask=real_BxL,
+                token_types=self._token_types(batch.token_types),
+            )
+            return span_loss_inputs(
+                start_BxL,
+                end_BxL,
+                real_BxL,
+                batch.start_positions,
+                batch.end_positions,
+                batch.example_weight,
+            )
         if not isinstance(batch, TokenBatch):
             raise TypeError(
-                "an encoder trains on a TokenBatch (masked LM) or a ClassificationBatch, got "
-                f"{type(batch).__name__}"
+                "an encoder trains on a TokenBatch (masked LM), a ClassificationBatch, a "
+                f"TokenClassificationBatch or a SpanBatch, got {type(batch).__name__}"
             )
         hidden_BxLxD = self.hidden(
             batch.inputs,

@@ -158,8 +158,11 @@ class Finetuning(Workload):
         return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, eval_split=split))
 
     def hf_head(self, cfg: FinetuneExperiment) -> Optional[str]:
-        # From the model, not the task: a jsonl task's kind 'auto' reads its (maybe moved) files.
-        return "classification" if cfg.model.family == FAMILY_OF_KIND["classification"] else None
+        # An encoder's head is its task kind; only encoders get here, and their tasks are never
+        # jsonl (whose kind 'auto' would read its maybe moved files).
+        if cfg.model.family != FAMILY_OF_KIND["classification"]:
+            return None
+        return cfg.task.resolved().kind
 
     def batch_size(self, cfg: FinetuneExperiment) -> int:
         return cfg.task.batch_size
@@ -197,8 +200,10 @@ class Finetuning(Workload):
                 f"the checkpoint in {cfg.finetune.from_dir} holds a {cfg.model.family!r} model"
             )
         model_cfg = cfg.model
-        if self.kind == "classification":
+        if self.kind in ("classification", "token_classification"):
             model_cfg = dataclasses.replace(model_cfg, num_labels=train.num_labels)
+        elif self.kind == "question_answering":  # start and end logits
+            model_cfg = dataclasses.replace(model_cfg, num_labels=2)
         self.label_names = getattr(train, "label_names", None)
         cfg = dataclasses.replace(cfg, model=model_cfg)
         # Text fields are tokenized once into token stores, as pretraining corpora are.

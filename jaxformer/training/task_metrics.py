@@ -1,8 +1,12 @@
-"""Task metrics for fine-tuned models: accuracy and macro-F1, ROUGE-L, BLEU and exact match."""
+"""Task metrics for fine-tuned models: accuracy and macro-F1, ROUGE-L, BLEU and exact match,
+entity F1 (token classification) and SQuAD exact match / F1 (question answering)."""
 
 from __future__ import annotations
 
+import collections
 import math
+import re
+import string
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
@@ -40,6 +44,86 @@ def text_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict[s
     )
 
 
+def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """(type, first, last) chunks of one sentence's IOB1/IOB2/IOBES tags, as conlleval and
+    seqeval's default mode read them: an I- tag after O or after another type starts a chunk."""
+    found, start, prev_prefix, prev_type = set(), None, "O", ""
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, kind = tag.partition("-") if tag != "O" else ("O", "", "")
+        ends = prev_prefix != "O" and (
+            prev_prefix in ("E", "S")
+            or prefix in ("B", "S", "O")
+            or (prefix in ("I", "E") and kind != prev_type)
+        )
+        if ends:
+            found.add((prev_type, start, i - 1))
+            start = None
+        begins = prefix != "O" and (
+            prefix in ("B", "S")
+            or prev_prefix in ("E", "S", "O")
+            or kind != prev_type
+            or start is None
+        )
+        if begins:
+            start = i
+        prev_prefix, prev_type = prefix, kind
+    return found
+
+
+def entity_metrics(
+    references: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]]
+) -> dict[str, float]:
+    """Micro-averaged entity precision, recall and F1 (percent) over sentences of BIO tags, as
+    seqeval's default (conlleval) mode: a chunk counts only with its type and both ends right."""
+    correct = found = gold = 0
+    for ref, pred in zip(references, predictions):
+        ref_chunks, pred_chunks = entities(ref), entities(pred)
+        correct += len(ref_chunks & pred_chunks)
+        found += len(pred_chunks)
+        gold += len(ref_chunks)
+    precision = correct / found if found else 0.0
+    recall = correct / gold if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return dict(entity_precision=100 * precision, entity_recall=100 * recall, entity_f1=100 * f1)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's official normalisation: lowercase, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def squad_scores(prediction: str, references: Sequence[str]) -> tuple[float, float]:
+    """(exact match, F1) of one predicted answer: the best over the reference answers."""
+    pred = normalize_answer(prediction)
+    exact = max(float(pred == normalize_answer(r)) for r in references)
+    return exact, max(_token_f1(pred.split(), normalize_answer(r).split()) for r in references)
+
+
+def _token_f1(pred: list[str], ref: list[str]) -> float:
+    common = collections.Counter(pred) & collections.Counter(ref)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(references: Sequence[Sequence[str]], predictions: Sequence[str]) -> dict:
+    """SQuAD v1.1 exact match and F1 in percent (examples without a reference are skipped)."""
+    scores = [squad_scores(p, r) for p, r in zip(predictions, references) if r]
+    if not scores:
+        return dict(exact_match=0.0, f1=0.0)
+    return dict(
+        exact_match=100 * float(np.mean([s[0] for s in scores])),
+        f1=100 * float(np.mean([s[1] for s in scores])),
+    )
+
+
 def evaluate_task(
     evaluator: Evaluator,
     kind: str,
@@ -51,11 +135,14 @@ def evaluate_task(
 ) -> dict[str, float]:
     """Loss plus the task's metrics over a task's validation batches: accuracy and macro-F1
     (classification), token accuracy and perplexity, and for text2text ROUGE-L/BLEU/exact match
-    of greedy outputs for the first `max_generations` examples."""
+    of greedy outputs for the first `max_generations` examples; entity F1 of the words in the
+    window (token_classification); SQuAD exact match / F1 of the argmax start and end (an end
+    before the start is an empty answer) against every reference (question_answering)."""
     totals = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0)
     labels, predictions, sources, references = [], [], [], []
     process = (jax.process_index(), jax.process_count())
-    for local in batcher.eval_batches(num_batches, *process):
+    names = getattr(batcher.examples, "label_names", None)
+    for step, local in enumerate(batcher.eval_batches(num_batches, *process)):
         batch, sums, preds = evaluator(local)
         for k in totals:
             totals[k] += float(jax.device_get(sums[k]))
@@ -68,6 +155,8 @@ def evaluate_task(
                 "encoder_inputs",
                 "encoder_segment_ids",
                 "targets",
+                "token_labels",
+                "label_weights",
             )
             if k in batch
         }
@@ -75,6 +164,17 @@ def evaluate_task(
         if kind == "classification":
             labels.extend(rows["labels"][real].tolist())
             predictions.extend(_global(preds)[real].tolist())
+        elif kind == "token_classification":
+            preds_BxL = _global(preds)
+            for r in np.flatnonzero(real):
+                first = rows["label_weights"][r] > 0
+                labels.append([names[t] for t in rows["token_labels"][r][first]])
+                predictions.append([names[t] for t in preds_BxL[r][first]])
+        elif kind == "question_answering":
+            first_row = step * batcher.cfg.batch_size
+            predictions.extend(
+                (first_row + int(r), *map(int, _global(preds)[r])) for r in np.flatnonzero(real)
+            )
         elif kind == "text2text" and len(sources) < max_generations:
             sources.extend(zip(rows["encoder_inputs"][real], rows["encoder_segment_ids"][real]))
             references.extend(rows["targets"][real])
@@ -82,6 +182,12 @@ def evaluate_task(
     result = dict(loss=totals["loss_sum"] / weight)
     if kind == "classification":
         result.update(classification_metrics(labels, predictions))
+    elif kind == "token_classification":
+        result["token_accuracy"] = totals["correct_sum"] / weight
+        result.update(entity_metrics(labels, predictions))
+    elif kind == "question_answering":
+        result["position_accuracy"] = totals["correct_sum"] / weight
+        result.update(_answer_metrics(batcher, predictions))
     else:
         result["token_accuracy"] = totals["correct_sum"] / weight
         result["perplexity"] = math.exp(min(result["loss"], 50.0))
@@ -96,6 +202,19 @@ def evaluate_task(
             )
         )
     return result
+
+
+def _answer_metrics(batcher: TaskBatcher, predictions: list[tuple[int, int, int]]) -> dict:
+    """SQuAD metrics of (example index, start, end) predictions; the examples are encoded again
+    on the host, so each token's span of the context text is known."""
+    refs, texts = [], []
+    for k in range(0, len(predictions), 256):
+        chunk = predictions[k : k + 256]
+        encoded = batcher.encode_questions([batcher.examples[i] for i, _, _ in chunk])
+        for q, (_, start, end) in zip(encoded, chunk):
+            refs.append([text for text, _ in q.answers])
+            texts.append(q.answer_text(start, end))
+    return squad_metrics(refs, texts)
 
 
 def _global(x: jax.Array) -> np.ndarray:
