@@ -59,6 +59,7 @@ DEFAULT_RULES: tuple[tuple[Optional[str], ...], ...] = (
     ("types", None),
     ("relpos", None),
     ("classes", None),
+    ("lora_rank", None),  # LoRA adapters: the rank axis stays whole (jaxformer.lora)
 )
 
 

@@ -10,6 +10,7 @@ from typing import Optional
 import jax
 from flax import nnx
 
+from jaxformer import lora as lora_lib
 from jaxformer import models
 from jaxformer.config import ConfigError, config_to_dict, load_config
 from jaxformer.data.tasks import TaskConfig, load_task, task_batcher, tokenize_task_fields
@@ -38,6 +39,9 @@ class FinetuneSection:
     """Checkpoint step to start from; None means the latest."""
     freeze: tuple[str, ...] = ()
     """Parameter path prefixes kept fixed, e.g. ['embed'] or ['embed', 'encoder_blocks']."""
+    lora: lora_lib.LoraConfig = dataclasses.field(default_factory=lora_lib.LoraConfig)
+    """Low-rank adapters (jaxformer.lora): with targets set, only the adapters (and
+    lora.train_also) train, the base stays frozen in lora.base_dtype or quantized."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +100,12 @@ def _hf_source():
 def check_finetune(cfg: FinetuneExperiment) -> None:
     """Checks between sections, made before any data is read or anything written."""
     check_schedule(cfg.optimizer, cfg.train.steps)
+    cfg.finetune.lora.check()
+    if cfg.finetune.lora.enabled and cfg.finetune.freeze:
+        raise ConfigError(
+            "finetune.freeze and finetune.lora.targets exclude each other (with LoRA only the "
+            "adapters and finetune.lora.train_also train)"
+        )
     kind = cfg.task.resolved().kind
     needed = FAMILY_OF_KIND[kind]
     if cfg.model.family != needed:
@@ -224,6 +234,8 @@ class Finetuning(Workload):
     def trainable(self, cfg: FinetuneExperiment) -> nnx.filterlib.Filter:
         """Every parameter but those under a `finetune.freeze` prefix (these get no gradients and
         no optimizer state)."""
+        if cfg.finetune.lora.enabled:
+            return lora_lib.trainable_filter(cfg.finetune.lora)
         prefixes = tuple(cfg.finetune.freeze)
         if not prefixes:
             return nnx.Param
@@ -235,17 +247,27 @@ class Finetuning(Workload):
 
         return nnx.All(nnx.Param, nnx.Not(frozen))
 
+    def adapt_model(self, model: nnx.Module, cfg: FinetuneExperiment) -> None:
+        """Adds the finetune.lora adapters (none without targets)."""
+        if cfg.finetune.lora.enabled:
+            lora_lib.apply_lora(model, cfg.finetune.lora, seed=cfg.train.seed)
+
     def initialize(self, model: nnx.Module, cfg: FinetuneExperiment, env: RunEnv) -> None:
-        """Copies the pretrained parameters in; the task head (if new) keeps its initialisation."""
+        """Copies the pretrained parameters in (quantizing LoRA bases that are quantized); the
+        task head (if new) and the adapters keep their initialisation."""
         from_dir = cfg.finetune.from_dir
         if _is_hf(from_dir):
-            self.new_parameters = _hf_source().load_params(
-                model, from_dir, env.mesh, env.rules, copy=copy_matching_params
+            fresh = _hf_source().load_params(
+                model, from_dir, env.mesh, env.rules, copy=copy_base_params
             )
         else:
-            self.new_parameters = load_pretrained_params(
+            fresh = load_pretrained_params(
                 model, from_dir, self.pretrained_meta, env.mesh, env.rules
             )
+        adapters = {
+            ".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+        }
+        self.new_parameters = [p for p in fresh if p not in adapters]
         if self.new_parameters:
             env.log("[finetune] newly initialised: " + ", ".join(self.new_parameters))
 
@@ -279,7 +301,14 @@ def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh, ru
     pretrained = {
         path: var[...] for path, var in nnx.to_flat_state(nnx.state(restored[0], nnx.Param))
     }
-    return copy_matching_params(model, pretrained)
+    return copy_base_params(model, pretrained)
+
+
+def copy_base_params(model: nnx.Module, pretrained: dict[tuple, jax.Array]) -> list[str]:
+    """copy_matching_params, then the quantized bases of LoRA projections (quantized here)."""
+    fresh = copy_matching_params(model, pretrained)
+    filled = set(lora_lib.load_base(model, pretrained))
+    return [p for p in fresh if p not in filled]
 
 
 def copy_matching_params(model: nnx.Module, pretrained: dict[tuple, jax.Array]) -> list[str]:

@@ -170,7 +170,13 @@ class Trainer:
             f"[model] {cfg.model.family} {cfg.model.preset or ''} on mesh {dict(self.mesh.shape)}"
         )
         self.graphdef, self.state = build_state(
-            cfg.model, tx, self.mesh, self.rules, cfg.train.seed, self.trainable
+            cfg.model,
+            tx,
+            self.mesh,
+            self.rules,
+            cfg.train.seed,
+            self.trainable,
+            adapt=lambda model: self.workload.adapt_model(model, cfg),
         )
         if meta is None:  # a resumed run's own checkpoint replaces the whole state instead
             model, optimizer = nnx.merge(self.graphdef, self.state)
@@ -225,7 +231,7 @@ class Trainer:
         if not (self.read_only or _all_see_directory(checkpoint_dir(self.run_dir))):
             return None
         existing = Checkpointer(self.run_dir, create=False)
-        if not self.read_only and existing.latest_step is None:
+        if not self.read_only and not existing.agreed_steps():  # every host decides alike
             return None
         meta = existing.read_meta(step)
         if meta["workload"] != self.workload.name:

@@ -4,7 +4,7 @@ ahead-of-time compiles (`--compile-only`), so both compile exactly the same step
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import optax
@@ -41,12 +41,16 @@ def train_state_factory(
     tx: optax.GradientTransformation,
     seed: int,
     trainable: nnx.filterlib.Filter = TRAINABLE_DEFAULT,
+    adapt: Optional[Callable[[nnx.Module], None]] = None,
 ) -> Callable[[], tuple]:
     """A function building the (model, optimizer) pair that a run trains; the optimizer holds
-    state for the `trainable` variables only."""
+    state for the `trainable` variables only. `adapt` changes the fresh model in place first
+    (e.g. jaxformer.lora adapters), so the adapted model is what is born sharded."""
 
     def factory():
         model = models.create(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        if adapt is not None:
+            adapt(model)
         return model, nnx.Optimizer(model, tx, wrt=trainable)
 
     return factory
@@ -59,9 +63,10 @@ def build_state(
     rules,
     seed: int,
     trainable: nnx.filterlib.Filter = TRAINABLE_DEFAULT,
+    adapt: Optional[Callable[[nnx.Module], None]] = None,
 ):
     """(graphdef, state) of (model, optimizer), every array born sharded on the mesh."""
-    factory = train_state_factory(model_cfg, tx, seed, trainable)
+    factory = train_state_factory(model_cfg, tx, seed, trainable, adapt)
     return nnx.split(shard_lib.create_sharded(factory, mesh, rules))
 
 
@@ -72,10 +77,11 @@ def abstract_state(
     rules,
     seed: int,
     trainable: nnx.filterlib.Filter = TRAINABLE_DEFAULT,
+    adapt: Optional[Callable[[nnx.Module], None]] = None,
 ) -> tuple[nnx.GraphDef, Any, Any, int]:
     """(graphdef, state as sharded ShapeDtypeStructs, the shardings, parameter count): what
     `build_state` makes, traced without allocating anything the size of the model."""
-    factory = train_state_factory(model_cfg, tx, seed, trainable)
+    factory = train_state_factory(model_cfg, tx, seed, trainable, adapt)
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(factory)
         graphdef, state = nnx.split(abstract)

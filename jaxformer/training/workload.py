@@ -121,6 +121,10 @@ class Workload(abc.ABC):
         Frozen prefixes and adapters are filters here."""
         return nnx.Param
 
+    def adapt_model(self, model: nnx.Module, cfg: Any) -> None:  # noqa: B027
+        """Changes a freshly created model in place before its state is sharded (e.g. adds LoRA
+        adapters); called for fresh, resumed and read-only runs alike. Default: none."""
+
     def initialize(self, model: nnx.Module, cfg: Any, env: RunEnv) -> None:  # noqa: B027
         """Changes a fresh (not resumed) run's initial parameters in place; default: none."""
 
