@@ -231,7 +231,7 @@ class Trainer:
         if not (self.read_only or _all_see_directory(checkpoint_dir(self.run_dir))):
             return None
         existing = Checkpointer(self.run_dir, create=False)
-        if not self.read_only and not existing.agreed_steps():  # every host decides alike
+        if not self.read_only and existing.latest_step is None:
             return None
         meta = existing.read_meta(step)
         if meta["workload"] != self.workload.name:
