@@ -370,7 +370,9 @@ class EncodedQuestion:
 
     ids: list[int]  # bos, question, eos, context tokens (cut to max_input_len)
     context_start: int  # index of the first context token
-    spans: list[tuple[int, int]]  # each token's character span in the context ((0, 0) before it)
+    # Each token's word's character span in the context ((0, 0) before it), for the whole
+    # sequence: tokens past the window too, so an answer cut inside a word is seen as cut.
+    spans: list[tuple[int, int]]
     context: str
     answers: list[tuple[str, int]]  # (text, character offset) of each reference answer
 
@@ -602,7 +604,7 @@ class TaskBatcher:
                 seq += ids
                 spans += [(m.start(1), m.end(1))] * len(ids)
             answers = _answers(item[cfg.target_key], cfg)
-            out.append(EncodedQuestion(seq[:L], len(head), spans[:L], context, answers))
+            out.append(EncodedQuestion(seq[:L], len(head), spans, context, answers))
         return out
 
     def _span_row(self, q: EncodedQuestion) -> dict[str, np.ndarray]:
@@ -614,11 +616,11 @@ class TaskBatcher:
             last = offset + len(text.rstrip())  # one past the answer's last non-space character
             inside = [
                 i
-                for i in range(q.context_start, n)
+                for i in range(q.context_start, len(q.spans))
                 if q.spans[i][1] > first and q.spans[i][0] < last
             ]
             # Only a whole answer is a target: a cut one would teach a wrong end.
-            if inside and q.spans[inside[-1]][1] >= last:
+            if inside and inside[-1] < n:
                 start, end = inside[0], inside[-1]
         real_L = (np.arange(L) < n).astype(np.int32)
         types_L = ((np.arange(L) >= q.context_start) & (real_L > 0)).astype(np.int32)
