@@ -20,6 +20,7 @@ from jaxformer import sharding as shard_lib
 from jaxformer.training.checkpoint_faults import (
     MISMATCH,
     Unreadable,
+    agreed,
     disk_error,
     error_chain,
     everywhere,
@@ -133,6 +134,10 @@ class Checkpointer:
     def steps(self) -> list[int]:
         """All finished checkpoint steps, oldest first."""
         return sorted(self.manager.all_steps())
+
+    def agreed_steps(self) -> list[int]:
+        """`steps` as process 0 sees them, on every process (a collective on several hosts)."""
+        return agreed(self.steps)
 
     def save(
         self,
@@ -313,20 +318,27 @@ class Checkpointer:
     # ------------------------------------------------------------------ falling back
 
     def _newest(self, read: Callable[[int], Any], *, set_aside: bool = False) -> tuple[int, Any]:
-        """(step, read(step)) of the newest step that reads; the damaged newer ones reported."""
-        steps = self.steps
+        """(step, read(step)) of the newest step that reads; the damaged newer ones reported.
+        All hosts walk process 0's steps and fall back together past a step any of them cannot
+        read."""
+        steps = self.agreed_steps()
         if not steps:
             raise CheckpointError(f"no finished checkpoint in {self.directory}")
         damaged: list[tuple[int, str]] = []
         for step in reversed(steps):
+            # Orbax's reads synchronise the hosts: all read a step, or none does. So the hosts
+            # first agree that its files are complete everywhere, then read, then agree again.
             problem, result = self._commit_problem(step), None
-            if problem is None:
+            if everywhere(problem is None):
                 try:
                     result = read(step)
                 except Unreadable as err:
                     problem = str(err)
-            if not everywhere(problem is None):
-                damaged.append((step, problem or "it does not read on another host"))
+                ok = everywhere(problem is None)
+            else:
+                ok = False
+            if not ok:
+                damaged.append((step, problem or "it is missing or unreadable on another host"))
                 continue
             self._handle_damaged(damaged, step, set_aside)
             return step, result

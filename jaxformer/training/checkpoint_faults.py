@@ -152,6 +152,20 @@ def everywhere(ok: bool) -> bool:
     return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
+def agreed(values: list[int]) -> list[int]:
+    """Process 0's list of (small) ints, on every process: hosts whose views of a shared run
+    directory differ (a step not yet visible, or missing from one host's disk) must still walk
+    the same steps, or their collectives fall out of step."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+    mine = np.zeros(count, np.int32)
+    mine[: min(count, len(values))] = values[:count]
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(mine)]
+
+
 _delay_installed = False
 
 

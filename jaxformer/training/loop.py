@@ -178,7 +178,11 @@ class Trainer:
             self.trainable,
             adapt=lambda model: self.workload.adapt_model(model, cfg),
         )
-        if meta is None:  # a resumed run's own checkpoint replaces the whole state instead
+        # What checkpoints hold of the model (None: all of it); the rest is the workload's to
+        # rebuild on every start, resumed and read-only ones too (e.g. a LoRA run's frozen base).
+        self.saved_filter = self.workload.saved_state(cfg)
+        # A resumed run's own checkpoint replaces the whole state otherwise.
+        if meta is None or self.saved_filter is not None:
             model, optimizer = nnx.merge(self.graphdef, self.state)
             self.workload.initialize(model, cfg, self.env)
             self.graphdef, self.state = nnx.split((model, optimizer))
@@ -231,7 +235,7 @@ class Trainer:
         if not (self.read_only or _all_see_directory(checkpoint_dir(self.run_dir))):
             return None
         existing = Checkpointer(self.run_dir, create=False)
-        if not self.read_only and existing.latest_step is None:
+        if not self.read_only and not existing.agreed_steps():  # every host decides alike
             return None
         meta = existing.read_meta(step)
         if meta["workload"] != self.workload.name:
@@ -278,13 +282,15 @@ class Trainer:
                 reader.close()
             self.state[0] = model_only[0]
         elif step is not None:
-            self.state = self.checkpointer.restore_state(
-                self.state, self.mesh, self.rules, int(meta["step"])
+            restored = self.checkpointer.restore_state(
+                self._saved(self.state), self.mesh, self.rules, int(meta["step"])
             )
+            self.state = self._with_saved(restored)
         else:  # the newest step that reads; damaged newer ones are set aside
-            self.state, meta = self.checkpointer.restore_newest(
-                self.state, self.mesh, self.rules, set_aside=not self.read_only
+            restored, meta = self.checkpointer.restore_newest(
+                self._saved(self.state), self.mesh, self.rules, set_aside=not self.read_only
             )
+            self.state = self._with_saved(restored)
         self.log(f"[resume] from step {int(meta['step'])} of {self.run_dir}")
         return meta
 
@@ -327,11 +333,23 @@ class Trainer:
         """The trained model (evaluation mode), sharing the state's arrays."""
         return Evaluator(self.env, self.eval_step, self.state, self.graphdef).model()
 
+    def _saved(self, state: nnx.State) -> nnx.State:
+        """The part of the (model, optimizer) state that checkpoints hold."""
+        if self.saved_filter is None:
+            return state
+        return nnx.State({0: state[0].filter(self.saved_filter), 1: state[1]})
+
+    def _with_saved(self, restored: nnx.State) -> nnx.State:
+        """The state with the checkpointed part replaced by `restored`."""
+        if self.saved_filter is None:
+            return restored
+        return nnx.State({0: nnx.merge_state(self.state[0], restored[0]), 1: restored[1]})
+
     def save(self, step: int) -> None:
         """Starts an (asynchronous) checkpoint of the state after `step` updates."""
         self.checkpointer.save(
             step,
-            self.state,
+            self._saved(self.state),
             config=config_to_dict(self.cfg),
             tokenizer_model=self.tokenizer.serialized_model(),
             data_state=self._data_state(step),
