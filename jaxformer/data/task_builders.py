@@ -498,6 +498,7 @@ class CodeQA(_StdlibTaskBuilder):
     def _features(self) -> dict[str, Any]:
         return {
             "id": tfds.features.Text(),
+            "path": tfds.features.Text(),
             "context": tfds.features.Text(),
             "question": tfds.features.Text(),
             "answers": tfds.features.Sequence(
@@ -518,6 +519,7 @@ class CodeQA(_StdlibTaskBuilder):
                     key,
                     {
                         "id": key,
+                        "path": path,
                         "context": source,
                         "question": question,
                         "answers": {"text": [text], "answer_start": [start]},
