@@ -89,3 +89,65 @@ def test_question_answering_export_needs_two_labels(tmp_path):
     model, cfg = convert.from_hf(hf_model("token_classification"))
     with pytest.raises(ValueError, match="needs a classifier of 2 labels"):
         convert.to_hf(model, cfg, tmp_path / "hf", head="question_answering")
+
+
+# One head end to end (~30 s): QA, whose export renames the classifier; the token head's
+# choice by to-hf is checked without transformers in test_encoder_heads.py.
+@pytest.mark.parametrize("head", ["question_answering"])
+def test_fine_tuned_run_exports_as_its_task_head(head, stdlib_data_dir, stdlib_tokenizer, tmp_path):
+    """from-hf -> fine-tune on the built-in demo -> to-hf writes the task's class, same logits."""
+    from jaxformer.convert.__main__ import main as cli
+    from jaxformer.convert.runs import load_run
+    from jaxformer.data import task_builders
+    from jaxformer.training.evaluate import run_eval
+    from jaxformer.training.finetune import run_finetune
+
+    cls, _ = HEADS[head]
+    num_labels = 2 if head == "question_answering" else len(task_builders.TOKEN_TAGS)
+    config = tf.BertConfig(
+        vocab_size=stdlib_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(0)
+    cls(config).eval().save_pretrained(tmp_path / "hf")
+    stdlib_tokenizer.save(str(tmp_path / "tok.model"))
+    run = str(tmp_path / "run")
+    assert (
+        cli(["from-hf", str(tmp_path / "hf"), run, "--tokenizer", str(tmp_path / "tok.model")]) == 0
+    )
+    finetuned = str(tmp_path / "finetuned")
+    overrides = [
+        f"task.data_dir={stdlib_data_dir}",
+        "task.max_input_len=64",
+        "task.batch_size=8",
+        "task.max_examples=24",
+        "train.steps=2",
+        "train.eval_every=0",
+        "optimizer.warmup_steps=1",
+        "checkpoint.async_save=false",
+        f"run.dir={finetuned}",
+    ]
+    demo = "code_tokens" if head == "token_classification" else "code_qa"
+    assert run_finetune(run, None, f"configs/finetune/{demo}.yaml", overrides) == 0
+    report = tmp_path / "report.json"
+    assert run_eval(finetuned, None, None, str(report), False, None) == 0
+    metric = "entity_f1" if head == "token_classification" else "exact_match"
+    assert metric in report.read_text()
+    assert cli(["to-hf", finetuned, str(tmp_path / "out")]) == 0  # the head from the run
+    back = tf.AutoConfig.from_pretrained(tmp_path / "out")
+    assert back.architectures == [cls.__name__] and back.num_labels == num_labels
+    hf = cls.from_pretrained(tmp_path / "out").eval()
+    model, _ = load_run(finetuned)
+    global TOKENS
+    saved, TOKENS = TOKENS, TOKENS % stdlib_tokenizer.vocab_size
+    try:
+        diff = np.abs(our_logits(head, model) - hf_logits(head, hf)).max()
+    finally:
+        TOKENS = saved
+    print(f"{head} fine-tuned run to-hf: max abs logit difference {diff:.2e}")
+    assert diff < ATOL

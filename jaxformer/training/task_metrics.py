@@ -171,9 +171,10 @@ def evaluate_task(
                 labels.append([names[t] for t in rows["token_labels"][r][first]])
                 predictions.append([names[t] for t in preds_BxL[r][first]])
         elif kind == "question_answering":
-            first_row = step * batcher.cfg.batch_size
+            first_row, preds_Bx2 = step * batcher.cfg.batch_size, _global(preds)
             predictions.extend(
-                (first_row + int(r), *map(int, _global(preds)[r])) for r in np.flatnonzero(real)
+                (first_row + int(r), int(preds_Bx2[r, 0]), int(preds_Bx2[r, 1]))
+                for r in np.flatnonzero(real)
             )
         elif kind == "text2text" and len(sources) < max_generations:
             sources.extend(zip(rows["encoder_inputs"][real], rows["encoder_segment_ids"][real]))
