@@ -283,3 +283,46 @@ def test_builtin_demo_fine_tunes(pretrained_bert, stdlib_data_dir, tmp_path, con
     print(config, val)
     assert metric in val and 0.0 <= val[metric] <= 100.0 and math.isfinite(val["loss"])
     assert run_head(run_dir) == head  # to-hf writes the task's Hugging Face class
+
+
+@pytest.mark.parametrize("name, label", [("conll2003", "ner"), ("squad", "")])
+def test_tfds_configs_read_the_tfds_features(name, label, stdlib_tokenizer, tmp_path):
+    """The TFDS configs name features of the real builders (their specs need no download), and
+    records as a TFDS data source returns them (numpy bytes arrays, dicts of sequences) batch."""
+    from jaxformer.config import load_config
+    from jaxformer.data.tasks import TaskExamples, _tfds_builder
+    from jaxformer.training.finetune import FinetuneExperiment
+
+    task = load_config(FinetuneExperiment, f"configs/finetune/{name}.yaml", []).task.resolved()
+    features = _tfds_builder(name, str(tmp_path)).info.features
+    keys = [task.input_key, task.target_key, task.label_key, task.context_key]
+    assert {k for k in keys if k} <= set(features) and task.label_key == label
+    task = dataclasses.replace(task, batch_size=2, max_input_len=48)
+    if name == "conll2003":
+        record = {
+            "tokens": np.array([b"EU", b"rejects", b"German", b"call"], dtype=object),
+            "ner": np.array([3, 0, 7, 0]),
+        }
+        names = features["ner"].feature.names
+        examples = TaskExamples([record], task, "dev", 1, label_names=names)
+        assert examples[0] == {"tokens": ["EU", "rejects", "German", "call"], "ner": [3, 0, 7, 0]}
+        rows = TaskBatcher(task, examples, stdlib_tokenizer, 0).batch(0)
+        np.testing.assert_array_equal(
+            rows["token_labels"][0][rows["label_weights"][0] > 0], [3, 0, 7, 0]
+        )
+    else:
+        context = "Paris is the capital of France."
+        record = {
+            "question": b"What is the capital of France?",
+            "context": context.encode(),
+            "answers": {
+                "text": np.array([b"Paris", b"Paris"], dtype=object),
+                "answer_start": np.array([0, 0], np.int32),
+            },
+        }
+        examples = TaskExamples([record], task, "validation", 1)
+        batcher = TaskBatcher(task, examples, stdlib_tokenizer, 0)
+        rows = batcher.batch(0)
+        (q,) = batcher.encode_questions([examples[0]])
+        assert q.answers == [("Paris", 0), ("Paris", 0)]
+        assert q.answer_text(rows["start_positions"][0], rows["end_positions"][0]) == "Paris"
