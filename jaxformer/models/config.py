@@ -36,6 +36,21 @@ GLOBAL_WINDOW = 2**30
 """The window a global layer gets in a per-layer window table (longer than any sequence)."""
 
 
+# Sizes that must be at least 1 (None, where allowed, means a default): 0 heads would divide by
+# zero, 0 layers would train and fail at the first save.
+POSITIVE_SIZES = (
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_decoder_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "d_ff",
+    "max_len",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one Transformer; everything a model file reads comes from here."""
@@ -136,6 +151,10 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        for name in POSITIVE_SIZES:  # first: num_heads=0 would divide by zero below
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"model.{name}={value}: must be >= 1")
         for name, choices in CHOICES.items():
             check_choice(f"ModelConfig.{name}", getattr(self, name), choices)
         if self.head_dim is None and self.d_model % self.num_heads:

@@ -168,43 +168,14 @@ def load_experiment(
             except ValueError as err:
                 raise ConfigError(f"model.preset: {err}") from None
         base = {"model": dataclasses.asdict(preset(name))}
-    try:
-        cfg = load_config(ExperimentConfig, yaml_path, overrides, base=base)
-    except ZeroDivisionError:
-        # ModelConfig divides d_model by num_heads (its only divisor) before any check of ours.
-        raise ConfigError(
-            "model.num_heads=0: must be >= 1 (d_model is split over the heads)"
-        ) from None
+    cfg = load_config(ExperimentConfig, yaml_path, overrides, base=base)
     check_experiment(cfg)
     return cfg
 
 
-# Model sizes that must be at least 1 (None, where allowed, means a default). ModelConfig checks
-# how they divide, not that they are positive: 0 layers would train and fail at the first save.
-POSITIVE_MODEL_SIZES = (
-    "d_model",
-    "num_layers",
-    "num_decoder_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "d_ff",
-    "max_len",
-)
-
-
-def check_model_sizes(model: ModelConfig) -> None:
-    """ConfigError naming the first model size below 1."""
-    for name in POSITIVE_MODEL_SIZES:
-        value = getattr(model, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"model.{name}={value}: must be >= 1")
-
-
 def check_experiment(cfg: ExperimentConfig) -> None:
     """Checks between sections, made before any work (tokenizer, token caches, run directory),
-    each naming the override that fixes it."""
-    check_model_sizes(cfg.model)
+    each naming the override that fixes it (ModelConfig checks its own sizes)."""
     if cfg.objective not in OBJECTIVE_OF_FAMILY.values():
         raise ConfigError(
             f"data.objective={cfg.data.objective!r} is not one of auto, "
