@@ -1,8 +1,10 @@
-"""python -m jaxformer.convert {from-hf,to-hf} SRC DST
+"""python -m jaxformer.convert {from-hf,to-hf,merge} SRC DST
 
 from-hf: a save_pretrained directory (GPT-2, BERT, T5, Llama, Mistral, Qwen2, Qwen3, Gemma 2)
          -> a jaxformer run directory (step 0).
 to-hf:   a jaxformer run directory's latest (or --step) checkpoint -> a save_pretrained directory.
+merge:   a LoRA fine-tuning run (adapters + the base it names) -> a plain run directory (step 0)
+         whose kernels are base + adapter, in the model's param_dtype.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument(
         "--head",
         default=None,
-        help="architecture to record for an encoder: masked_lm or classification "
-        "(default: classification for a fine-tuned classifier, else masked_lm)",
+        help="architecture to record for an encoder: masked_lm, classification, "
+        "token_classification or question_answering (default: a fine-tuned run's task kind, "
+        "else masked_lm)",
     )
     b.add_argument(
         "--architecture",
@@ -53,6 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "express is refused, naming the config fields",
     )
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    m = sub.add_parser("merge", help="LoRA run directory -> plain run directory")
+    m.add_argument("src")
+    m.add_argument("dst")
+    m.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = parser.parse_args(argv)
     return convert_command(args)
 
@@ -69,6 +76,10 @@ def convert_command(args: argparse.Namespace) -> int:
         for module in modules:
             cli.require(module, "hf", f"python -m jaxformer.convert {args.command}")
 
+    if args.command == "merge":
+        out = merge_run(args.src, args.dst, args.step)
+        print(f"wrote the merged model (base + adapters of {args.src}) to run directory {out}")
+        return 0
     if args.command == "from-hf":
         if not os.path.isdir(args.src):
             raise NotADirectoryError(
@@ -100,6 +111,25 @@ def convert_command(args: argparse.Namespace) -> int:
         note = runs.export_tokenizer(args.src, args.step, out)
         print(f"wrote Hugging Face directory {out}{note}")
     return 0
+
+
+def merge_run(src: str, dst: str, step: Optional[int] = None) -> str:
+    """Folds a LoRA run's adapters into its base and saves the result as a plain run directory."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxformer import lora
+    from jaxformer.convert import runs
+    from jaxformer.training.finetune import load_lora_run
+    from jaxformer.training.workload import run_config
+
+    model, meta = load_lora_run(src, step)
+    cfg = run_config(meta, os.path.abspath(src))[1].model
+    merged = lora.merge_lora(model)
+    dtype = jnp.dtype(cfg.param_dtype)
+    for _, var in nnx.to_flat_state(nnx.state(merged, nnx.Param)):
+        var.set_value(var[...].astype(dtype))
+    return runs.save_run(merged, cfg, dst, tokenizer_model=meta.get("tokenizer") or b"")
 
 
 if __name__ == "__main__":

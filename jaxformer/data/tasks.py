@@ -560,6 +560,8 @@ class TaskBatcher:
                     raise ValueError(
                         f"label {label} of task {cfg.name!r} is outside [0, {self.num_labels})"
                     )
+                if not ids:  # a word with no pieces (whitespace to the tokenizer) has no place
+                    continue
                 seq += ids
                 tags += [label] + [0] * (len(ids) - 1)
                 firsts += [1.0] + [0.0] * (len(ids) - 1)
