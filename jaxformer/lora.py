@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import math
 from typing import Union
 
@@ -419,3 +420,15 @@ def _base_meta(module: LoraProjection) -> dict:
     order = module._kernel_letters("I" * len(ins), "O" * len(outs))
     names = tuple(a_names[:stacked]) + tuple(ins.pop(0) if c == "I" else outs.pop(0) for c in order)
     return _meta(module.lora_a, names)
+
+
+def content_hash(params: dict[tuple, Array]) -> str:
+    """sha256 over the paths, dtypes, shapes and bytes of {path: array} (the base a LoRA run
+    adapts); arrays split over several hosts are hashed by their metadata alone."""
+    digest = hashlib.sha256()
+    for path in sorted(params, key=lambda p: tuple(map(str, p))):
+        value = params[path]
+        digest.update(f"{'.'.join(map(str, path))}:{value.dtype}:{value.shape};".encode())
+        if getattr(value, "is_fully_addressable", True):
+            digest.update(jax.device_get(value).tobytes())
+    return digest.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from typing import Optional
@@ -12,6 +13,7 @@ from flax import nnx
 
 from jaxformer import lora as lora_lib
 from jaxformer import models
+from jaxformer import sharding as shard_lib
 from jaxformer.config import ConfigError, config_to_dict, load_config
 from jaxformer.data.tasks import TaskConfig, load_task, task_batcher, tokenize_task_fields
 from jaxformer.data.tokenizer import load_tokenizer
@@ -158,6 +160,8 @@ class Finetuning(Workload):
         self.pretrained_meta = pretrained_meta
         self.new_parameters: list[str] = []
         """Paths that kept their fresh initialisation (a new or resized task head)."""
+        self.base_hash = ""
+        """Content hash of the pretrained parameters `initialize` read (lora.content_hash)."""
 
     @classmethod
     def for_run(cls, meta: dict) -> Finetuning:
@@ -247,6 +251,13 @@ class Finetuning(Workload):
 
         return nnx.All(nnx.Param, nnx.Not(frozen))
 
+    def saved_state(self, cfg: FinetuneExperiment) -> Optional[nnx.filterlib.Filter]:
+        """With LoRA: the adapters (and lora.train_also) and RNG counters; the frozen base is
+        read again from finetune.from_dir on every start."""
+        if not cfg.finetune.lora.enabled:
+            return None
+        return nnx.Any(lora_lib.trainable_filter(cfg.finetune.lora), nnx.RngState)
+
     def adapt_model(self, model: nnx.Module, cfg: FinetuneExperiment) -> None:
         """Adds the finetune.lora adapters (none without targets)."""
         if cfg.finetune.lora.enabled:
@@ -256,18 +267,27 @@ class Finetuning(Workload):
         """Copies the pretrained parameters in (quantizing LoRA bases that are quantized); the
         task head (if new) and the adapters keep their initialisation."""
         from_dir = cfg.finetune.from_dir
+
+        def copy(model: nnx.Module, pretrained: dict) -> list[str]:
+            if cfg.finetune.lora.enabled:
+                self.base_hash = lora_lib.content_hash(pretrained)
+            return copy_base_params(model, pretrained)
+
         if _is_hf(from_dir):
-            fresh = _hf_source().load_params(
-                model, from_dir, env.mesh, env.rules, copy=copy_base_params
-            )
+            fresh = _hf_source().load_params(model, from_dir, env.mesh, env.rules, copy=copy)
         else:
+            base_meta = self.pretrained_meta
+            if cfg.finetune.lora.enabled:  # also for a resumed or read-only LoRA run: its base
+                base_meta = Checkpointer(from_dir, create=False).read_meta(cfg.finetune.from_step)
             fresh = load_pretrained_params(
-                model, from_dir, self.pretrained_meta, env.mesh, env.rules
+                model, from_dir, base_meta, env.mesh, env.rules, copy=copy
             )
         adapters = {
             ".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
         }
         self.new_parameters = [p for p in fresh if p not in adapters]
+        if cfg.finetune.lora.enabled:
+            check_lora_base(env.run_dir, cfg, self.base_hash)
         if self.new_parameters:
             env.log("[finetune] newly initialised: " + ", ".join(self.new_parameters))
 
@@ -285,7 +305,9 @@ class Finetuning(Workload):
         )
 
 
-def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh, rules) -> list[str]:
+def load_pretrained_params(
+    model: nnx.Module, run_dir: str, meta: dict, mesh, rules, *, copy=None
+) -> list[str]:
     """Copies the parameters of run_dir's checkpoint (`meta` from read_meta) into `model`
     wherever path and shape agree.
 
@@ -301,7 +323,59 @@ def load_pretrained_params(model: nnx.Module, run_dir: str, meta: dict, mesh, ru
     pretrained = {
         path: var[...] for path, var in nnx.to_flat_state(nnx.state(restored[0], nnx.Param))
     }
-    return copy_base_params(model, pretrained)
+    return (copy or copy_base_params)(model, pretrained)
+
+
+LORA_BASE_FILE = "lora_base.json"
+"""In a LoRA run directory: the base it adapts (finetune.from_dir, from_step, content sha256)."""
+
+
+def check_lora_base(run_dir: str, cfg: FinetuneExperiment, digest: str) -> None:
+    """Records the base of a new LoRA run; for an existing one, a clear error if the base read
+    now is not the one its adapters were trained on."""
+    path = os.path.join(run_dir, LORA_BASE_FILE)
+    record = dict(from_dir=cfg.finetune.from_dir, from_step=cfg.finetune.from_step, sha256=digest)
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored.get("sha256") != digest:
+            raise CheckpointError(
+                f"the base weights in {cfg.finetune.from_dir} (step {cfg.finetune.from_step}) are "
+                f"not those the adapters in {run_dir} were trained on (sha256 "
+                f"{stored.get('sha256', '?')[:12]}... recorded in {path}, {digest[:12]}... now)"
+            )
+    elif jax.process_index() == 0 and os.path.isdir(run_dir):
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def load_lora_run(run_dir: str, step: Optional[int] = None) -> tuple[nnx.Module, dict]:
+    """(base + adapters of a LoRA run's checkpoint on this host's first device, its metadata);
+    the base is read again from the run's finetune.from_dir."""
+    checkpointer = Checkpointer(run_dir, create=False)
+    try:
+        meta = checkpointer.read_meta(step)
+        workload, cfg = run_config(meta, os.path.abspath(run_dir))
+        if not isinstance(workload, Finetuning) or not cfg.finetune.lora.enabled:
+            raise CheckpointError(
+                f"{run_dir} is not a LoRA run (no finetune.lora.targets): nothing to merge"
+            )
+        mesh = shard_lib.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+        rules = cfg.mesh.rules
+        with nnx.use_eager_sharding(False):
+            model = models.create(cfg.model, rngs=nnx.Rngs(0))
+        workload.adapt_model(model, cfg)
+        env = RunEnv(os.path.abspath(run_dir), mesh, rules, log=lambda _: None)
+        workload.initialize(model, cfg, env)
+        saved = nnx.filter_state(nnx.state(model), workload.saved_state(cfg))
+        restored = checkpointer.restore_state(
+            nnx.State({0: saved}), mesh, rules, meta["step"], partial=True
+        )
+        nnx.update(model, restored[0])
+    finally:
+        checkpointer.close()
+    model.eval()
+    return model, meta
 
 
 def copy_base_params(model: nnx.Module, pretrained: dict[tuple, jax.Array]) -> list[str]:

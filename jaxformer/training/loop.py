@@ -337,13 +337,15 @@ class Trainer:
         """The part of the (model, optimizer) state that checkpoints hold."""
         if self.saved_filter is None:
             return state
-        return nnx.State({0: state[0].filter(self.saved_filter), 1: state[1]})
+        return nnx.State({0: nnx.filter_state(state[0], self.saved_filter), 1: state[1]})
 
     def _with_saved(self, restored: nnx.State) -> nnx.State:
         """The state with the checkpointed part replaced by `restored`."""
         if self.saved_filter is None:
             return restored
-        return nnx.State({0: nnx.merge_state(self.state[0], restored[0]), 1: restored[1]})
+        flat = dict(nnx.to_flat_state(self.state))
+        flat.update(nnx.to_flat_state(restored))
+        return nnx.from_flat_state(flat)
 
     def save(self, step: int) -> None:
         """Starts an (asynchronous) checkpoint of the state after `step` updates."""

@@ -125,6 +125,12 @@ class Workload(abc.ABC):
         """Changes a freshly created model in place before its state is sharded (e.g. adds LoRA
         adapters); called for fresh, resumed and read-only runs alike. Default: none."""
 
+    def saved_state(self, cfg: Any) -> Optional[nnx.filterlib.Filter]:
+        """Which model variables checkpoints hold (the optimizer state always goes with them);
+        None (the default): all. With a filter, `initialize` rebuilds the rest on every start,
+        resumed and read-only runs included (a LoRA run saves only its adapters)."""
+        return None
+
     def initialize(self, model: nnx.Module, cfg: Any, env: RunEnv) -> None:  # noqa: B027
         """Changes a fresh (not resumed) run's initial parameters in place; default: none."""
 
