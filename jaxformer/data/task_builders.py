@@ -424,7 +424,7 @@ class CodeTokens(_StdlibTaskBuilder):
             yield key, {"tokens": tokens, "tags": tags, "path": path}
 
 
-MAX_QA_CONTEXT_CHARS, MAX_ANSWER_CHARS = 1200, 60
+MAX_QA_CONTEXT_CHARS, MAX_ANSWER_CHARS = 600, 60  # a context fits ~128 tokens
 
 
 def function_questions(source: str, name: str) -> list[tuple[str, str, int]]:
