@@ -183,9 +183,10 @@ def _lora_finetune(base, data_dir, run_dir, steps, extra=()):
         "optimizer.warmup_steps=1",
         "finetune.lora.targets=[self_attn.query,self_attn.value,mlp.up]",
         "finetune.lora.rank=4",
+        "finetune.lora.dropout=0.0",
         *extra,
     ]
-    return load_finetune(base, None, "configs/finetune/code_completion.yaml", overrides)
+    return load_finetune(base, None, "configs/finetune/lora_sft.yaml", overrides)
 
 
 def test_only_adapters_train_and_hold_optimizer_state(pretrained_gpt, stdlib_data_dir, tmp_path):
@@ -215,7 +216,9 @@ def test_only_adapters_train_and_hold_optimizer_state(pretrained_gpt, stdlib_dat
     after = params()
     trainer.close()
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
-    assert changed == adapter_paths, changed
+    # The base is untouched; B moves at once (A only once B is non-zero, with weight decay 0).
+    assert changed <= adapter_paths, changed
+    assert {p for p in adapter_paths if p.endswith("lora_b")} <= changed, changed
 
 
 def test_adapter_checkpoints_resume_bit_exactly_and_evaluate(
@@ -277,3 +280,33 @@ def test_adapter_checkpoints_resume_bit_exactly_and_evaluate(
         np.asarray(generate(merged, tokens[:, :4], max_new_tokens=4, method="greedy")),
     )
     assert convert_main(["merge", pretrained_gpt, str(tmp_path / "m2")]) == 2  # not a LoRA run
+
+
+def test_lora_configs_load_and_bad_options_are_clear(pretrained_gpt, stdlib_data_dir, tmp_path):
+    from jaxformer.config import ConfigError, load_config
+    from jaxformer.training.finetune import FinetuneExperiment
+
+    gpu = load_config(FinetuneExperiment, "configs/finetune/lora_gpu.yaml", [])
+    assert (gpu.model.dtype, gpu.model.attention_impl, gpu.model.remat) == (
+        "bfloat16",
+        "cudnn",
+        "full",
+    )
+    assert gpu.finetune.lora.quantize == "nf4" and gpu.finetune.lora.targets == ("all-linear",)
+    sft = load_config(FinetuneExperiment, "configs/finetune/lora_sft.yaml", [])
+    assert sft.finetune.lora.enabled and sft.finetune.lora.base_dtype == "bfloat16"
+    run = str(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"finetune.lora.quantize='nf5'; valid: none, int8, nf4"):
+        _lora_finetune(pretrained_gpt, stdlib_data_dir, run, 2, ["finetune.lora.quantize=nf5"])
+    with pytest.raises(ConfigError, match="finetune.freeze and finetune.lora.targets"):
+        _lora_finetune(pretrained_gpt, stdlib_data_dir, run, 2, ["finetune.freeze=[embed]"])
+    # A LoRA run's checkpoint holds adapters only: load_run (to-hf) refuses it, naming merge.
+    from jaxformer.convert.runs import load_run
+    from jaxformer.training.checkpoint import CheckpointError
+
+    cfg, meta = _lora_finetune(pretrained_gpt, stdlib_data_dir, str(tmp_path / "ok"), 1)
+    trainer = Trainer(cfg, Finetuning(meta), **QUIET)
+    trainer.run()
+    trainer.close()
+    with pytest.raises(CheckpointError, match="LoRA run.*jaxformer.convert merge"):
+        load_run(str(tmp_path / "ok"))

@@ -205,6 +205,12 @@ def load_run(run_dir: str, step: Optional[int] = None) -> tuple[nnx.Module, Mode
         meta = checkpointer.read_meta(step)
         # Any workload's run (pretrained, fine-tuned): its config type says how to read it.
         _, exp = run_config(meta, os.path.abspath(run_dir))
+        lora = getattr(getattr(exp, "finetune", None), "lora", None)
+        if lora is not None and lora.enabled:  # its checkpoints hold adapters, not the base
+            raise CheckpointError(
+                f"{run_dir} is a LoRA run (its checkpoints hold only adapters); fold them into "
+                f"the base first: python -m jaxformer.convert merge {run_dir} OUT"
+            )
         cfg = exp.model
         with nnx.use_eager_sharding(False):
             model = models.create(cfg, rngs=nnx.Rngs(0))
