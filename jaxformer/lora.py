@@ -324,9 +324,14 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> list[str
     return chosen
 
 
+def under(dotted: str, prefix: str) -> bool:
+    """Whether the dotted parameter path is `prefix` or lies below it."""
+    return dotted == prefix or dotted.startswith(prefix + ".")
+
+
 def _under(path: tuple, prefixes: tuple[str, ...]) -> bool:
     dotted = ".".join(map(str, path))
-    return any(dotted == p or dotted.startswith(p + ".") for p in prefixes)
+    return any(under(dotted, p) for p in prefixes)
 
 
 def trainable_filter(cfg: LoraConfig) -> nnx.filterlib.Filter:

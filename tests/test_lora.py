@@ -119,7 +119,7 @@ def _sgd_step(model, tokens):
 
 def test_lora_on_a_2x2x2_mesh_equals_one_device():
     cfg = dataclasses.replace(models.preset("llama-tiny"), dropout_rate=0.0)
-    lcfg = lora.LoraConfig(targets=("all-linear",), quantize="nf4")
+    lcfg = lora.LoraConfig(targets=("self_attn.query", "mlp.down"), quantize="nf4")
 
     def build():
         model = models.create(cfg, rngs=nnx.Rngs(0))
@@ -224,18 +224,14 @@ def test_only_adapters_train_and_hold_optimizer_state(pretrained_gpt, stdlib_dat
 def test_adapter_checkpoints_resume_bit_exactly_and_evaluate(
     pretrained_gpt, stdlib_data_dir, tmp_path
 ):
+    from jaxformer.training.finetune import load_lora_run
     from tests.data_fixtures import train_interrupted
 
-    def adapters(run_dir, cfg):
-        trainer = Trainer(cfg, read_only=True, **QUIET)
-        model = trainer.model()
-        out = {
+    def adapters(model):
+        return {
             ".".join(map(str, k)): np.asarray(v[...])
             for k, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
         }
-        kernel = np.asarray(model.blocks.self_attn.query.kernel[...].astype(jnp.float32))
-        trainer.close()
-        return out, kernel
 
     extra = ["checkpoint.every=2", "finetune.lora.dropout=0.1"]
     whole_cfg, _ = _lora_finetune(pretrained_gpt, stdlib_data_dir, str(tmp_path / "a"), 4, extra)
@@ -247,8 +243,14 @@ def test_adapter_checkpoints_resume_bit_exactly_and_evaluate(
     assert saved_paths and all("lora_" in p or "rngs" in p for p in saved_paths), saved_paths
     cut_cfg, _ = _lora_finetune(pretrained_gpt, stdlib_data_dir, str(tmp_path / "b"), 4, extra)
     train_interrupted(cut_cfg, until=2)
-    whole, base_kernel = adapters(str(tmp_path / "a"), whole_cfg)
-    cut, _ = adapters(str(tmp_path / "b"), cut_cfg)
+    adapted, _ = load_lora_run(str(tmp_path / "a"))
+    whole = adapters(adapted)
+    # eval.py's way in: a read-only Trainer, which rebuilds base + adapters.
+    reader = Trainer(cut_cfg, read_only=True, **QUIET)
+    cut_model = reader.model()
+    reader.close()
+    cut = adapters(cut_model)
+    base_kernel = np.asarray(cut_model.blocks.self_attn.query.kernel[...].astype(jnp.float32))
     assert whole.keys() == cut.keys() and len(whole) == 6
     for key in whole:
         np.testing.assert_array_equal(whole[key], cut[key], err_msg=key)
@@ -261,12 +263,10 @@ def test_adapter_checkpoints_resume_bit_exactly_and_evaluate(
     # merge: a plain run directory whose model equals base + adapters; generation agrees.
     from jaxformer.convert.__main__ import main as convert_main
     from jaxformer.inference import generate
-    from jaxformer.training.finetune import load_lora_run
 
     out = str(tmp_path / "merged")
     assert convert_main(["merge", str(tmp_path / "a"), out]) == 0
     merged, _ = load_run(out)
-    adapted, _ = load_lora_run(str(tmp_path / "a"))
     assert lora.adapted(adapted) and not lora.adapted(merged)
     tokens = (jnp.arange(2 * 12).reshape(2, 12) * 11) % 200
     np.testing.assert_allclose(
@@ -280,6 +280,11 @@ def test_adapter_checkpoints_resume_bit_exactly_and_evaluate(
         np.asarray(generate(merged, tokens[:, :4], max_new_tokens=4, method="greedy")),
     )
     assert convert_main(["merge", pretrained_gpt, str(tmp_path / "m2")]) == 2  # not a LoRA run
+    # Its checkpoints hold adapters only: load_run (to-hf) refuses it, naming merge.
+    from jaxformer.training.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="LoRA run.*jaxformer.convert merge"):
+        load_run(str(tmp_path / "a"))
 
 
 def test_lora_configs_load_and_bad_options_are_clear(pretrained_gpt, stdlib_data_dir, tmp_path):
@@ -300,13 +305,3 @@ def test_lora_configs_load_and_bad_options_are_clear(pretrained_gpt, stdlib_data
         _lora_finetune(pretrained_gpt, stdlib_data_dir, run, 2, ["finetune.lora.quantize=nf5"])
     with pytest.raises(ConfigError, match="finetune.freeze and finetune.lora.targets"):
         _lora_finetune(pretrained_gpt, stdlib_data_dir, run, 2, ["finetune.freeze=[embed]"])
-    # A LoRA run's checkpoint holds adapters only: load_run (to-hf) refuses it, naming merge.
-    from jaxformer.convert.runs import load_run
-    from jaxformer.training.checkpoint import CheckpointError
-
-    cfg, meta = _lora_finetune(pretrained_gpt, stdlib_data_dir, str(tmp_path / "ok"), 1)
-    trainer = Trainer(cfg, Finetuning(meta), **QUIET)
-    trainer.run()
-    trainer.close()
-    with pytest.raises(CheckpointError, match="LoRA run.*jaxformer.convert merge"):
-        load_run(str(tmp_path / "ok"))

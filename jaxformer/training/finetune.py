@@ -288,6 +288,15 @@ class Finetuning(Workload):
         self.new_parameters = [p for p in fresh if p not in adapters]
         if cfg.finetune.lora.enabled:
             check_lora_base(env.run_dir, cfg, self.base_hash)
+            prefixes = cfg.finetune.lora.train_also
+            frozen_fresh = [
+                p for p in self.new_parameters if not any(lora_lib.under(p, q) for q in prefixes)
+            ]
+            if frozen_fresh:
+                env.log(
+                    f"[lora] warning: {', '.join(frozen_fresh)} are newly initialised but frozen; "
+                    "train them with finetune.lora.train_also=[...] (e.g. [classifier])"
+                )
         if self.new_parameters:
             env.log("[finetune] newly initialised: " + ", ".join(self.new_parameters))
 
