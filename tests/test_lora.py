@@ -74,6 +74,21 @@ def test_layout_and_targets():
     down = model.decoder_blocks.mlp.down
     assert down.lora_a.get_metadata()["out_sharding"] == ("layers", "mlp", "lora_rank")
     assert model.decoder_blocks.cross_attn.query.kernel[...].dtype == jnp.bfloat16  # frozen base
+    bert = models.create(models.preset("bert-tiny"), rngs=nnx.Rngs(0))
+    cfg = lora.LoraConfig(targets=("self_attn.value",), train_also=("classifier",))
+    lora.apply_lora(bert, cfg)
+    trained = {
+        ".".join(map(str, k))
+        for k, _ in nnx.to_flat_state(nnx.state(bert, lora.trainable_filter(cfg)))
+    }
+    assert trained == {
+        "blocks.self_attn.value.lora_a",
+        "blocks.self_attn.value.lora_b",
+        "classifier.bias",
+        "classifier.kernel",
+    }
+    assert bert.classifier.kernel[...].dtype == jnp.float32  # trained in full: not cast
+    assert bert.pooler.kernel[...].dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"'self_attn.qq' matches no projection.*self_attn.key"):
         lora.apply_lora(
             models.create(models.preset("gpt-tiny"), rngs=nnx.Rngs(0)),

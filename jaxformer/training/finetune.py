@@ -130,8 +130,10 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def check_freeze_prefixes(model_cfg: ModelConfig, prefixes: Sequence[str]) -> None:
-    """A clear error for a `finetune.freeze` prefix that names no parameter of the model."""
+def check_freeze_prefixes(
+    model_cfg: ModelConfig, prefixes: Sequence[str], key: str = "finetune.freeze"
+) -> None:
+    """A clear error for a `finetune.freeze` (or other `key`) prefix naming no parameter."""
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: models.create(model_cfg, rngs=nnx.Rngs(0)))
     names = [
@@ -142,7 +144,7 @@ def check_freeze_prefixes(model_cfg: ModelConfig, prefixes: Sequence[str]) -> No
         # Layers are stacked on one axis, so per-layer prefixes such as blocks.0 are gone.
         tops = sorted({".".join(n.split(".")[:2]) for n in names})
         raise ValueError(
-            f"finetune.freeze prefixes {unused} match no parameter; "
+            f"{key} prefixes {unused} match no parameter; "
             f"parameter paths start with: {', '.join(tops)}"
         )
 
@@ -239,6 +241,10 @@ class Finetuning(Workload):
         """Every parameter but those under a `finetune.freeze` prefix (these get no gradients and
         no optimizer state)."""
         if cfg.finetune.lora.enabled:
+            if cfg.finetune.lora.train_also:
+                check_freeze_prefixes(
+                    cfg.model, cfg.finetune.lora.train_also, "finetune.lora.train_also"
+                )
             return lora_lib.trainable_filter(cfg.finetune.lora)
         prefixes = tuple(cfg.finetune.freeze)
         if not prefixes:
