@@ -100,7 +100,8 @@ def test_quantized_bases_are_within_their_stated_error():
     w = jax.random.normal(jax.random.key(0), (2, 256, 8, 32))  # stacked per-head kernel
     nf4 = quantize_nf4.dequantize(quantize_nf4.quantize(w, 1), w.shape[1:])
     rel = float(jnp.sqrt(jnp.mean((nf4 - w) ** 2) / jnp.mean(w**2)))
-    # Measured 0.0995 on N(0, 1) weights (the NF4 level spacing; double quantization adds ~0).
+    # Measured 0.0919 on these N(0, 1) weights; with exact (not double-quantized) absmaxes 0.0919
+    # too: the 4-bit levels dominate the error.
     assert 0.08 < rel < 0.105, rel
     q = quantize_nf4.quantize(w, 1)
     bits = sum(np.asarray(x).nbytes for x in q) * 8 / w.size
@@ -112,7 +113,7 @@ def test_quantized_bases_are_within_their_stated_error():
         lora.apply_lora(model, lora.LoraConfig(targets=("self_attn.out",), quantize=kind))
         deq = model.blocks.self_attn.out.base_kernel(jnp.float32)
         rel = float(jnp.sqrt(jnp.mean((deq - kernel) ** 2) / jnp.mean(kernel**2)))
-        assert rel < bound, (kind, rel)  # measured: int8 0.0075, nf4 0.098
+        assert rel < bound, (kind, rel)  # measured: int8 0.0060, nf4 0.0916
         assert not nnx.state(model.blocks.self_attn.out, nnx.Param).get("kernel")
 
 
