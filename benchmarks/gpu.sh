@@ -8,13 +8,13 @@
 #   bash benchmarks/gpu.sh --tiny       # end to end on any CPU with tiny presets (or
 #                                       # JAXFORMER_BENCH_TINY=1)
 # PYTHON picks the interpreter; GPT2_BATCH, LLAMA_BATCH, STEPS change the sizes. JSON lines of
-# every measurement go to ${OUT:-bench_gpu}.jsonl beside the readable output.
+# every measurement go to ${OUT:-$TMPDIR/bench_gpu}.jsonl (TMPDIR default /tmp) beside the readable output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TINY=${JAXFORMER_BENCH_TINY:-0}
 [[ "${1:-}" == "--tiny" ]] && TINY=1
-OUT=${OUT:-bench_gpu}.jsonl
+OUT=${OUT:-${TMPDIR:-/tmp}/bench_gpu}.jsonl
 : >"$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" # the checkout, installed or not
 export XLA_PYTHON_CLIENT_PREALLOCATE=false           # memory figures from XLA, not the pool

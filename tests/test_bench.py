@@ -116,19 +116,29 @@ def test_peak_reports_both_dtypes(capsys):
     assert r["float32_flops_per_second"] >= r["float32_median_flops_per_second"]
 
 
+GENERATE = ["generate", "--layers", "2", "--d-model", "32", "--heads", "2", "--vocab", "256"]
+
+
 def test_generate_with_and_without_cache_same_tokens(capsys):
-    argv = ["generate", "--layers", "2", "--d-model", "32", "--heads", "2", "--vocab", "256"]
-    argv += ["--batch", "1", "2", "--new-tokens", "4", "--repeats", "1", "--json"]
-    if importlib.util.find_spec("transformers") and importlib.util.find_spec("torch"):
-        argv.append("--hf")
+    argv = [*GENERATE, "--batch", "1", "2", "--new-tokens", "4", "--repeats", "1", "--json"]
     assert main(argv) == 0
     r = _json_of(capsys)
     impls = {row["impl"] for row in r["rows"]}
     assert {"jaxformer kv-cache", "jaxformer no cache"} <= impls
-    assert "--hf" not in argv or "hf generate (dynamic cache)" in impls
     for row in r["rows"]:
         assert row["same_tokens"], row
         assert math.isclose(row["tokens_per_second"], row["batch"] * 4 / row["seconds"])
+
+
+@pytest.mark.slow
+def test_generate_beside_hugging_face_same_tokens(capsys):
+    """transformers' generate on the to_hf export gives the tokens of the cached decode."""
+    if not (importlib.util.find_spec("transformers") and importlib.util.find_spec("torch")):
+        pytest.skip("needs the hf extra (transformers, torch)")
+    argv = [*GENERATE, "--batch", "2", "--new-tokens", "4", "--repeats", "1", "--no-cache-off"]
+    assert main([*argv, "--hf", "--json"]) == 0
+    rows = {row["impl"]: row for row in _json_of(capsys)["rows"]}
+    assert rows["hf generate (dynamic cache)"]["same_tokens"]
 
 
 def test_bad_input_names_the_option(capsys):
