@@ -229,6 +229,25 @@ def test_sigterm_during_the_last_save_waits_for_it_and_exits_75(
     assert Checkpointer(run_dir, create=False).steps == [2]
 
 
+def test_a_preemption_sync_point_saves_that_step_and_exits_75(
+    quiet_overrides, tmp_path, monkeypatch, capsys
+):
+    """Where JAX's preemption service announces a scheduler's notice (it may take the SIGTERM
+    before our handler), the loop saves at the step the hosts agreed on, like a stop signal."""
+    from jaxformer.training import loop
+    from jaxformer.training.loop import reached_preemption_sync_point
+
+    assert reached_preemption_sync_point(3) is False  # one process: no preemption service
+    monkeypatch.setattr(loop, "reached_preemption_sync_point", lambda step: step == 2)
+    run_dir = str(tmp_path / "run")
+    overrides = ["train.steps=4", "checkpoint.every=100", f"run.dir={run_dir}"]
+    status = run_training(None, quiet_overrides + overrides)
+    err = capsys.readouterr().err
+    assert status == PREEMPTED_EXIT, err
+    assert "a preemption notice: saved a checkpoint at step 2" in err
+    assert Checkpointer(run_dir, create=False).steps == [2]
+
+
 def test_sigterm_while_waiting_for_the_first_batch_stops_the_run(
     quiet_overrides, tmp_path, monkeypatch, capsys
 ):

@@ -54,6 +54,22 @@ class Preempted(Exception):
         self.step = step
 
 
+PREEMPTION_NOTICE = "a preemption notice"
+"""How a stop announced by the runtime's preemption service (not a signal of ours) is named."""
+
+
+def reached_preemption_sync_point(step: int) -> bool:
+    """Whether the hosts reached the step JAX's preemption service chose to save at (after a
+    scheduler's notice, which that service may take before our SIGTERM handler sees it); False
+    where the runtime offers no such service (one process, no coordination client)."""
+    from jax.experimental import multihost_utils
+
+    try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except RuntimeError:  # the preemption sync manager is not enabled
+        return False
+
+
 class _StopWaiting(Exception):
     """A stop signal arrived while the loop waited for a batch (see _Stops)."""
 
@@ -431,7 +447,7 @@ class Trainer:
                     # otherwise take them along, and the rerun starts after them.
                     log.flush()
                     self._save_counted(done, log)
-                if self._stop_requested(signals):
+                if self._stop_requested(signals, step=done):
                     saved = done % cfg.checkpoint.every == 0 or done == stop
                     self._preempt(done, log, bar, signals, saved)
             log.settle_update()
@@ -562,8 +578,12 @@ class Trainer:
     def _on_devices(self, local: dict) -> dict:
         return shard_lib.shard_batch(local, self.mesh, self.rules)
 
-    def _stop_requested(self, signals: list) -> bool:
-        """Whether any process got a stop signal; all hosts agree, so all save the same step."""
+    def _stop_requested(self, signals: list, step: Optional[int] = None) -> bool:
+        """Whether any process got a stop signal, or (with `step`, called at every step) the
+        hosts reached JAX's preemption sync point; all hosts agree, so all save the same step."""
+        if step is not None and reached_preemption_sync_point(step):
+            signals.append(PREEMPTION_NOTICE)
+            return True
         local = bool(signals)
         if jax.process_count() == 1:
             return local
