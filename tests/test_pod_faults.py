@@ -55,3 +55,38 @@ def test_hosts_agree_on_the_step_to_restore_when_one_host_cannot_see_the_newest(
         train = [r for r in map(json.loads, f) if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 3, 4, 5, 6]
     assert train[2]["loss"] == train[4]["loss"] and train[3]["loss"] == train[5]["loss"]
+
+
+@pytest.mark.slow
+def test_two_hosts_started_together_on_a_fresh_run_directory_agree_it_is_new(
+    stdlib_data_dir, stdlib_tokenizer, tmp_path
+):
+    """As every pod starts: both processes launched at once on a directory that does not exist
+    yet, twice. Each time both train from step 0 and finish (before the one-decision rule, one in
+    two such starts crashed both: a host saw the directory its peer had just created, took the
+    resume path, and orbax's collectives mismatched)."""
+    tokenizer_path = str(tmp_path / "tok.model")
+    stdlib_tokenizer.save(tokenizer_path)
+    overrides = [
+        "model.preset=gpt-tiny",
+        f"data.data_dir={stdlib_data_dir}",
+        f"data.tokenizer_path={tokenizer_path}",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "train.steps=1",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "optimizer.warmup_steps=1",
+        "checkpoint.async_save=false",
+        "mesh.shape=[-1,1,1]",
+        "train.sample_prompt=''",
+    ]
+    for attempt in range(2):
+        run_dir = str(tmp_path / f"fresh-{attempt}")
+        procs = _start(2, 2, run_dir, overrides)
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [out[-3000:] for out in outputs]
+        assert all("done on 4 devices" in out for out in outputs), outputs
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            assert [r["step"] for r in map(json.loads, f) if r["split"] == "train"] == [1]
