@@ -120,7 +120,7 @@ GENERATE = ["generate", "--layers", "2", "--d-model", "32", "--heads", "2", "--v
 
 
 def test_generate_with_and_without_cache_same_tokens(capsys):
-    argv = [*GENERATE, "--batch", "1", "2", "--new-tokens", "4", "--repeats", "1", "--json"]
+    argv = [*GENERATE, "--batch", "2", "--new-tokens", "4", "--repeats", "1", "--json"]
     assert main(argv) == 0
     r = _json_of(capsys)
     impls = {row["impl"] for row in r["rows"]}
