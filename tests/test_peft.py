@@ -18,6 +18,7 @@ from jaxformer import convert, lora  # noqa: E402
 from jaxformer.convert import peft as peft_io  # noqa: E402
 from tests.test_convert import _bert_config, _gpt2, _t5  # noqa: E402
 from tests.test_convert_decoders import hf_model  # noqa: E402
+from tests.test_lora import pretrained_gpt  # noqa: E402, F401  (a fixture)
 
 tf.logging.set_verbosity_error()
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 10))
@@ -67,7 +68,6 @@ def _theirs(model, name):
     "name, targets",
     [
         ("llama", ("all-linear",)),
-        ("gpt2", ("all-linear",)),
         ("gpt2", ("self_attn.query", "self_attn.value")),  # two of c_attn's three parts
         ("qwen2", ("self_attn.query", "self_attn.value", "mlp.down")),
         ("gemma2", ("all-linear",)),
@@ -133,3 +133,29 @@ def test_bad_adapter_directories_are_clear(tmp_path):
     lora.apply_lora(model, lcfg)
     with pytest.raises(ValueError, match="train_also"):
         peft_io.save_adapter(model, cfg, lcfg, str(tmp_path / "a"))
+
+
+@pytest.mark.slow  # a 2-step LoRA run (~45 s here)
+def test_to_hf_of_a_lora_run_writes_a_peft_directory(pretrained_gpt, stdlib_data_dir, tmp_path):  # noqa: F811
+    """`python -m jaxformer.convert to-hf RUN OUT --base-out BASE` on a trained LoRA run."""
+    from jaxformer.convert.__main__ import main as convert_main
+    from jaxformer.training.finetune import Finetuning, load_lora_run
+    from jaxformer.training.loop import Trainer
+    from tests.test_lora import QUIET, _lora_finetune
+
+    run = str(tmp_path / "ft")
+    cfg, meta = _lora_finetune(pretrained_gpt, stdlib_data_dir, run, 2)
+    trainer = Trainer(cfg, Finetuning(meta), **QUIET)
+    trainer.run()
+    trainer.close()
+    out, base = str(tmp_path / "adapter"), str(tmp_path / "base")
+    assert convert_main(["to-hf", run, out, "--base-out", base]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == base
+    model, _ = load_lora_run(run)
+    hf = tf.AutoModelForCausalLM.from_pretrained(base).eval()
+    theirs = _theirs(peft.PeftModel.from_pretrained(hf, out).eval(), "gpt2")
+    err = float(np.max(np.abs(_ours(model, "gpt2") - theirs)))
+    print(f"LoRA run -> PEFT: max |ours - PEFT| = {err:.2e}")
+    assert err <= 1e-4
+    assert convert_main(["to-hf", pretrained_gpt, str(tmp_path / "x"), "--base-out", base]) == 2

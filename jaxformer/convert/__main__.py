@@ -2,7 +2,9 @@
 
 from-hf: a save_pretrained directory (GPT-2, BERT, T5, Llama, Mistral, Qwen2, Qwen3, Gemma 2)
          -> a jaxformer run directory (step 0).
-to-hf:   a jaxformer run directory's latest (or --step) checkpoint -> a save_pretrained directory.
+to-hf:   a jaxformer run directory's latest (or --step) checkpoint -> a save_pretrained directory;
+         of a LoRA run, a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
+         for the converted base, written too with --base-out DIR (jaxformer.convert.peft).
 merge:   a LoRA fine-tuning run (adapters + the base it names) -> a plain run directory (step 0)
          whose kernels are base + adapter, in the model's param_dtype.
 """
@@ -56,6 +58,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "express is refused, naming the config fields",
     )
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    b.add_argument(
+        "--base-out",
+        default=None,
+        help="LoRA runs only: also write the converted base model here (DST then names it as "
+        "base_model_name_or_path; default: the run's finetune.from_dir)",
+    )
     m = sub.add_parser("merge", help="LoRA run directory -> plain run directory")
     m.add_argument("src")
     m.add_argument("dst")
@@ -92,7 +100,24 @@ def convert_command(args: argparse.Namespace) -> int:
         tokenizer, note = runs.tokenizer_for_run(args.src, cfg, args.tokenizer)
         out = runs.save_run(model, cfg, args.dst, tokenizer_model=tokenizer)
         print(f"wrote {cfg.family} model to run directory {out}{note}")
+    elif _lora_run(args.src, args.step):
+        from jaxformer.convert import peft
+
+        require_hf("transformers", "safetensors")
+        out = peft.export_run(
+            args.src,
+            args.dst,
+            step=args.step,
+            base_out=args.base_out,
+            head=args.head,
+            architecture=args.architecture,
+            overwrite=args.overwrite,
+        )
+        note = f"; base model in {args.base_out}" if args.base_out else ""
+        print(f"wrote PEFT adapter directory {out}{note}")
     else:
+        if args.base_out:
+            raise ValueError(f"--base-out is for LoRA runs; {args.src} is not one")
         stored, default_head = runs.run_model_config(args.src, args.step)
         require_hf("transformers", "safetensors")
         head = args.head or default_head
@@ -111,6 +136,12 @@ def convert_command(args: argparse.Namespace) -> int:
         note = runs.export_tokenizer(args.src, args.step, out)
         print(f"wrote Hugging Face directory {out}{note}")
     return 0
+
+
+def _lora_run(src: str, step: Optional[int]) -> bool:
+    from jaxformer.convert import peft
+
+    return peft.is_lora_run(src, step)
 
 
 def merge_run(src: str, dst: str, step: Optional[int] = None) -> str:

@@ -280,3 +280,65 @@ def load_adapter(
         module.lora_b.set_value(jnp.asarray(b, module.lora_b[...].dtype))
         done.append(dotted)
     return done
+
+
+def is_lora_run(run_dir: str, step: Optional[int] = None) -> bool:
+    """Whether a run directory's checkpoint is a LoRA run's (adapters only), from its metadata."""
+    from jaxformer.training.checkpoint import Checkpointer
+    from jaxformer.training.workload import run_config
+
+    checkpointer = Checkpointer(run_dir, create=False)
+    try:
+        _, exp = run_config(checkpointer.read_meta(step), os.path.abspath(run_dir))
+    finally:
+        checkpointer.close()
+    spec = getattr(getattr(exp, "finetune", None), "lora", None)
+    return spec is not None and spec.enabled
+
+
+def export_run(
+    run_dir: str,
+    out_dir: str,
+    *,
+    step: Optional[int] = None,
+    base_out: Optional[str] = None,
+    head: Optional[str] = None,
+    architecture: Optional[str] = None,
+    overwrite: bool = False,
+) -> str:
+    """A LoRA run's adapters as a PEFT directory; with `base_out`, its base as a Hugging Face
+    directory too (the adapter's base_model_name_or_path), else the run's recorded base."""
+    from jaxformer import convert
+    from jaxformer.convert import common
+    from jaxformer.training.finetune import load_lora_run
+    from jaxformer.training.workload import run_config
+
+    common.check_destination(out_dir, overwrite=overwrite)
+    if base_out:
+        common.check_destination(base_out, overwrite=overwrite)
+    model, meta = load_lora_run(run_dir, step)
+    workload, exp = run_config(meta, os.path.abspath(run_dir))
+    cfg, head = exp.model, head or workload.hf_head(exp)
+    convert.hf_config(cfg, head, architecture)  # refused before anything is written
+    base = exp.finetune.from_dir
+    if base_out:
+        convert.to_hf(
+            base_model(model),
+            cfg,
+            base_out,
+            head=head,
+            architecture=architecture,
+            overwrite=overwrite,
+        )
+        base = os.path.abspath(base_out)
+    elif base.startswith("hf:"):
+        base = base[len("hf:") :]
+    return save_adapter(
+        model,
+        cfg,
+        exp.finetune.lora,
+        out_dir,
+        base_model=base,
+        architecture=architecture,
+        overwrite=overwrite,
+    )
