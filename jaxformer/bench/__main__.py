@@ -127,12 +127,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _peak_parser(sub)
-    from jaxformer.bench import generate, plan
+    from jaxformer.bench import finetune_memory, generate, plan
 
     generate.add_parser(sub)
     plan.add_parser(sub)
+    finetune_memory.add_parser(sub)
     args = parser.parse_args(argv)
     commands = dict(train=_train, peak=_peak, generate=generate.main, plan=plan.main)
+    commands["finetune-memory"] = finetune_memory.main
     try:
         return commands[args.command](args)
     except (ConfigError, ValueError) as err:
