@@ -1,6 +1,8 @@
 """bench finetune-memory on a tiny preset: sizes without allocating, one compiled step's peak."""
 
 import json
+import pathlib
+import shlex
 
 import pytest
 
@@ -25,9 +27,16 @@ def test_methods_compare_as_they_must():
     assert sized["qlora-int8"]["param_bytes"] < lora["param_bytes"] < full["param_bytes"]
 
 
-def test_the_command_compiles_a_step_and_reports_its_peak(capsys):
-    argv = ["finetune-memory", "--preset", "llama-tiny", "--method", "lora", "--rank", "4"]
-    assert bench_main([*argv, "--seq-len", "64", "--batch", "2", "--json"]) == 0
+def _readme_command() -> list[str]:
+    """The finetune-memory command of README.md's "Fine-tuning on one GPU", as written."""
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    prefix = "python -m jaxformer.bench finetune-memory "
+    (line,) = [x for x in readme.read_text().splitlines() if x.startswith(prefix)]
+    return shlex.split(line)[3:]
+
+
+def test_the_readme_command_compiles_a_step_and_reports_its_peak(capsys):
+    assert bench_main([*_readme_command(), "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     inputs = report["param_bytes"] + report["optimizer_bytes"]
     assert report["argument_bytes"] >= inputs  # the state (and the batch) are the arguments

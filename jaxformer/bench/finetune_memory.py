@@ -79,6 +79,7 @@ def measure(
     from jaxformer.training.pretraining import Pretraining
 
     cfg = experiment(preset, seq_len, batch, overrides)
+    cfg.model.check_length(seq_len, "--seq-len")
     lcfg = lora_config(method, rank)
     device = jax.devices()[0]
     mesh = shard_lib.make_mesh(shard_lib.MeshConfig(), devices=[device])
