@@ -78,6 +78,9 @@ class LoraConfig:
     """dtype of the frozen base parameters (when not quantized)."""
     quantize: str = "none"
     """Frozen base kernels of adapted projections: none, int8 (per output channel) or nf4 (QLoRA)."""
+    from_peft: str = ""
+    """A Hugging Face PEFT LoRA directory whose weights start the adapters (fresh runs; targets,
+    rank and alpha must describe it: jaxformer.convert.peft.lora_config_from_peft)."""
     train_also: tuple[str, ...] = ()
     """Parameter path prefixes trained in full beside the adapters (e.g. a new task head:
     ['classifier']); like PEFT's modules_to_save."""
@@ -90,6 +93,11 @@ class LoraConfig:
         """A clear error for a bad option (named finetune.lora.*)."""
         if self.rank < 1:
             raise ValueError(f"finetune.lora.rank must be >= 1, got {self.rank}")
+        if self.from_peft and not self.targets:
+            raise ValueError(
+                "finetune.lora.from_peft needs finetune.lora.targets (those of the adapter: "
+                "jaxformer.convert.peft.lora_config_from_peft)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"finetune.lora.dropout must be in [0, 1), got {self.dropout}")
         if self.quantize not in QUANTIZE:

@@ -3,6 +3,7 @@ logits; an adapter directory reads back into the same adapters. Skipped without 
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,8 @@ def test_bad_adapter_directories_are_clear(tmp_path):
 @pytest.mark.slow  # a 2-step LoRA run (~45 s here)
 def test_to_hf_of_a_lora_run_writes_a_peft_directory(pretrained_gpt, stdlib_data_dir, tmp_path):  # noqa: F811
     """`python -m jaxformer.convert to-hf RUN OUT --base-out BASE` on a trained LoRA run."""
+    from flax import nnx
+
     from jaxformer.convert.__main__ import main as convert_main
     from jaxformer.training.finetune import Finetuning, load_lora_run
     from jaxformer.training.loop import Trainer
@@ -159,3 +162,20 @@ def test_to_hf_of_a_lora_run_writes_a_peft_directory(pretrained_gpt, stdlib_data
     print(f"LoRA run -> PEFT: max |ours - PEFT| = {err:.2e}")
     assert err <= 1e-4
     assert convert_main(["to-hf", pretrained_gpt, str(tmp_path / "x"), "--base-out", base]) == 2
+
+    # In: a LoRA run on the converted base starts from the PEFT adapters (same logits) and trains.
+    # (the fixture's tokenizer is a jaxformer sentencepiece model: HF cannot hold it, so it is
+    # given again when converting the base back)
+    base_run, more = str(tmp_path / "base_run"), str(tmp_path / "more")
+    tok = os.path.join(os.path.dirname(pretrained_gpt), "tok.model")
+    assert convert_main(["from-hf", base, base_run, "--tokenizer", tok]) == 0
+    extra = [f"finetune.lora.from_peft={out}"]
+    cfg, meta = _lora_finetune(base_run, stdlib_data_dir, more, 2, extra)  # step 0: lr 0
+    trainer = Trainer(cfg, Finetuning(meta), **QUIET)
+    started = nnx.merge(trainer.graphdef, trainer.state)[0]
+    started.eval()
+    np.testing.assert_allclose(_ours(started, "gpt2"), _ours(model, "gpt2"), atol=1e-5, rtol=0)
+    trainer.run()
+    trainer.close()
+    trained, _ = load_lora_run(more)
+    assert float(np.max(np.abs(_ours(trained, "gpt2") - _ours(model, "gpt2")))) > 0

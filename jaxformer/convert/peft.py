@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -237,7 +238,8 @@ def load_adapter(
     config, tensors = read_adapter(adapter_dir)
     where = _trace(cfg, architecture)
     scale = float(config["lora_alpha"]) / int(config["r"])
-    done = []
+    done: list[str] = []
+    used: set[str] = set()
     for dotted, module in lora.adapted(model).items():
         if not np.isclose(module.scale, scale):
             raise ValueError(f"{dotted}: scale {module.scale} differs from the adapter's {scale}")
@@ -248,6 +250,7 @@ def load_adapter(
         for layer, name in _layer_names(dotted, stacked, a.shape[0]):
             hf, part, n = where[name]
             key = PREFIX + _module_name(hf, name)
+            used.add(key[len(PREFIX) :])
             if key + ".lora_A.weight" not in tensors:
                 raise ValueError(f"{adapter_dir} has no adapter for {key} ({dotted})")
             a_hf, b_hf = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
@@ -260,13 +263,13 @@ def load_adapter(
                         f"{key}: rank {a_hf.shape[0]}; the model's adapters have rank {rank}"
                     )
                 cols = [b_part[:, j * rank : (j + 1) * rank] for j in range(blocks)]
-                used = [j for j in range(blocks) if np.any(cols[j])]
-                if len(used) > 1:
+                nonzero = [j for j in range(blocks) if np.any(cols[j])]
+                if len(nonzero) > 1:
                     raise ValueError(
-                        f"{key}: part {part} of the fused weight mixes {len(used)} rank-{rank} "
+                        f"{key}: part {part} of the fused weight mixes {len(nonzero)} rank-{rank} "
                         "blocks; separate adapters of that rank cannot hold it"
                     )
-                j = used[0] if used else 0
+                j = nonzero[0] if nonzero else 0
                 a_hf, b_part = a_hf[j * rank : (j + 1) * rank], cols[j]
             shape_a = a[layer].shape if stacked else a.shape
             shape_b = b[layer].shape if stacked else b.shape
@@ -276,9 +279,15 @@ def load_adapter(
                 a[layer], b[layer] = value_a, value_b
             else:
                 a, b = value_a, value_b
-        module.lora_a.set_value(jnp.asarray(a, module.lora_a[...].dtype))
-        module.lora_b.set_value(jnp.asarray(b, module.lora_b[...].dtype))
+        for var, value in ((module.lora_a, a), (module.lora_b, b)):
+            var.set_value(jax.device_put(value.astype(var[...].dtype), var[...].sharding))
         done.append(dotted)
+    left = _modules(tensors) - used
+    if left:
+        raise ValueError(
+            f"{adapter_dir} adapts modules that finetune.lora.targets leaves out: "
+            + ", ".join(sorted(left)[:4])
+        )
     return done
 
 
@@ -309,7 +318,7 @@ def export_run(
     """A LoRA run's adapters as a PEFT directory; with `base_out`, its base as a Hugging Face
     directory too (the adapter's base_model_name_or_path), else the run's recorded base."""
     from jaxformer import convert
-    from jaxformer.convert import common
+    from jaxformer.convert import common, runs
     from jaxformer.training.finetune import load_lora_run
     from jaxformer.training.workload import run_config
 
@@ -330,6 +339,7 @@ def export_run(
             architecture=architecture,
             overwrite=overwrite,
         )
+        runs.export_tokenizer(run_dir, step, base_out)
         base = os.path.abspath(base_out)
     elif base.startswith("hf:"):
         base = base[len("hf:") :]

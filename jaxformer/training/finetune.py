@@ -288,6 +288,10 @@ class Finetuning(Workload):
             fresh = load_pretrained_params(
                 model, from_dir, base_meta, env.mesh, env.rules, copy=copy
             )
+        if cfg.finetune.lora.from_peft:  # a resumed run then restores its own adapters over these
+            from jaxformer.convert import peft as peft_io
+
+            peft_io.load_adapter(model, cfg.model, cfg.finetune.lora.from_peft)
         adapters = {
             ".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
         }
