@@ -240,8 +240,9 @@ def test_only_adapters_train_and_hold_optimizer_state(pretrained_gpt, stdlib_dat
 def test_adapter_checkpoints_resume_bit_exactly_and_evaluate(
     pretrained_gpt, stdlib_data_dir, tmp_path
 ):
+    from data_fixtures import train_interrupted
+
     from jaxformer.training.finetune import load_lora_run
-    from tests.data_fixtures import train_interrupted
 
     def adapters(model):
         return {

@@ -15,11 +15,12 @@ tf = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
+from test_convert import _bert_config, _gpt2, _t5  # noqa: E402
+from test_convert_decoders import hf_model  # noqa: E402
+from test_lora import pretrained_gpt  # noqa: E402, F401  (a fixture)
+
 from jaxformer import convert, lora  # noqa: E402
 from jaxformer.convert import peft as peft_io  # noqa: E402
-from tests.test_convert import _bert_config, _gpt2, _t5  # noqa: E402
-from tests.test_convert_decoders import hf_model  # noqa: E402
-from tests.test_lora import pretrained_gpt  # noqa: E402, F401  (a fixture)
 
 tf.logging.set_verbosity_error()
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 10))
@@ -140,11 +141,11 @@ def test_bad_adapter_directories_are_clear(tmp_path):
 def test_to_hf_of_a_lora_run_writes_a_peft_directory(pretrained_gpt, stdlib_data_dir, tmp_path):  # noqa: F811
     """`python -m jaxformer.convert to-hf RUN OUT --base-out BASE` on a trained LoRA run."""
     from flax import nnx
+    from test_lora import QUIET, _lora_finetune
 
     from jaxformer.convert.__main__ import main as convert_main
     from jaxformer.training.finetune import Finetuning, load_lora_run
     from jaxformer.training.loop import Trainer
-    from tests.test_lora import QUIET, _lora_finetune
 
     run = str(tmp_path / "ft")
     cfg, meta = _lora_finetune(pretrained_gpt, stdlib_data_dir, run, 2)
