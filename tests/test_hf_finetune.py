@@ -3,6 +3,7 @@ with its own byte-level BPE tokenizer and chat template: from-hf -> finetune.py 
 file (the assistant-token loss falls) -> eval.py --generate -> to-hf -> transformers loads the
 export and generates the same text. Skipped without the `hf` extra."""
 
+import importlib.util
 import json
 import os
 import re
@@ -16,12 +17,11 @@ transformers = pytest.importorskip("transformers")
 
 from test_hf_tokenizer import _byte_level  # noqa: E402
 
-import eval as eval_cli  # noqa: E402
-import finetune as finetune_cli  # noqa: E402
 from jaxformer.convert.__main__ import main as convert_cli  # noqa: E402
 from jaxformer.training.metrics import read_metrics  # noqa: E402
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
 HF_DIR_IN_README = "path/to/Llama-3.2-1B-Instruct"
 PROMPT = "What is 2 plus 3?"
 # What makes the README's commands tiny here: a few steps of small packed rows, a short answer.
@@ -31,6 +31,14 @@ TINY = {
     "checkpoint.async_save=false",
     "eval.py": "--batches 1",
 }
+
+
+def _script_main(name: str):
+    """The main() of a command-line script at the repository root (finetune.py, eval.py)."""
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(ROOT, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def readme_commands() -> list[str]:
@@ -98,7 +106,7 @@ def _run(command: str, tmp_path, hf_dir: str) -> int:
         return convert_cli(args[3:])
     script = args[1]
     argv = args[2:] + shlex.split(TINY.get(script, ""))
-    return {"finetune.py": finetune_cli.main, "eval.py": eval_cli.main}[script](argv)
+    return _script_main(script)(argv)
 
 
 def test_readme_commands_fine_tune_a_converted_llama_and_export_it(tiny_llama, tmp_path):
@@ -162,7 +170,8 @@ def test_fine_tuning_straight_from_the_hf_directory_on_a_mesh(tiny_llama, tmp_pa
     losses = {}
     for name, source in (("hf", f"hf:{tiny_llama}"), ("run", str(tmp_path / "converted"))):
         run_dir = tmp_path / f"ft-{name}"
-        assert finetune_cli.main(["--from", source, *common, f"run.dir={run_dir}"]) == 0
+        finetune = _script_main("finetune.py")
+        assert finetune(["--from", source, *common, f"run.dir={run_dir}"]) == 0
         rows = read_metrics(str(run_dir))
         losses[name] = [r["loss"] for r in rows if r.get("split") == "train"]
     assert len(losses["hf"]) == 3
