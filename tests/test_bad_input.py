@@ -149,7 +149,7 @@ INTERRUPT_POINTS = {  # (entry point, argv, the module attribute called first)
     "train": ("train.py", [], "jaxformer.training.config.load_experiment"),
     "finetune": ("finetune.py", ["--from", "x"], "jaxformer.training.finetune.load_finetune"),
     "eval": ("eval.py", ["x"], "jaxformer.training.evaluate.open_run"),
-    "convert": (None, ["to-hf", "x", "y"], "jaxformer.convert.runs.run_model_config"),
+    "convert": (None, ["to-hf", "x", "y"], "jaxformer.convert.peft.is_lora_run"),
 }
 
 
