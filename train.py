@@ -62,4 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxformer import _malloc
+
+    _malloc.reexec_with_hugepages()  # XLA's CPU buffers on huge pages (jaxformer/_malloc.py)
     sys.exit(main())

@@ -19,4 +19,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
 # Tiny test programs compile in well under jax's default 1 s threshold: cache every one.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# Processes the tests start get XLA's CPU buffers on huge pages as the entry points would
+# (jaxformer/_malloc.py); set here, they need not re-execute themselves.
+from jaxformer import _malloc  # noqa: E402 (after XLA_FLAGS; importing jaxformer imports no jax)
+
+_hugepages = _malloc.hugepage_environment(os.environ)
+if _hugepages is not None:
+    os.environ["GLIBC_TUNABLES"] = _hugepages["GLIBC_TUNABLES"]
 pytest_plugins = ["data_fixtures"]
