@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from jaxformer import models
-from jaxformer.bench import flops as flops_lib
 from jaxformer.bench import train as train_lib
 from jaxformer.bench.__main__ import main
+from jaxformer.models import flops as flops_lib
 from jaxformer.training.config import load_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

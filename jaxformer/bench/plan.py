@@ -9,7 +9,7 @@ other end):
 
     step ≈ FLOPs / peak FLOP/s + HBM bytes / HBM bandwidth + ICI bytes / ICI bandwidth  per chip
 
-- FLOPs: the model FLOPs of `jaxformer.bench.flops` (6 N + attention) divided over the chips,
+- FLOPs: the model FLOPs of `jaxformer.models.flops` (6 N + attention) divided over the chips,
   × 4/3 with `remat=full` (the blocks' forward pass runs twice: 8 N instead of 6 N).
 - HBM bytes: the (gathered) weights streamed through the matmuls, in the compute dtype, once per
   pass (forward, backward, and the recomputed forward under remat=full) and micro-batch, divided
@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-from jaxformer.bench import flops as flops_lib
 from jaxformer.bench import peak as peak_lib
 
 GiB = 1 << 30
@@ -190,14 +189,7 @@ def plan(
         except ValueError as err:  # a split the model does not allow (heads over tensor, ...)
             row = dict(candidate=candidate, fits=False, error=str(err).splitlines()[0])
         else:
-            row = dict(candidate=candidate, **report)
-            # model FLOPs of bench.flops, not compile_only's 6N (which counts gathered tables)
-            params = flops_lib.matmul_params(trial.model, flops_lib.abstract_model(trial.model))
-            length = trial.data.seq_len
-            dec = trial.data.target_len if trial.model.family == "encoder_decoder" else 0
-            row["model_flops_per_step"] = flops_lib.step_flops(
-                trial.model, params, trial.data.batch_size, length, dec
-            )
+            row = dict(candidate=candidate, **report)  # model FLOPs: jaxformer.models.flops
             chip = peak_lib.datasheet(report["chip_kind"])
             if chip is not None and row.get("fits"):
                 row.update(estimate(trial, row, chip))

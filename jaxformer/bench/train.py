@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from jaxformer import sharding as shard_lib
-from jaxformer.bench import flops as flops_lib
 from jaxformer.bench import peak as peak_lib
+from jaxformer.models import flops as flops_lib
 from jaxformer.models.config import PRESETS
 from jaxformer.models.config import preset as named_preset
 from jaxformer.training import state as state_lib

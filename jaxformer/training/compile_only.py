@@ -19,10 +19,10 @@ from jaxformer import sharding as shard_lib
 from jaxformer.data.objectives import SpecialIds
 from jaxformer.data.pipeline import make_batcher
 from jaxformer.data.token_store import ArrayTokens
+from jaxformer.models import flops as flops_lib
 from jaxformer.training import state as state_lib
 from jaxformer.training.cli import MissingDependency
 from jaxformer.training.config import ExperimentConfig
-from jaxformer.training.metrics import flops_per_token
 from jaxformer.training.pretraining import Pretraining
 from jaxformer.training.state import check_batch_size
 
@@ -278,7 +278,7 @@ def compile_train_step(
     mesh = shard_lib.make_mesh(cfg.mesh, devices)  # the trainer's mesh (hybrid across slices)
     cfg, step, args, num_params = abstract_train_step(cfg, mesh)
     model_cfg, (state, batch) = cfg.model, args[:2]
-    length = cfg.data.target_len if cfg.objective == "span_corruption" else cfg.data.seq_len
+    target_len = cfg.data.target_len if model_cfg.family == "encoder_decoder" else 0
     report: dict[str, Any] = dict(
         topology=name,
         generation=generation,
@@ -292,9 +292,9 @@ def compile_train_step(
         vocab_size=model_cfg.vocab_size,
         batch={k: list(v.shape) for k, v in batch.items()},
         rows_per_chip=cfg.data.batch_size // shard_lib.batch_shards(mesh, cfg.mesh.rules),
-        model_flops_per_step=flops_per_token(model_cfg, num_params, length)
-        * cfg.data.batch_size
-        * length,
+        model_flops_per_step=flops_lib.model_flops_per_step(
+            model_cfg, cfg.data.batch_size, cfg.data.seq_len, target_len
+        ),
         input_bytes=_bytes_per_chip((state, batch)),
         hbm_bytes=hbm,
         hbm_source=f"XLA's usable HBM per {generation} device (libtpu table)",

@@ -7,7 +7,14 @@ import os
 from collections.abc import Sequence
 from typing import Any, Optional, Protocol
 
-from jaxformer.config import ConfigError, config_from_dict, config_to_dict, load_config, read_yaml
+from jaxformer.config import (
+    ConfigError,
+    check_choice,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    read_yaml,
+)
 from jaxformer.data.config import DataConfig
 from jaxformer.models import OBJECTIVE_OF_FAMILY
 from jaxformer.models.config import PRESETS, ModelConfig, preset
@@ -54,6 +61,10 @@ class TrainConfig:
     stack and exits with status 76, so a scheduler restarts it (the rerun resumes from the last
     checkpoint); the first steps, the first save and each validation get 10x (they compile).
     0 disables."""
+    profile_steps: tuple[int, ...] = ()
+    """[first, last] steps (as logged, from 1) to record a `jax.profiler` trace of, into
+    <run.dir>/profile (TensorBoard/XProf, and Perfetto's perfetto_trace.json.gz); only process 0
+    traces. Empty: no trace."""
 
     def __post_init__(self) -> None:
         if self.sample_prompt is None:
@@ -74,6 +85,22 @@ class TrainConfig:
             raise ValueError(f"train.step_timeout must be >= 0, got {self.step_timeout}")
         if self.z_loss < 0 or self.loss_chunk_size < 0:
             raise ValueError("train.z_loss and train.loss_chunk_size must be >= 0")
+        self._check_profile_steps()
+
+    def _check_profile_steps(self) -> None:
+        given = list(self.profile_steps)
+        if not given:
+            return
+        if len(given) != 2 or not (1 <= given[0] <= given[1]):
+            raise ValueError(
+                f"train.profile_steps={given} is not a range [first, last] of steps with "
+                "1 <= first <= last (e.g. train.profile_steps=[20,25]; [] for no trace)"
+            )
+        if given[1] > self.steps:
+            raise ValueError(
+                f"train.profile_steps={given} ends after the run's last step "
+                f"(train.steps={self.steps}); choose steps within it"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +131,23 @@ class RunConfig:
 
     dir: str = "runs/default"
     """Run directory: resolved config, tokenizer, metrics.jsonl, TensorBoard events, checkpoints."""
+    wandb_project: str = ""
+    """Also log the metrics and the config to this Weights & Biases project (process 0 only;
+    needs `pip install -e '.[wandb]'`); '' logs to TensorBoard and metrics.jsonl alone."""
+    wandb_name: str = ""
+    """The W&B run's display name ('' lets W&B choose)."""
+    wandb_entity: str = ""
+    """The W&B team or user ('' : your default entity)."""
+    wandb_mode: str = ""
+    """online, offline (files under WANDB_DIR, else <run.dir>/wandb; `wandb sync` them later) or
+    disabled; '' follows the WANDB_MODE variable (default online)."""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode:  # '' follows WANDB_MODE
+            check_choice("run.wandb_mode", self.wandb_mode, WANDB_MODES)
+
+
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class TrainerSections(Protocol):
@@ -305,6 +349,7 @@ RESUME_CHANGEABLE = (
     "train.sample_prompt",
     "train.sample_tokens",
     "train.step_timeout",
+    "train.profile_steps",
     "checkpoint.",
     "mesh.",
     "run.",

@@ -189,6 +189,10 @@ class Finetuning(Workload):
             task.max_target_len if self.kind == "text2text" else task.max_input_len
         )
 
+    def row_lengths(self, cfg: FinetuneExperiment) -> tuple[int, int]:
+        task = cfg.task
+        return task.max_input_len, task.max_target_len if self.kind == "text2text" else 0
+
     def prepare(
         self, cfg: FinetuneExperiment, meta: Optional[dict], env: RunEnv
     ) -> FinetuneExperiment:

@@ -19,10 +19,12 @@ from jaxformer import models
 from jaxformer import sharding as shard_lib
 from jaxformer.config import config_to_dict, save_config
 from jaxformer.data import prefetch
+from jaxformer.models import flops as flops_lib
 from jaxformer.training import metrics as metrics_lib
 from jaxformer.training.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from jaxformer.training.config import TrainerSections, check_resume, model_changes
 from jaxformer.training.optimizer import make_schedule
+from jaxformer.training.profile import StepProfiler
 from jaxformer.training.run_lock import RunInUse, RunLock
 from jaxformer.training.state import (
     build_eval_step,
@@ -159,6 +161,8 @@ class Trainer:
                 "checkpoints; `workload.register` it so its runs open again)"
             )
         self.log, self.show_progress, self.read_only = log, show_progress, read_only
+        if not read_only:  # a missing optional package, before any work
+            metrics_lib.require_wandb(cfg.run.wandb_project)
         self._set_up_mesh(cfg)
         self.run_dir = os.path.abspath(cfg.run.dir)
         self._lock: Optional[RunLock] = None
@@ -207,8 +211,18 @@ class Trainer:
         self.start_step = 0 if meta is None else int(meta["step"])
         self._build_steps((meta or {}).get("data", {}))
         self.is_lead = jax.process_index() == 0
+        run = cfg.run
         self.writer = metrics_lib.MetricsWriter(
-            self.run_dir, enabled=self.is_lead and not self.read_only, log=self.log
+            self.run_dir,
+            enabled=self.is_lead and not self.read_only,
+            log=self.log,
+            wandb=metrics_lib.WandbSettings(
+                run.wandb_project,
+                run.wandb_name,
+                run.wandb_entity,
+                run.wandb_mode,
+                config=config_to_dict(cfg),
+            ),
         )
 
     # ------------------------------------------------------------------ building
@@ -414,11 +428,14 @@ class Trainer:
         # The first two steps' results include compiling (the log reads them one step late).
         self.watchdog.progress("the first steps (compiling)", allow=10 * timeout)
         saves: list[int] = []
-        with self.watchdog_closed(), _stop_signals(signals):
+        profiler = StepProfiler(self.run_dir, cfg.train.profile_steps, bar.write)
+        with self.watchdog_closed(), _stop_signals(signals), profiler:
             for step in range(self.start_step, stop):
                 if next_batch is None:
                     next_batch = self._wait_for_batch(host_batches, signals, step, log, bar)
+                profiler.before(step + 1, self.state)
                 device_metrics = self._train_one_step(next_batch)
+                profiler.after(step + 1, (self.state, device_metrics))
                 # The step runs asynchronously; meanwhile the next batch goes onto the devices.
                 next_batch = None
                 if step + 1 < stop:
@@ -450,6 +467,7 @@ class Trainer:
                 if self._stop_requested(signals, step=done):
                     saved = done % cfg.checkpoint.every == 0 or done == stop
                     self._preempt(done, log, bar, signals, saved)
+            profiler.stop(self.state)  # a run stopped early (`until`) inside the range
             log.settle_update()
             # The last save finishes with the handlers still installed: a signal meanwhile
             # waits for it (then exits 75) instead of killing the process mid-save.
@@ -487,9 +505,6 @@ class Trainer:
         """The one-step-late reader of this run's metrics and skipped updates."""
         cfg = self.cfg
         tokens_per_step = self.workload.tokens_per_step(cfg)
-        flops_per_token = metrics_lib.flops_per_token(
-            cfg.model, self.num_params, tokens_per_step // self.batch_size
-        )
         peak = cfg.train.peak_flops or metrics_lib.detect_peak_flops()
 
         def write(step: int, values: dict) -> None:
@@ -501,7 +516,7 @@ class Trainer:
             learning_rate=self.schedule,
             say=bar.write,
             tokens_per_step=tokens_per_step,
-            flops_per_step=flops_per_token * tokens_per_step,
+            flops_per_step=self.model_flops_per_step(),
             peak_flops=peak * jax.device_count() if peak else 0.0,
             nonfinite=cfg.train.nonfinite,
             spike_factor=cfg.train.spike_factor,
@@ -509,6 +524,12 @@ class Trainer:
             skipped_steps=self.skipped_steps,
             spike_steps=self.spike_steps,
         )
+
+    def model_flops_per_step(self) -> float:
+        """Model FLOPs of one update, the MFU numerator: `jaxformer.models.flops`, the count
+        `python -m jaxformer.bench` and `--compile-only` report too."""
+        length, target_len = self.workload.row_lengths(self.cfg)
+        return flops_lib.model_flops_per_step(self.cfg.model, self.batch_size, length, target_len)
 
     def _host_batches(self, stop: int) -> Iterator[dict]:
         """This process's batches from start_step to `stop`, made ahead and put on the devices."""

@@ -1,17 +1,18 @@
-"""Metric sinks (JSON lines, TensorBoard) and derived figures: MFU, perplexity, bits per byte."""
+"""Metric sinks (JSON lines, TensorBoard, Weights & Biases) and derived figures: peak FLOP/s
+for MFU, perplexity, bits per byte."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import secrets
 from collections.abc import Callable
 from typing import Any, Optional
 
 import jax
 import numpy as np
-
-from jaxformer.models.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip, by the start of jax.Device.device_kind.
 PEAK_FLOPS = {
@@ -37,13 +38,6 @@ def detect_peak_flops(device: Optional[jax.Device] = None) -> float:
         if kind.startswith(prefix):
             return flops
     return 0.0
-
-
-def flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N for the matmuls plus the attention score/value products."""
-    layers = cfg.num_layers + (cfg.decoder_layers if cfg.family == "encoder_decoder" else 0)
-    attention = 12 * layers * seq_len * cfg.num_heads * cfg.dims_per_head
-    return 6.0 * num_params + attention
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -113,10 +107,69 @@ def set_aside_torn_line(path: str) -> Optional[str]:
     )
 
 
-class MetricsWriter:
-    """One JSON line per logged step in <run_dir>/metrics.jsonl, plus TensorBoard event files."""
+WANDB_ID_FILE = "wandb_run_id"  # a resumed run directory continues the same W&B run
 
-    def __init__(self, run_dir: str, *, enabled: bool = True, log: Callable[[str], None] = print):
+
+@dataclasses.dataclass(frozen=True)
+class WandbSettings:
+    """Where a W&B run logs (the `run.wandb_*` settings) and the config it records."""
+
+    project: str
+    name: str = ""
+    entity: str = ""
+    mode: str = ""
+    """online, offline, disabled; '' follows WANDB_MODE."""
+    config: Optional[dict[str, Any]] = None
+
+
+def require_wandb(project: str) -> None:
+    """MissingDependency, before any work, when `project` is set and wandb is not installed."""
+    if project:
+        from jaxformer.training.cli import require
+
+        require("wandb", "wandb", f"run.wandb_project={project!r} (Weights & Biases logging)")
+
+
+def start_wandb(run_dir: str, settings: WandbSettings, log: Callable[[str], None]) -> Any:
+    """A W&B run beside metrics.jsonl: its files under WANDB_DIR, else <run_dir>/wandb; the
+    same W&B run again when `run_dir` is resumed (its id is kept in <run_dir>/wandb_run_id)."""
+    import wandb
+
+    id_path = os.path.join(run_dir, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+        with open(id_path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(4)
+        with open(id_path, "w", encoding="utf-8") as f:
+            f.write(run_id + "\n")
+    run = wandb.init(
+        project=settings.project,
+        name=settings.name or None,
+        entity=settings.entity or None,
+        mode=settings.mode or None,
+        id=run_id,
+        resume="allow",
+        dir=None if os.environ.get("WANDB_DIR") else run_dir,
+    )
+    # A resumed run may record changed settings (more steps, ...), as config.yaml does.
+    run.config.update(settings.config or {}, allow_val_change=True)
+    log(f"[wandb] project {settings.project}, run {run.id} ({run.settings.mode}): {run.dir}")
+    return run
+
+
+class MetricsWriter:
+    """One JSON line per logged step in <run_dir>/metrics.jsonl, plus TensorBoard event files
+    and, with `wandb` settings, the same scalars (named as in TensorBoard) in a W&B run."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        enabled: bool = True,
+        log: Callable[[str], None] = print,
+        wandb: Optional[WandbSettings] = None,
+    ):
         self.enabled = enabled
         if not enabled:
             return
@@ -129,24 +182,34 @@ class MetricsWriter:
             log(said)
         self._jsonl = open(path, "a", encoding="utf-8")
         self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self._wandb = None
+        if wandb is not None and wandb.project:
+            self._wandb = start_wandb(run_dir, wandb, log)
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
         """Appends one record; numbers only, converted to Python floats."""
         if not self.enabled:
             return
         record = {"step": int(step), "split": prefix}
+        scalars = {}
         for key, value in metrics.items():
             value = float(value)
             record[key] = value
+            scalars[f"{prefix}/{key}"] = value
             self._tb.add_scalar(f"{prefix}/{key}", value, step)
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
 
     def close(self) -> None:
-        """Flushes and closes both sinks."""
+        """Flushes and closes every sink."""
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+                self._wandb = None
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:

@@ -37,6 +37,10 @@ class Pretraining(Workload):
         length = cfg.data.target_len if cfg.objective == "span_corruption" else cfg.data.seq_len
         return cfg.data.batch_size * length
 
+    def row_lengths(self, cfg: ExperimentConfig) -> tuple[int, int]:
+        seq2seq = cfg.model.family == "encoder_decoder"
+        return cfg.data.seq_len, cfg.data.target_len if seq2seq else 0
+
     def prepare(self, cfg: ExperimentConfig, meta: Optional[dict], env: RunEnv) -> ExperimentConfig:
         env.log(
             f"[data] preparing {', '.join(s.dataset for s in cfg.data.sources())} "

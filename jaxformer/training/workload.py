@@ -99,6 +99,13 @@ class Workload(abc.ABC):
     def tokens_per_step(self, cfg: Any) -> int:
         """Target tokens a step trains on (for tokens/s and MFU)."""
 
+    def row_lengths(self, cfg: Any) -> tuple[int, int]:
+        """(input length, target length) of a training row, for the model FLOPs behind MFU
+        (`jaxformer.models.flops.step_flops`); the target length is 0 but for an
+        encoder-decoder. Default: tokens_per_step over the batch, as both."""
+        length = self.tokens_per_step(cfg) // self.batch_size(cfg)
+        return length, length if cfg.model.family == "encoder_decoder" else 0
+
     @abc.abstractmethod
     def evaluate(
         self, evaluator: Evaluator, cfg: Any, num_batches: Optional[int]

@@ -1,4 +1,5 @@
-"""Model FLOPs of one training step: what the MFU of `python -m jaxformer.bench` counts.
+"""Model FLOPs of one training step: the one count behind every MFU the project reports (the
+Trainer's logged `mfu`, `--compile-only`, `python -m jaxformer.bench` and its planner).
 
 The convention is PaLM's (Chowdhery et al. 2022, appendix B), also nanoGPT's `estimate_mfu`:
 
@@ -123,3 +124,9 @@ def flops_per_token(cfg: ModelConfig, length: int, target_len: int = 0) -> float
     params = matmul_params(cfg, abstract_model(cfg))
     tokens = target_len if cfg.family == "encoder_decoder" else length
     return step_flops(cfg, params, 1, length, target_len) / tokens
+
+
+def model_flops_per_step(cfg: ModelConfig, batch: int, length: int, target_len: int = 0) -> float:
+    """Model FLOPs of one training step on `batch` rows (see `step_flops`), from shapes only."""
+    params = matmul_params(cfg, abstract_model(cfg))
+    return step_flops(cfg, params, batch, length, target_len)
