@@ -9,12 +9,21 @@ GPT-2's Conv1D (PEFT's fan_in_fan_out only changes how it merges). GPT-2's fused
 separate query/key/value adapters exactly as one LoRA of rank k * rank (A stacked, B block
 diagonal; `rank_pattern` / `alpha_pattern` keep the scale alpha / rank); an adapter on c_attn read
 back gives query/key/value the same A and their rows of B, also exact.
+
+Parameters trained in full beside the adapters (`finetune.lora.train_also`, e.g. a new classifier)
+go where PEFT keeps them: `modules_to_save` in adapter_config.json names the Hugging Face modules,
+and adapter_model.safetensors holds each module's whole state under its own name
+(`base_model.model.classifier.weight`: what PEFT's ModulesToSaveWrapper.adapter_state_dict writes;
+in memory PEFT holds it as `classifier.modules_to_save.default.weight`, which also reads back). A
+leaf that no whole Hugging Face module holds (one part of GPT-2's fused c_attn, a tied embedding, a
+module that also carries LoRA adapters) is refused by name before anything is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Optional
 
 import jax
@@ -30,20 +39,33 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def _trace(cfg: ModelConfig, architecture: Optional[str]) -> dict[str, tuple[str, int, int]]:
-    """{our flat kernel name: (HF weight name, part index, parts)}: where each kernel lands once
-    exported (parts > 1 for a fused weight such as GPT-2's c_attn)."""
+def _exported(
+    cfg: ModelConfig, architecture: Optional[str], head: Optional[str] = None
+) -> dict[str, list[str]]:
+    """{HF weight name: [our flat parameter names, in order]}: what each exported weight is made
+    of (several names for a fused weight such as GPT-2's c_attn), under `head`'s names."""
     from jaxformer import convert
 
     converter = convert._converter(cfg, architecture)
     rules = converter.rules(cfg)
     # Each weight becomes a one-element tag; concatenations (fusing) keep the tags in order.
     tagged = {r.hf: np.array([i], np.float64) for i, r in enumerate(rules)}
+    weights = converter.finish_export(tagged, cfg)
+    for_head = getattr(converter, "weights_for_head", None)
+    if for_head is not None and head is not None:  # BERT QA: the classifier is qa_outputs
+        weights = for_head(weights, head)
+    return {
+        hf: [rules[int(t)].ours for t in np.asarray(value).ravel()] for hf, value in weights.items()
+    }
+
+
+def _trace(cfg: ModelConfig, architecture: Optional[str]) -> dict[str, tuple[str, int, int]]:
+    """{our flat kernel name: (HF weight name, part index, parts)}: where each kernel lands once
+    exported (parts > 1 for a fused weight such as GPT-2's c_attn)."""
     out: dict[str, tuple[str, int, int]] = {}
-    for hf, value in converter.finish_export(tagged, cfg).items():
-        tags = [int(t) for t in np.asarray(value).ravel()]
-        for part, tag in enumerate(tags):
-            out.setdefault(rules[tag].ours, (hf, part, len(tags)))
+    for hf, ours in _exported(cfg, architecture).items():
+        for part, name in enumerate(ours):
+            out.setdefault(name, (hf, part, len(ours)))
     return out
 
 
@@ -106,32 +128,126 @@ def adapter_weights(
     return tensors, ranks
 
 
-def save_adapter(
+def _module_of(hf_weight: str) -> str:
+    return hf_weight.rsplit(".", 1)[0] if "." in hf_weight else ""
+
+
+def _layer_leaves(path: tuple, var: nnx.Variable) -> list[str]:
+    """Our flat per-layer names of a parameter ('blocks.mlp_norm.scale' of a stacked block ->
+    'blocks.0.mlp_norm.scale', ...)."""
+    from jaxformer.convert import common
+
+    axes = tuple(var.get_metadata().get("out_sharding") or ())
+    if axes[:1] == ("layers",):
+        return common._per_layer_names(path, var.shape[0])
+    return [".".join(map(str, path))]
+
+
+def _lora_modules(model: nnx.Module, exported: dict[str, list[str]]) -> set[str]:
+    """The Hugging Face modules that carry the model's LoRA adapters."""
+    kernels = set()
+    for dotted, module in lora.adapted(model).items():
+        a = module.lora_a[...]
+        kernels.update(n for _, n in _layer_names(dotted, a.ndim - 1 - module.n_in > 0, a.shape[0]))
+    return {_module_of(hf) for hf, ours in exported.items() if kernels.intersection(ours)}
+
+
+def modules_to_save(
     model: nnx.Module,
     cfg: ModelConfig,
     lora_cfg: lora.LoraConfig,
-    out_dir: str,
+    *,
+    head: Optional[str] = None,
+    architecture: Optional[str] = None,
+) -> dict[str, list[str]]:
+    """{Hugging Face module: its weight names}: PEFT's modules_to_save for the parameters
+    `lora_cfg.train_also` trains in full. A ValueError names a leaf that no whole Hugging Face
+    module holds (nothing is read or written before)."""
+    if not lora_cfg.train_also:
+        return {}
+    from jaxformer import convert
+
+    name = architecture or convert.architecture_of(cfg)
+    exported = _exported(cfg, architecture, head)
+    where: dict[str, list[str]] = {}
+    for hf, ours in exported.items():
+        for leaf in ours:
+            where.setdefault(leaf, []).append(hf)
+    adapted = _lora_modules(model, exported)
+    trained: dict[str, list[str]] = {}
+    frozen_base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+    for path, var in nnx.to_flat_state(nnx.state(model, frozen_base)):
+        dotted = ".".join(map(str, path))
+        if any(lora.under(dotted, p) for p in lora_cfg.train_also):
+            trained[dotted] = _layer_leaves(path, var)
+    chosen = {leaf for leaves in trained.values() for leaf in leaves}
+    why = (
+        "; PEFT's modules_to_save saves whole Hugging Face modules (merge the run instead: "
+        "python -m jaxformer.convert merge RUN OUT)"
+    )
+    saved: dict[str, list[str]] = {}
+    for dotted, leaves in sorted(trained.items()):
+        refuse = f"finetune.lora.train_also: {dotted} "
+        if dotted == "embed.token_embed.embedding" and (
+            cfg.tie_embeddings or cfg.family == "encoder_decoder"
+        ):
+            raise ValueError(
+                refuse + f"is tied to other weights of the {name} checkpoint (the output head or "
+                "the stacks' embeddings), and PEFT's copy of the module would not be" + why
+            )
+        for leaf in leaves:
+            if leaf not in where:
+                raise ValueError(refuse + f"has no weight of its own in a {name} checkpoint" + why)
+            for hf in where[leaf]:
+                module = _module_of(hf)
+                others = [o for o in exported[hf] if o not in chosen]
+                if others:
+                    raise ValueError(
+                        refuse + f"is one part of the fused Hugging Face weight {hf}, whose "
+                        f"other parts ({', '.join(others)}) it leaves out" + why
+                    )
+                if module in adapted:
+                    raise ValueError(
+                        refuse + f"lies in {module}, which also carries LoRA adapters "
+                        "(finetune.lora.targets); PEFT cannot both adapt and save a module"
+                    )
+                inner = sorted(w for w in exported if w.startswith(module + "."))
+                nested = [w for w in inner if "." in w[len(module) + 1 :]]
+                if not module or nested:
+                    raise ValueError(
+                        refuse + f"exports to {hf}, whose module {module or '(the model)'} "
+                        f"holds other modules ({', '.join(nested[:3])})" + why
+                    )
+                saved[module] = inner
+    return saved
+
+
+def adapter_files(
+    model: nnx.Module,
+    cfg: ModelConfig,
+    lora_cfg: lora.LoraConfig,
     *,
     base_model: str = "",
+    head: Optional[str] = None,
     architecture: Optional[str] = None,
-    overwrite: bool = False,
-) -> str:
-    """Writes the model's adapters as a PEFT LoRA directory for `to_hf(model's base)`."""
-    from safetensors.numpy import save_file
-
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(adapter_config.json, {key: float32 array}) of the model's adapters and, under
+    modules_to_save, the modules finetune.lora.train_also trains; refusals come from here."""
     from jaxformer import convert
-    from jaxformer.convert import common
 
-    if lora_cfg.train_also:
-        raise ValueError(
-            f"finetune.lora.train_also={list(lora_cfg.train_also)}: exporting fully trained "
-            "modules (PEFT's modules_to_save) is not supported; merge the run instead "
-            "(python -m jaxformer.convert merge RUN OUT)"
-        )
     tensors, ranks = adapter_weights(model, cfg, architecture)
     if not tensors:
         raise ValueError("the model has no LoRA adapters to export")
     modules = sorted({k[len(PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors})
+    saved = modules_to_save(model, cfg, lora_cfg, head=head, architecture=architecture)
+    if saved:
+        weights = convert.hf_weights(_frozen_base(model), cfg, architecture)
+        for_head = getattr(convert._converter(cfg, architecture), "weights_for_head", None)
+        if for_head is not None and head is not None:
+            weights = for_head(weights, head)
+        for names in saved.values():
+            for w in names:
+                tensors[PREFIX + w] = np.ascontiguousarray(weights[w], np.float32)
     name = architecture or convert.architecture_of(cfg)
     config = {
         "peft_type": "LORA",
@@ -145,11 +261,26 @@ def save_adapter(
         "fan_in_fan_out": name == "gpt2",  # Conv1D stores [in, out]
         "use_rslora": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(saved) or None,
         "rank_pattern": {m: r for m, r in ranks.items()},
         "alpha_pattern": {m: lora_cfg.alpha * r / lora_cfg.rank for m, r in ranks.items()},
         "inference_mode": True,
     }
+    return config, tensors
+
+
+def write_adapter(
+    config: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    out_dir: str,
+    *,
+    overwrite: bool = False,
+) -> str:
+    """Writes adapter_config.json and adapter_model.safetensors into out_dir."""
+    from safetensors.numpy import save_file
+
+    from jaxformer.convert import common
+
     common.check_destination(out_dir, overwrite=overwrite)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -158,12 +289,38 @@ def save_adapter(
     return out_dir
 
 
+def save_adapter(
+    model: nnx.Module,
+    cfg: ModelConfig,
+    lora_cfg: lora.LoraConfig,
+    out_dir: str,
+    *,
+    base_model: str = "",
+    head: Optional[str] = None,
+    architecture: Optional[str] = None,
+    overwrite: bool = False,
+) -> str:
+    """Writes the model's adapters (and the train_also modules) as a PEFT LoRA directory for
+    `to_hf(model's base, head=head)`."""
+    from jaxformer.convert import common
+
+    common.check_destination(out_dir, overwrite=overwrite)
+    config, tensors = adapter_files(
+        model, cfg, lora_cfg, base_model=base_model, head=head, architecture=architecture
+    )
+    return write_adapter(config, tensors, out_dir, overwrite=overwrite)
+
+
 def base_model(model: nnx.Module) -> nnx.Module:
     """A plain copy of a LoRA model's frozen base (quantized bases dequantized, float32)."""
     copy = nnx.clone(model)  # merge(*split(model)) would share the Variables
     for module in lora.adapted(copy).values():
         module.lora_b.set_value(jnp.zeros_like(module.lora_b[...]))
     return lora.merge_lora(copy)
+
+
+def _frozen_base(model: nnx.Module) -> nnx.Module:
+    return base_model(model)  # (an argument of adapter_files has that name)
 
 
 def read_adapter(adapter_dir: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -187,6 +344,71 @@ def read_adapter(adapter_dir: str) -> tuple[dict[str, Any], dict[str, np.ndarray
     return config, load_file(weights_path)
 
 
+def _saved_params(
+    adapter_dir: str,
+    config: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    cfg: ModelConfig,
+    architecture: Optional[str] = None,
+) -> dict[str, np.ndarray]:
+    """{our flat per-layer parameter name: value} of the adapter's modules_to_save weights
+    (read through the family converter's own normalize and rules, as from_hf reads them)."""
+    from jaxformer import convert
+
+    names = config.get("modules_to_save") or []
+    lora_modules = _modules(tensors)
+    saved = {}
+    for key, value in tensors.items():
+        if ".lora_" in key:
+            continue
+        # PEFT writes a saved module under its own name; its in-memory name reads too.
+        name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key.removeprefix(PREFIX))
+        module = _module_of(name)
+        if not any(module == m or module.endswith("." + m) for m in names):
+            raise ValueError(
+                f"{adapter_dir}: {key} is neither a LoRA weight nor in modules_to_save "
+                f"({names}); such adapters are not supported"
+            )
+        if module in lora_modules:
+            raise ValueError(f"{adapter_dir}: {module} is both adapted and in modules_to_save")
+        saved[name] = value
+    if not saved:
+        return {}
+    converter = convert._converter(cfg, architecture)
+    weights = converter.normalize(saved)
+    params, used = {}, set()
+    for rule in converter.rules(cfg):
+        if rule.hf in weights:
+            value = np.asarray(weights[rule.hf])
+            params[rule.ours] = value.T if rule.transpose else value
+            used.add(rule.hf)
+    left = sorted(set(weights) - used)
+    if left:
+        raise ValueError(
+            f"{adapter_dir}: modules_to_save weights this model has no place for: "
+            + ", ".join(left[:4])
+        )
+    return params
+
+
+def _train_also(params: dict[str, np.ndarray], where: dict[str, Any]) -> tuple[str, ...]:
+    """finetune.lora.train_also prefixes for the flat parameter names `params` fills: a module
+    when all its exported parameters are among them, else the parameters."""
+
+    def stacked(name: str) -> str:
+        path = name.split(".")
+        return ".".join([path[0], *path[2:]] if len(path) > 2 and path[1].isdigit() else path)
+
+    leaves = {stacked(n) for n in params}
+    every = {stacked(n) for n in where}
+    out = set()
+    for leaf in leaves:
+        parent = leaf.rsplit(".", 1)[0]
+        whole = "." in leaf and all(e in leaves for e in every if lora.under(e, parent))
+        out.add(parent if whole else leaf)
+    return tuple(sorted(out))
+
+
 def _modules(tensors: dict[str, np.ndarray]) -> set[str]:
     return {
         k[len(PREFIX) :].rsplit(".lora_", 1)[0]
@@ -198,7 +420,8 @@ def _modules(tensors: dict[str, np.ndarray]) -> set[str]:
 def lora_config_from_peft(
     adapter_dir: str, cfg: ModelConfig, architecture: Optional[str] = None
 ) -> lora.LoraConfig:
-    """The LoraConfig (targets as our projection paths) that holds a PEFT adapter's weights."""
+    """The LoraConfig (targets as our projection paths; train_also the parameters of the
+    adapter's modules_to_save) that holds a PEFT adapter's weights."""
     config, tensors = read_adapter(adapter_dir)
     where = _trace(cfg, architecture)
     modules = _modules(tensors)
@@ -215,8 +438,7 @@ def lora_config_from_peft(
         raise ValueError(
             f"{adapter_dir}: adapters on modules this model does not export: {', '.join(unknown[:4])}"
         )
-    if config.get("modules_to_save"):
-        raise ValueError(f"{adapter_dir}: modules_to_save is not supported")
+    train_also = _train_also(_saved_params(adapter_dir, config, tensors, cfg, architecture), where)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     for module, r in (config.get("rank_pattern") or {}).items():
         a = (config.get("alpha_pattern") or {}).get(module, alpha)
@@ -227,6 +449,7 @@ def lora_config_from_peft(
         rank=rank,
         alpha=alpha,
         dropout=float(config.get("lora_dropout") or 0.0),
+        train_also=train_also,
     )
 
 
@@ -234,9 +457,11 @@ def load_adapter(
     model: nnx.Module, cfg: ModelConfig, adapter_dir: str, architecture: Optional[str] = None
 ) -> list[str]:
     """Writes a PEFT adapter's weights into the model's LoRA adapters (made by apply_lora with
-    `lora_config_from_peft`); returns the adapted projection paths."""
+    `lora_config_from_peft`) and its modules_to_save into the parameters they hold; returns the
+    adapted projection paths, then the parameter paths it restored."""
     config, tensors = read_adapter(adapter_dir)
     where = _trace(cfg, architecture)
+    saved = _saved_params(adapter_dir, config, tensors, cfg, architecture)  # refused before
     scale = float(config["lora_alpha"]) / int(config["r"])
     done: list[str] = []
     used: set[str] = set()
@@ -288,7 +513,27 @@ def load_adapter(
             f"{adapter_dir} adapts modules that finetune.lora.targets leaves out: "
             + ", ".join(sorted(left)[:4])
         )
-    return done
+    return done + _restore_saved(model, saved)
+
+
+def _restore_saved(model: nnx.Module, params: dict[str, np.ndarray]) -> list[str]:
+    """Writes {our flat per-layer name: value} into the model's (non-adapter) parameters, in their
+    dtypes and shardings; returns the parameter paths written."""
+    if not params:
+        return []
+    from jaxformer.convert import common
+
+    place = common.placer(params)
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    restored = []
+    for path, var in nnx.to_flat_state(state):
+        value = place(path, var)
+        if value is not None:
+            var[...] = jax.device_put(jnp.asarray(value, var[...].dtype), var[...].sharding)
+            restored.append(".".join(map(str, path)))
+    place.check_all_used()
+    nnx.update(model, state)
+    return restored
 
 
 def is_lora_run(run_dir: str, step: Optional[int] = None) -> bool:
@@ -329,6 +574,9 @@ def export_run(
     workload, exp = run_config(meta, os.path.abspath(run_dir))
     cfg, head = exp.model, head or workload.hf_head(exp)
     convert.hf_config(cfg, head, architecture)  # refused before anything is written
+    config, tensors = adapter_files(
+        model, cfg, exp.finetune.lora, head=head, architecture=architecture
+    )
     base = exp.finetune.from_dir
     if base_out:
         convert.to_hf(
@@ -343,12 +591,5 @@ def export_run(
         base = os.path.abspath(base_out)
     elif base.startswith("hf:"):
         base = base[len("hf:") :]
-    return save_adapter(
-        model,
-        cfg,
-        exp.finetune.lora,
-        out_dir,
-        base_model=base,
-        architecture=architecture,
-        overwrite=overwrite,
-    )
+    config["base_model_name_or_path"] = base or None
+    return write_adapter(config, tensors, out_dir, overwrite=overwrite)

@@ -295,7 +295,8 @@ class Finetuning(Workload):
         if cfg.finetune.lora.from_peft:  # a resumed run then restores its own adapters over these
             from jaxformer.convert import peft as peft_io
 
-            peft_io.load_adapter(model, cfg.model, cfg.finetune.lora.from_peft)
+            loaded = peft_io.load_adapter(model, cfg.model, cfg.finetune.lora.from_peft)
+            fresh = [p for p in fresh if p not in loaded]  # e.g. its modules_to_save's classifier
         adapters = {
             ".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
         }
