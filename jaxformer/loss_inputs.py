@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Union
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,9 @@ class TokenLossInputs:
     targets_BxL: Array  # int32 token to predict
     weights_BxL: Array  # float32 loss weight per position
     aux_losses: dict[str, Array] = dataclasses.field(default_factory=dict)  # name -> scalar
+    # What the eval step returns as predictions instead of the per-position argmax (extractive
+    # QA: the [B, 2, L] start/end logits, decoded into the best valid span on the host).
+    predictions: Optional[Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +62,13 @@ def span_loss_inputs(
 ) -> TokenLossInputs:
     """Extractive-QA loss as per-token inputs: two "tokens" per row (start, end) whose
     "vocabulary" is the L positions, so the step's cross-entropy averages the start and end losses
-    (as BertForQuestionAnswering does) and its argmax predictions are [B, 2] (start, end)."""
+    (as BertForQuestionAnswering does). Its predictions are the masked [B, 2, L] start/end logits
+    themselves: the answer is the best valid span (start <= end, in the context, not too long),
+    which independent argmaxes need not give (jaxformer.training.task_metrics.best_spans)."""
     logits_Bx2xL = jnp.stack([start_logits_BxL, end_logits_BxL], axis=1).astype(jnp.float32)
     logits_Bx2xL = jnp.where(valid_BxL[:, None, :], logits_Bx2xL, _NOT_A_POSITION)
     targets_Bx2 = jnp.stack([starts_B, ends_B], axis=1).astype(jnp.int32)
     weights_Bx2 = jnp.broadcast_to(weights_B.astype(jnp.float32)[:, None], targets_Bx2.shape)
-    return TokenLossInputs(logits_Bx2xL, lambda logits: logits, targets_Bx2, weights_Bx2)
+    return TokenLossInputs(
+        logits_Bx2xL, lambda logits: logits, targets_Bx2, weights_Bx2, predictions=logits_Bx2xL
+    )

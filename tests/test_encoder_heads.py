@@ -223,6 +223,25 @@ def test_squad_normalisation_and_scores():
     assert got == dict(exact_match=50.0, f1=50.0)
 
 
+def test_the_answer_is_the_best_valid_span_not_two_argmaxes():
+    """Start and end are chosen together (start + end logit over the valid spans), as HF's SQuAD
+    postprocessing does: independent argmaxes here give an end before the start, a question
+    token, and an over-long span."""
+    L, question = 8, 3  # tokens 0..2: bos, question, eos; 3..6 the context; 7 padding
+    context = np.zeros((4, L), bool)
+    context[:3, question:7] = True
+    start, end = np.full((4, L), -5.0), np.full((4, L), -5.0)
+    start[0, [4, 5]], end[0, [4, 6]] = [2.0, 3.0], [4.0, 1.0]  # argmaxes: start 5 > end 4
+    start[1, [1, 3]], end[1, [1, 5]] = [9.0, 1.0], [9.0, 1.0]  # argmaxes: the question's token 1
+    start[2, 3], end[2, [4, 6]] = 5.0, [1.0, 5.0]  # best pair (3, 6) is 4 tokens long
+    start[3, 1] = end[3, 1] = 9.0  # no context in the window (cut): no answer
+    independent = np.stack([start.argmax(1), end.argmax(1)], axis=1)
+    assert independent[:3].tolist() == [[5, 4], [1, 1], [3, 6]]
+    spans = task_metrics.best_spans(start, end, context, max_answer_tokens=3)
+    assert spans.tolist() == [[4, 4], [3, 5], [3, 4], [0, 0]]
+    assert task_metrics.best_spans(start, end, context, max_answer_tokens=4)[2].tolist() == [3, 6]
+
+
 @pytest.fixture(scope="module")
 def pretrained_bert(stdlib_data_dir, stdlib_tokenizer, tmp_path_factory):
     """A few steps of bert-tiny masked-LM pretraining: a run to fine-tune from, not a good model."""

@@ -131,6 +131,10 @@ class TaskConfig:
     """Global batch size (all processes together)."""
     max_examples: Optional[int] = None
     """Use only the first max_examples examples of each split (None: all)."""
+    max_answer_tokens: int = 30
+    """question_answering: the longest answer span (in tokens) evaluation may predict; the answer
+    is the context span of best start + end logit within it (HF's SQuAD max_answer_length). A
+    context is cut to max_input_len (no document stride): an answer past the cut scores 0."""
     train_files: tuple[str, ...] = ()
     """JSONL files to fine-tune on (name 'jsonl'; local paths or gs://...), read in order."""
     eval_files: tuple[str, ...] = ()
@@ -161,7 +165,7 @@ class TaskConfig:
                 f"task {self.name!r} is not a built-in ({', '.join(BUILTIN_KINDS)}): set kind to one of "
                 f"{', '.join(KINDS)}"
             )
-        for field in ("max_input_len", "max_target_len", "batch_size"):
+        for field in ("max_input_len", "max_target_len", "batch_size", "max_answer_tokens"):
             if getattr(self, field) < 1:
                 raise ValueError(f"task {field} must be positive, got {getattr(self, field)}")
         if self.max_input_len < 2:

@@ -25,7 +25,8 @@ def _sums_and_predictions(
     model: nnx.Module, batch: Batch, chunk_size: int = 0, z_loss: float = 0.0
 ) -> tuple[dict[str, Array], Array]:
     """Summed loss/weight/correct totals (plus `aux_<name>_sum` per auxiliary loss) and argmax
-    predictions; LM logits never exist whole when `chunk_size` > 0 (positions per chunk)."""
+    predictions (or the loss inputs' own `predictions`); LM logits never exist whole when
+    `chunk_size` > 0 (positions per chunk)."""
     inputs = model.loss_inputs(batches.from_rows(batch))
     if isinstance(inputs, ClassificationLossInputs):
         sums, predictions = _classification_sums(
@@ -50,6 +51,8 @@ def _sums_and_predictions(
             chunk_size=chunk_size,
             return_predictions=True,
         )
+    if getattr(inputs, "predictions", None) is not None:  # e.g. extractive QA's span logits
+        predictions = inputs.predictions
     if inputs.aux_losses:
         # Weighted like loss_sum, so dividing by the weight total gives back the aux value (see
         # jaxformer.loss_inputs); no ops at all for models without aux losses.

@@ -136,8 +136,9 @@ def evaluate_task(
     """Loss plus the task's metrics over a task's validation batches: accuracy and macro-F1
     (classification), token accuracy and perplexity, and for text2text ROUGE-L/BLEU/exact match
     of greedy outputs for the first `max_generations` examples; entity F1 of the words in the
-    window (token_classification); SQuAD exact match / F1 of the argmax start and end (an end
-    before the start is an empty answer) against every reference (question_answering)."""
+    window (token_classification); SQuAD exact match / F1 of the best valid span (`best_spans`:
+    start <= end inside the context, at most task.max_answer_tokens long) against every reference
+    (question_answering; `position_accuracy` is that of the start and end argmaxes)."""
     totals = dict(loss_sum=0.0, weight_sum=0.0, correct_sum=0.0)
     labels, predictions, sources, references = [], [], [], []
     process = (jax.process_index(), jax.process_count())
@@ -157,6 +158,7 @@ def evaluate_task(
                 "targets",
                 "token_labels",
                 "label_weights",
+                "token_types",
             )
             if k in batch
         }
@@ -171,9 +173,15 @@ def evaluate_task(
                 labels.append([names[t] for t in rows["token_labels"][r][first]])
                 predictions.append([names[t] for t in preds_BxL[r][first]])
         elif kind == "question_answering":
-            first_row, preds_Bx2 = step * batcher.cfg.batch_size, _global(preds)
+            first_row, logits_Bx2xL = step * batcher.cfg.batch_size, _global(preds)
+            spans_Bx2 = best_spans(
+                logits_Bx2xL[:, 0],
+                logits_Bx2xL[:, 1],
+                rows["token_types"] > 0,  # the context's tokens in the window
+                batcher.cfg.max_answer_tokens,
+            )
             predictions.extend(
-                (first_row + int(r), int(preds_Bx2[r, 0]), int(preds_Bx2[r, 1]))
+                (first_row + int(r), int(spans_Bx2[r, 0]), int(spans_Bx2[r, 1]))
                 for r in np.flatnonzero(real)
             )
         elif kind == "text2text" and len(sources) < max_generations:
@@ -203,6 +211,30 @@ def evaluate_task(
             )
         )
     return result
+
+
+def best_spans(
+    start_BxL: np.ndarray, end_BxL: np.ndarray, context_BxL: np.ndarray, max_answer_tokens: int
+) -> np.ndarray:
+    """[B, 2] (start, end) of each row's best answer span: the highest start + end logit over the
+    spans with start <= end < start + max_answer_tokens, both in the context (as Hugging Face's
+    SQuAD postprocessing chooses; independent argmaxes may give an end before the start or a
+    question token). A row with no context token gets (0, 0), which answers ''."""
+    start_BxL = np.asarray(start_BxL, np.float32)
+    end_BxL = np.asarray(end_BxL, np.float32)
+    context_BxL = np.asarray(context_BxL, bool)
+    B, L = start_BxL.shape
+    offset_LxL = np.arange(L)[None, :] - np.arange(L)[:, None]  # end - start
+    allowed_BxLxL = (
+        ((offset_LxL >= 0) & (offset_LxL < max_answer_tokens))[None]
+        & context_BxL[:, :, None]
+        & context_BxL[:, None, :]
+    )
+    scores_BxLxL = np.where(allowed_BxLxL, start_BxL[:, :, None] + end_BxL[:, None, :], -np.inf)
+    best_B = scores_BxLxL.reshape(B, L * L).argmax(axis=1)
+    spans_Bx2 = np.stack([best_B // L, best_B % L], axis=1).astype(np.int64)
+    spans_Bx2[~allowed_BxLxL.reshape(B, -1).any(axis=1)] = 0
+    return spans_Bx2
 
 
 def _answer_metrics(batcher: TaskBatcher, predictions: list[tuple[int, int, int]]) -> dict:
