@@ -1,5 +1,6 @@
 """bench finetune-memory on a tiny preset: sizes without allocating, one compiled step's peak."""
 
+import dataclasses
 import json
 import pathlib
 import shlex
@@ -42,8 +43,46 @@ def test_the_readme_command_compiles_a_step_and_reports_its_peak(capsys):
     assert report["argument_bytes"] >= inputs  # the state (and the batch) are the arguments
     assert report["peak_bytes"] >= report["argument_bytes"]
     assert report["fits_gib"] == {"24": True, "40": True, "80": True}
+    assert report["compiler"].startswith("XLA CPU")  # the default: this host's backend
 
 
 def test_bad_method_is_clear():
     with pytest.raises(ValueError, match="--method 'qlora'"):
         finetune_memory.lora_config("qlora")
+
+
+def test_topology_compiles_for_one_tpu_chip_and_says_so(capsys):
+    pytest.importorskip("libtpu", reason="--topology compiles for a TPU chip with libtpu")
+    argv = ["finetune-memory", "--preset", "llama-tiny", "--method", "qlora-nf4"]
+    argv += ["--seq-len", "64", "--batch", "2", "--rank", "4", "--topology", "v5p:2x2x1", "--json"]
+    assert bench_main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out[-1])
+    assert report["platform"] == "tpu"
+    assert report["compiler"].startswith("XLA TPU (libtpu)")
+    assert any(line.strip().startswith("compiler: XLA TPU") for line in out)
+    assert report["peak_bytes"] >= report["argument_bytes"] >= report["param_bytes"]
+
+
+def test_a_qlora_step_reads_its_base_without_copying_or_gathering_it():
+    """The NF4 base is dequantized elementwise (a gather of the levels made int32 index arrays
+    the size of a layer, which a TPU pads to 30x its bytes), and the scanned layers do not hand
+    the quantized kernels back out of the loop (that wrote a copy of every layer's base)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxformer import lora, models, quantize_nf4
+
+    q = quantize_nf4.quantize(jnp.ones((2, 64, 48)), 1)
+    jaxpr = jax.make_jaxpr(lambda q: quantize_nf4.dequantize(q, (64, 48), jnp.bfloat16))(q)
+    assert "gather" not in str(jaxpr)
+    cfg = dataclasses.replace(models.preset("llama-tiny"), remat="full")  # as the bench's step
+    model = models.create(cfg, rngs=nnx.Rngs(0))
+    lora.apply_lora(model, lora.LoraConfig(targets=("all-linear",), rank=4, quantize="nf4"))
+    tokens = jnp.ones((1, 16), jnp.int32)
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)
+    (scan,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert not [v for v in scan.outvars if v.aval.dtype in (jnp.uint8, jnp.int8)]
+    assert [v for v in scan.invars if v.aval.dtype == jnp.uint8]  # the codes go in

@@ -106,14 +106,17 @@ def run_blocks(
     `windows` (one per layer, e.g. ModelConfig.layer_windows) replaces self_inputs.sliding_window
     layer by layer.
     """
-    graphdef, params, rest = nnx.split(blocks, nnx.Param, ...)
+    # Only the RNG state comes back out of the loop (its counters move on); the rest of the
+    # non-Param state (e.g. a QLoRA base's quantized kernels) is read, never changed, and
+    # returning it would write a second copy of it, all layers, as the scan's output.
+    graphdef, params, rngs, rest = nnx.split(blocks, nnx.Param, nnx.RngState, ...)
     depth = num_layers(blocks)
 
     def body(x, layer):
         *layer_state, window = layer
         block = nnx.merge(graphdef, *layer_state)
         x = block(x, _with_window(self_inputs, window), context_BxSxD, cross_inputs)
-        return x, nnx.state(block, nnx.Not(nnx.Param))  # RNG counters move on
+        return x, nnx.state(block, nnx.RngState)
 
     if remat != "none":
         if remat not in REMAT_POLICIES:
@@ -121,8 +124,10 @@ def run_blocks(
                 f"unknown remat policy {remat!r}; valid: none, {', '.join(REMAT_POLICIES)}"
             )
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
-    x_BxLxD, rest = _loop(body, x_BxLxD, (params, rest, _windows(windows, depth)), depth, scan)
-    nnx.update(blocks, rest)
+    x_BxLxD, rngs = _loop(
+        body, x_BxLxD, (params, rngs, rest, _windows(windows, depth)), depth, scan
+    )
+    nnx.update(blocks, rngs)
     return x_BxLxD
 
 
