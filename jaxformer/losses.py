@@ -22,6 +22,21 @@ LogitsFn = Callable[[Array], Array]
 DEFAULT_CHUNK_SIZE = 256
 
 
+def first_argmax(values: Array) -> Array:
+    """jnp.argmax over the last axis (the first index of the maximum), as two plain reductions.
+
+    XLA's CPU backend runs argmax's paired (value, index) reduction element by element; a max
+    and then a min over the indices that attain it vectorise: 16-23 vs 72 ms for [32, 128, 2048]
+    float32 on 2 cores (the [.., V] int32 selection between them may be materialised).
+    """
+    max_value = jnp.max(values, axis=-1, keepdims=True)
+    ids = jnp.arange(values.shape[-1], dtype=jnp.int32)
+    size = jnp.int32(values.shape[-1])
+    # Never `size`, even where no entry equals the maximum (NaNs; the loss is NaN there anyway).
+    first = jnp.min(jnp.where(values == max_value, ids, size), axis=-1)
+    return jnp.where(first == size, 0, first)
+
+
 def _chunk_stats(
     logits_BxCxV: Array, targets_BxC: Array, weights_BxC: Array, z_loss: float
 ) -> tuple[dict[str, Array], Array]:
@@ -38,9 +53,13 @@ def _chunk_stats(
     is_target_BxCxV = vocab_ids_V == targets_BxC[..., None]
     target_logit_BxC = jnp.sum(jnp.where(is_target_BxCxV, logits_BxCxV, 0.0), axis=-1)
     nll_BxC = log_normalizer_BxC - target_logit_BxC
+    # Correct where the target's logit is the largest: one max-reduction, which vectorises, where
+    # comparing with argmax (wanted only for returned predictions) runs XLA's CPU backend's slow
+    # paired reduction (the costliest op of the default run's step). A tie for the largest, which
+    # argmax breaks by the lower id, counts as correct. No gradient flows through the count.
+    max_logit_BxC = jax.lax.stop_gradient(jnp.max(logits_BxCxV, axis=-1))
+    correct_BxC = (jax.lax.stop_gradient(target_logit_BxC) >= max_logit_BxC).astype(jnp.float32)
     predictions_BxC = jnp.argmax(logits_BxCxV, axis=-1).astype(jnp.int32)
-    # Predictions are integers: no gradient flows through the accuracy count.
-    correct_BxC = jax.lax.stop_gradient((predictions_BxC == targets_BxC).astype(jnp.float32))
     sums = dict(
         loss_sum=jnp.sum(nll_BxC * weights_BxC),
         weight_sum=jnp.sum(weights_BxC),

@@ -9,6 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxformer import losses
 from jaxformer.losses import cross_entropy_sums, full_cross_entropy_sums
 
 VOCAB = 50
@@ -237,3 +238,12 @@ def test_vocabulary_sharded_head_matches_and_never_gathers_logits():
         actual = step(hidden_BxLxD, proj_DxV)
     assert "all-gather" not in step.as_text()
     _assert_grads_close(actual, expected)
+
+
+def test_first_argmax_is_jnp_argmax_ties_included():
+    values = np.random.default_rng(0).normal(size=(6, 40, 300)).astype(np.float32)
+    values[0, 3, [5, 7, 200]] = 9.0  # ties: the first index wins, as in jnp.argmax
+    values[1, 4] = 0.0  # all equal
+    values = jnp.asarray(values)
+    np.testing.assert_array_equal(losses.first_argmax(values), jnp.argmax(values, axis=-1))
+    assert losses.first_argmax(values).dtype == jnp.int32

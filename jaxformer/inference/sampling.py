@@ -7,6 +7,8 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
+from jaxformer.losses import first_argmax
+
 Array = jax.Array
 
 
@@ -30,7 +32,7 @@ def next_token(
 ) -> Array:
     """Token ids [B]: the argmax when greedy, else a sample of softmax(filtered logits / T)."""
     if greedy:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        return first_argmax(logits_BxV)  # jnp.argmax's result, vectorised on CPUs
     scaled = filter_logits(logits_BxV / temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
 

@@ -201,6 +201,32 @@ class Block(nnx.Module):
         return self._residual(x, self.mlp_norm, self.mlp, self.post_mlp_norm), new_cache
 
 
+@jax.custom_vjp
+def tied_logits(x_BxLxD: Array, table_VxD: Array) -> Array:
+    """x @ table.T, the tied LM head; its gradient never writes the [V, B*L] transposed logits.
+
+    Differentiated as is, XLA's CPU backend computes the table's gradient as
+    dlogits.T [V, B*L] @ x and writes that transpose whole (with the softmax recomputed into it):
+    the costliest single op of the default run's step. Here it is (x.T @ dlogits).T instead:
+    the transposes are of x [B*L, D] and of the [D, V] result, both D/V times smaller.
+    """
+    return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD)
+
+
+def _tied_logits_fwd(x_BxLxD: Array, table_VxD: Array):
+    return tied_logits(x_BxLxD, table_VxD), (x_BxLxD, table_VxD)
+
+
+def _tied_logits_bwd(residuals, dlogits_BxLxV: Array):
+    x_BxLxD, table_VxD = residuals
+    dx_BxLxD = jnp.einsum("blv,vd->bld", dlogits_BxLxV, table_VxD)
+    dtable_DxV = jnp.einsum("bld,blv->dv", x_BxLxD, dlogits_BxLxV)
+    return dx_BxLxD.astype(x_BxLxD.dtype), dtable_DxV.T.astype(table_VxD.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
 class LmHead(nnx.Module):
     """Output projection to the vocabulary: the transposed token embedding or its own matrix."""
 
@@ -228,6 +254,13 @@ class LmHead(nnx.Module):
         else:
             if self.scale is not None:
                 x_BxLxD = x_BxLxD * self.scale
-            logits_BxLxV = embeddings.token_embed.attend(x_BxLxD)
+            embed = embeddings.token_embed
+            if isinstance(embed, nnx.Embed):
+                query, table_VxD = embed.promote_dtype(
+                    (x_BxLxD, embed.embedding[...]), dtype=embed.dtype
+                )
+                logits_BxLxV = tied_logits(query, table_VxD)
+            else:  # a replacement with its own `attend` (inference.quantize's int8 table)
+                logits_BxLxV = embed.attend(x_BxLxD)
         logits_BxLxV = attn_lib.softcap(logits_BxLxV.astype(jnp.float32), self.softcap)
         return constrain(logits_BxLxV, ("batch", "length", "vocab"))
