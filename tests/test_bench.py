@@ -177,3 +177,30 @@ def test_plan_ranks_candidates_and_writes_the_best(tmp_path, capsys):
         )
     best = load_experiment(str(out))
     assert list(best.mesh.shape) == rows[0]["candidate"]["mesh.shape"]
+
+
+def test_plan_grid_keeps_to_splits_a_3d_torus_lays_out(monkeypatch):
+    """On v5p:4x4x4 jax builds only meshes whose axes are products of the physical 4 x 4 x 4:
+    the default grid tries 4x16x1 and 1x16x4 (2x32x1 and 1x32x2 cannot be laid out), and a
+    split that cannot be laid out fails its own row, not the plan."""
+    pytest.importorskip("libtpu", reason="plan compiles for TPU topologies with libtpu")
+    from jaxformer.bench import plan as plan_lib
+    from jaxformer.training import compile_only
+
+    devices = compile_only.topology_devices("v5p:4x4x4")
+    cfg = load_experiment(os.path.join(ROOT, "configs", "c4_llama3_8b.yaml"))
+    ok = plan_lib.mesh_builds(cfg, devices)
+    assert ok((4, 16, 1)) and not ok((2, 32, 1)) and not ok((1, 32, 2))
+    meshes = [c.mesh for c in plan_lib.grid(cfg, len(devices), mesh_ok=ok)]
+    assert meshes[:3] == [(1, 64, 1), (4, 16, 1), (1, 16, 4)]
+
+    def compile_train_step(trial, topology, slices):
+        if tuple(trial.mesh.shape) == (2, 32, 1):
+            raise NotImplementedError("Failed to find assignment for logical_axis_index 1")
+        return dict(fits=True, per_chip_bytes=1, chip_kind="unknown")
+
+    monkeypatch.setattr(compile_only, "compile_train_step", compile_train_step)
+    candidates = [plan_lib.Candidate(m, "full", 1, 512) for m in [(2, 32, 1), (1, 64, 1)]]
+    rows = plan_lib.plan(cfg, "v5p:4x4x4", candidates, log=lambda s: None)
+    assert [r["candidate"].mesh for r in rows] == [(1, 64, 1), (2, 32, 1)]
+    assert "logical_axis_index" in rows[1]["error"]

@@ -82,9 +82,14 @@ def grid(
     grad_accums: Sequence[int] = (),
     loss_chunks: Sequence[int] = (),
     full: bool = False,
+    mesh_ok: Callable[[tuple[int, int, int]], bool] = lambda mesh: True,
 ) -> list[Candidate]:
     """The config's own setting first, then each knob varied alone (or, with `full`, every
-    combination); candidates whose batch does not split are left out."""
+    combination); candidates whose batch does not split are left out.
+
+    Without `meshes`, the splits tried besides the config's are the smallest data axis and the
+    smallest tensor axis above 1 that `mesh_ok` accepts (on a 3D torus such as v5p:4x4x4 jax
+    lays out only axes that are products of the physical ones: 4 x 16 x 1, not 2 x 32 x 1)."""
     base = Candidate(
         _resolved_mesh(cfg.mesh.shape, chips) or (1, chips, 1),
         cfg.model.remat,
@@ -92,9 +97,13 @@ def grid(
         cfg.train.loss_chunk_size,
     )
     accum = base.grad_accum
+    splits = [n for n in range(2, chips + 1) if chips % n == 0]
+    default_meshes = [(1, chips, 1)] + [
+        next((m for m in map(shape, splits) if mesh_ok(m)), None)
+        for shape in (lambda n: (n, chips // n, 1), lambda n: (1, chips // n, n))
+    ]
     options = dict(
-        mesh=[_resolved_mesh(m, chips) for m in meshes]
-        or [(1, chips, 1), (2, chips // 2, 1), (1, chips // 2, 2)],
+        mesh=[_resolved_mesh(m, chips) for m in meshes] or default_meshes,
         remat=list(remats) or ["full", "dots_saveable", "none"],
         grad_accum=list(grad_accums) or [accum * 2, max(accum // 2, 1)],
         loss_chunk=list(loss_chunks) or [base.loss_chunk],
@@ -186,7 +195,9 @@ def plan(
         start = time.perf_counter()
         try:
             report = compile_only.compile_train_step(trial, topology, slices)
-        except ValueError as err:  # a split the model does not allow (heads over tensor, ...)
+        # A split the model does not allow (heads over tensor, ...: ValueError), or one jax cannot
+        # lay out on the physical torus (NotImplementedError): that row fails, the plan goes on.
+        except (ValueError, NotImplementedError) as err:
             row = dict(candidate=candidate, fits=False, error=str(err).splitlines()[0])
         else:
             row = dict(candidate=candidate, **report)  # model FLOPs: jaxformer.models.flops
@@ -220,13 +231,14 @@ def _row_text(row: dict[str, Any]) -> str:
     if "error" in row and "per_chip_bytes" not in row:
         return f"{c.label():44s} error: {row['error'][:120]}"
     est = (
-        f"{_seconds(row['step_seconds']):>9s}  MFU {100 * row['mfu']:5.1f}% ({row['bound']})"
+        " / ".join(_seconds(row[f"{k}_seconds"]) for k in ("compute", "hbm", "ici"))
+        + f"  {_seconds(row['step_seconds']):>9s}  MFU {100 * row['mfu']:5.1f}% ({row['bound']})"
         if "step_seconds" in row
         else f"{'-':>9s}"
     )
     return (
         f"{c.label():44s} fits {'yes' if row['fits'] else 'NO ':3s} "
-        f"{_gib(row.get('per_chip_bytes')):>6s} GiB/chip  {est}  "
+        f"{_gib(row.get('per_chip_bytes')):>6s} of {_gib(row.get('hbm_bytes'))} GiB/chip  {est}  "
         f"(compiled in {row.get('compile_seconds', 0):.0f} s)"
     )
 
@@ -234,7 +246,7 @@ def _row_text(row: dict[str, Any]) -> str:
 def table(rows: Sequence[dict[str, Any]], hbm: Optional[int] = None) -> str:
     """The rows best first, as text."""
     head = f"{'rank':>4s}  {'data x fsdp x tensor, remat, accum, loss chunk':44s} fits   memory"
-    head += "        est. step   est. MFU (bound)"
+    head += "                  compute / HBM / ICI    est. step  est. MFU (bound)"
     return "\n".join([head] + [f"{i + 1:4d}  {_row_text(r)}" for i, r in enumerate(rows)])
 
 
@@ -255,6 +267,20 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config")
 
 
+def mesh_builds(cfg: Any, devices: Sequence[Any]) -> Callable[[tuple[int, int, int]], bool]:
+    """Whether the trainer can build a mesh of that split over `devices` (no compile)."""
+    from jaxformer import sharding as shard_lib
+
+    def ok(mesh: tuple[int, int, int]) -> bool:
+        try:
+            shard_lib.make_mesh(dataclasses.replace(cfg.mesh, shape=mesh), devices)
+        except (ValueError, NotImplementedError):
+            return False
+        return True
+
+    return ok
+
+
 def main(args) -> int:
     """Runs `plan` from parsed arguments; exit 0 when a candidate fits, 1 when none does."""
     import os
@@ -265,7 +291,8 @@ def main(args) -> int:
 
     cfg = load_experiment(args.config, args.overrides)
     _, _, _, _ = compile_only.parse_topology(args.topology)
-    chips = len(compile_only.topology_devices(args.topology, args.slices))
+    devices = compile_only.topology_devices(args.topology, args.slices)
+    chips = len(devices)
     meshes = [tuple(int(x) for x in m.split("x")) for m in args.meshes or []]
     if any(len(m) != 3 for m in meshes):
         raise ValueError("--meshes: each split is DATAxFSDPxTENSOR, e.g. 2x8x1")
@@ -277,6 +304,10 @@ def main(args) -> int:
         args.grad_accum or (),
         args.loss_chunk or (),
         args.full_grid,
+        mesh_builds(
+            dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, slices=args.slices)),
+            devices,
+        ),
     )[: args.max_candidates]
     print(
         f"[bench plan] {args.config} on {args.topology} x {args.slices} ({chips} chips): "
