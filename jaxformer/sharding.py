@@ -146,7 +146,14 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
         raise
     axis_types = (jax.sharding.AxisType.Auto,) * 3
     if cfg.slices == 1:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+        except NotImplementedError as err:  # e.g. a 32-device axis on a 4x4x4 torus
+            raise ValueError(
+                f"mesh.shape={tuple(cfg.shape)} -> {shape} cannot be laid out on these devices' "
+                f"physical topology ({err}); make each axis a product of the torus's dimensions "
+                "(python -m jaxformer.bench plan lists splits that work)"
+            ) from None
     data, fsdp, tensor = shape
     if data % cfg.slices:
         raise ValueError(
