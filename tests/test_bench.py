@@ -165,9 +165,21 @@ def test_plan_ranks_candidates_and_writes_the_best(tmp_path, capsys):
     argv = ["plan", "--config", os.path.join(ROOT, "configs", "gpt_tiny.yaml")]
     argv += ["--topology", "v5e:2x2", "--meshes", "4x1x1", "1x4x1", "--max-candidates", "2"]
     argv += ["--remat", "full", "--out", str(out), "--json"]
-    assert main(argv) == 0
+    # A run of the config to compare with: its first logged row includes compiling.
+    run = tmp_path / "run"
+    run.mkdir()
+    logged = [
+        {"step": 20 * i, "split": "train", "step_seconds": s} for i, s in enumerate([9, 2, 4, 3])
+    ]
+    lines = [json.dumps(row) for row in logged] + ['{"step": 100, "split": "validation"}', '{"ste']
+    (run / "metrics.jsonl").write_text("\n".join(lines))
+    assert main([*argv, "--measured", str(run)]) == 0
     r = _json_of(capsys)
     rows = r["rows"]
+    measured = r["measured"]
+    assert measured["measured_step_seconds"] == 3 and measured["logged_rows"] == 3
+    assert measured["estimated_step_seconds"] in [row["step_seconds"] for row in rows]
+    assert math.isclose(measured["measured_over_estimate"], 3 / measured["estimated_step_seconds"])
     assert len(rows) == 2 and all(row["fits"] for row in rows)
     assert rows[0]["step_seconds"] <= rows[1]["step_seconds"]
     for row in rows:
@@ -204,3 +216,9 @@ def test_plan_grid_keeps_to_splits_a_3d_torus_lays_out(monkeypatch):
     rows = plan_lib.plan(cfg, "v5p:4x4x4", candidates, log=lambda s: None)
     assert [r["candidate"].mesh for r in rows] == [(1, 64, 1), (2, 32, 1)]
     assert "logical_axis_index" in rows[1]["error"]
+
+
+def test_plan_measured_run_without_metrics_is_refused_before_compiling(tmp_path, capsys):
+    argv = ["plan", "--config", os.path.join(ROOT, "configs", "gpt_tiny.yaml")]
+    assert main([*argv, "--topology", "v5e:2x2", "--measured", str(tmp_path)]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+from jaxformer.bench import measured as measured_lib
 from jaxformer.bench import peak as peak_lib
 
 GiB = 1 << 30
@@ -74,6 +75,16 @@ def _resolved_mesh(shape: Sequence[int], chips: int) -> Optional[tuple[int, int,
         return None
 
 
+def own_setting(cfg: Any, chips: int) -> Candidate:
+    """The config's own setting as a candidate (an unresolvable mesh: FSDP over every chip)."""
+    return Candidate(
+        _resolved_mesh(cfg.mesh.shape, chips) or (1, chips, 1),
+        cfg.model.remat,
+        cfg.optimizer.grad_accum_steps,
+        cfg.train.loss_chunk_size,
+    )
+
+
 def grid(
     cfg: Any,
     chips: int,
@@ -90,12 +101,7 @@ def grid(
     Without `meshes`, the splits tried besides the config's are the smallest data axis and the
     smallest tensor axis above 1 that `mesh_ok` accepts (on a 3D torus such as v5p:4x4x4 jax
     lays out only axes that are products of the physical ones: 4 x 16 x 1, not 2 x 32 x 1)."""
-    base = Candidate(
-        _resolved_mesh(cfg.mesh.shape, chips) or (1, chips, 1),
-        cfg.model.remat,
-        cfg.optimizer.grad_accum_steps,
-        cfg.train.loss_chunk_size,
-    )
+    base = own_setting(cfg, chips)
     accum = base.grad_accum
     splits = [n for n in range(2, chips + 1) if chips % n == 0]
     default_meshes = [(1, chips, 1)] + [
@@ -263,6 +269,12 @@ def add_parser(sub) -> None:
     p.add_argument("--full-grid", action="store_true", help="every combination, not one at a time")
     p.add_argument("--max-candidates", type=int, default=4, help="compiles at most (default 4)")
     p.add_argument("--out", help="where to write the best config (default: <config>.plan.yaml)")
+    p.add_argument(
+        "--measured",
+        metavar="RUN",
+        help="a run of this config on this topology: print its logged median step time beside "
+        "the estimate for its setting (pass --config RUN/config.yaml)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config")
 
@@ -290,6 +302,8 @@ def main(args) -> int:
     from jaxformer.training.config import load_experiment
 
     cfg = load_experiment(args.config, args.overrides)
+    # A run to compare with is read before the compiles, which take minutes.
+    logged = measured_lib.logged_step_seconds(args.measured) if args.measured else None
     _, _, _, _ = compile_only.parse_topology(args.topology)
     devices = compile_only.topology_devices(args.topology, args.slices)
     chips = len(devices)
@@ -316,6 +330,10 @@ def main(args) -> int:
     )
     rows = plan(cfg, args.topology, candidates, args.slices, log=lambda s: print(s, flush=True))
     print(table(rows))
+    measured = None
+    if logged is not None:
+        measured = measured_lib.compare(rows, args.measured, logged, own_setting(cfg, chips))
+        print(measured_lib.describe(measured))
     best = rows[0] if rows and rows[0].get("fits") else None
     out = None
     if best is not None:
@@ -332,7 +350,13 @@ def main(args) -> int:
         ]
         print(
             json.dumps(
-                dict(command="plan", topology=args.topology, rows=shown, best_config=out),
+                dict(
+                    command="plan",
+                    topology=args.topology,
+                    rows=shown,
+                    best_config=out,
+                    measured=measured,
+                ),
                 default=str,
             )
         )
