@@ -261,6 +261,11 @@ class AttentionInputs(NamedTuple):
     """[B, S] context positions for RoPE in cross-attention."""
 
 
+def _first_slots(x: Optional[Array], span: int) -> Optional[Array]:
+    """A mask or bias over cache slots (last axis; size 1: broadcast) cut to the first `span`."""
+    return x if x is None or x.shape[-1] == 1 else x[..., :span]
+
+
 class Attention(nnx.Module):
     """Multi-head self- or cross-attention with GQA, optional RoPE and a choice of kernels.
 
@@ -401,34 +406,56 @@ class Attention(nnx.Module):
         *,
         index: Array,
         inputs: AttentionInputs = AttentionInputs(),
+        layer: Optional[Array] = None,
     ) -> tuple[Array, tuple[Array, Array]]:
         """Causal self-attention of T new tokens against a preallocated K/V cache.
 
-        `cache` is (keys, values), each [B, M, K, H]; the new tokens occupy slots index..index+T-1
-        (written with dynamic_update_slice) and query i sees the slots <= index + i, so slots not
-        yet written are masked out. `inputs.mask` ([B, 1, 1 or T, M]) can hide more slots, e.g.
-        left padding; `inputs.positions` default to index + arange(T). Returns the output
-        [B, T, D] and the updated cache.
+        `cache` is (keys, values), each [B, K, M, H] (kv heads before slots, as Hugging Face's
+        caches: one head's slots are contiguous, the layout the attention's batched matmuls read,
+        so a step does not transpose the whole cache), or with `layer` each stacked over layers,
+        [layers, B, K, M, H], of which this attention reads and writes layer `layer`. The new
+        tokens occupy slots index..index+T-1 (written with dynamic_update_slice) and query i sees
+        the slots <= index + i, so slots not yet written are masked out. `inputs.mask`
+        ([B, 1, 1 or T, M]) can hide more slots, e.g. left padding; `inputs.positions` default to
+        index + arange(T). Returns the output [B, T, D] and the updated cache, shaped as given.
         """
         b, t, _ = x_BxTxD.shape
+        if layer is None:
+            out, (k_cache, v_cache) = self.decode(
+                x_BxTxD, (cache[0][None], cache[1][None]), index=index, inputs=inputs, layer=0
+            )
+            return out, (k_cache[0], v_cache[0])
         k_cache, v_cache = cache
-        max_len = k_cache.shape[1]
+        max_len = k_cache.shape[3]
         positions = inputs.positions
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         k_new, v_new = self.project_kv(x_BxTxD, positions)
-        start = (0, index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
+        # Written into the stacked arrays themselves, then the layer read back out: in a scan
+        # over layers that carries the stack, the write is in place and the read fuses into its
+        # consumer. Updating a slice of the layer instead costs copies of its whole cache.
+        k_cache, v_cache = (
+            jax.lax.dynamic_update_slice(
+                c, jnp.swapaxes(new, 1, 2)[None].astype(c.dtype), (layer, 0, 0, index, 0)
+            )
+            for c, new in ((k_cache, k_new), (v_cache, v_new))
+        )
+        # A prefill (a Python int index) attends over the slots up to its last token only: the
+        # later ones are masked for every query (causal) and would cost logits for nothing.
+        span = index + t if isinstance(index, int) else max_len
+        k_BxSxKxH, v_BxSxKxH = (
+            jnp.swapaxes(jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)[:, :, :span], 1, 2)
+            for c in (k_cache, v_cache)
+        )
         window = inputs.sliding_window
         written = (
-            attn_lib.causal_mask(t, max_len, offset=index)
+            attn_lib.causal_mask(t, span, offset=index)
             if window is None
-            else attn_lib.sliding_window_mask(t, max_len, window=window, offset=index)
+            else attn_lib.sliding_window_mask(t, span, window=window, offset=index)
         )
         # The cache's validity is an arbitrary mask, which the fused kernels do not all take:
         # chunked for a long prefill (linear memory), plain for the one-token steps.
-        long = t * max_len >= attn_lib.CHUNKED_MIN_LOGITS
+        long = t * span >= attn_lib.CHUNKED_MIN_LOGITS
         impl = (
             "chunked"
             if self.implementation == "chunked" or (self.implementation == "auto" and long)
@@ -436,10 +463,10 @@ class Attention(nnx.Module):
         )
         out_BxTxNxH = attn_lib.dot_product_attention(
             self._query(x_BxTxD, positions),
-            k_cache,
-            v_cache,
-            bias=inputs.bias,
-            mask=attn_lib.combine_masks(written, inputs.mask),
+            k_BxSxKxH,
+            v_BxSxKxH,
+            bias=_first_slots(inputs.bias, span),
+            mask=attn_lib.combine_masks(written, _first_slots(inputs.mask, span)),
             scale=self.scale,
             logit_softcap=self.logit_softcap,
             implementation=impl,

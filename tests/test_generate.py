@@ -72,6 +72,40 @@ def test_decoder_greedy_with_cache_equals_recompute(name):
     assert len(set(np.asarray(out).ravel().tolist())) > 3  # not a degenerate repetition
 
 
+def test_prefill_last_only_and_the_cache_layout():
+    """decode_step(last_only=True) gives the full prefill's last logits and the same cache, laid
+    out [layers, B, K, M, H]; an attention decodes a one-layer cache as its slice of the stack."""
+    from jaxformer.models import stack
+
+    model = build("gpt-tiny", init_std=SHARP)
+    cfg, x = model.config, tokens(2, (2, 5))
+    cache = model.init_cache(2, 8)
+    assert cache["k"].shape == (cfg.num_layers, 2, cfg.kv_heads, 8, cfg.dims_per_head)
+    prefill = nnx.jit(
+        lambda m, c, last: m.decode_step(x, c, index=0, last_only=last), static_argnums=2
+    )
+    (full, full_cache), (last, last_cache) = (
+        prefill(model, cache, False),
+        prefill(model, cache, True),
+    )
+    assert last.shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    for name in cache:
+        np.testing.assert_array_equal(last_cache[name], full_cache[name])
+
+    @jax.jit
+    def one_and_stacked(state, k, v):
+        attn = nnx.merge(graphdef, stack._layer(state, 1)).self_attn
+        h = jax.random.normal(jax.random.key(0), (2, 5, cfg.d_model))
+        return attn.decode(h, (k[1], v[1]), index=2), attn.decode(h, (k, v), index=2, layer=1)
+
+    graphdef, state = nnx.split(model.blocks)
+    (one, (k_one, _)), (stacked, (k_all, _)) = one_and_stacked(state, cache["k"], cache["v"])
+    np.testing.assert_allclose(one, stacked, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(k_one, k_all[1])
+    assert not np.any(k_all[0])  # the other layers' slots are untouched
+
+
 def test_encoder_decoder_greedy_with_cache_equals_recompute():
     model = build("t5-tiny", init_std=0.1)
     lengths = np.array([9, 4])

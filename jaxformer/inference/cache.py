@@ -1,7 +1,7 @@
 """One decoding interface over both generating families: prefill the cache, then step one token.
 
 The cache is a functional pytree (a dict of arrays stacked over decoder layers: self-attention `k`,
-`v` [layers, B, M, K, H] and, for encoder-decoders, the cross-attention `cross_k`, `cross_v`
+`v` [layers, B, K, M, H] and, for encoder-decoders, the cross-attention `cross_k`, `cross_v`
 projected once from the encoder output), so a `jax.lax.while_loop` can carry it.
 
 Prompt layout. Prompts arrive right-padded, [B, P] with per-row `lengths`; decoder-only prompts are
@@ -97,6 +97,7 @@ def prefill(
             index=0,
             positions=positions_BxP,
             kv_valid=kv_valid_BxM,
+            last_only=True,
         )
         return Prefix(
             logits[:, -1].astype(jnp.float32),

@@ -179,19 +179,24 @@ class Block(nnx.Module):
         index: Array,
         self_inputs: AttentionInputs,
         cross_inputs: AttentionInputs = AttentionInputs(),
+        layer: Optional[Array] = None,
     ) -> tuple[Array, dict]:
-        """The block on T new tokens with a layer cache {k, v[, cross_k, cross_v]}."""
+        """The block on T new tokens with a layer cache {k, v[, cross_k, cross_v]}, or with
+        `layer`, the cache of all layers stacked (see Attention.decode), of which it uses that
+        layer's."""
         new_cache = dict(cache)
 
         def self_attend(h):
             out, (new_cache["k"], new_cache["v"]) = self.self_attn.decode(
-                h, (cache["k"], cache["v"]), index=index, inputs=self_inputs
+                h, (cache["k"], cache["v"]), index=index, inputs=self_inputs, layer=layer
             )
             return out
 
         x = self._residual(x_BxTxD, self.self_attn_norm, self_attend, self.post_self_attn_norm)
         if self.cross_attn is not None:
             cross_kv = (cache["cross_k"], cache["cross_v"])
+            if layer is not None:
+                cross_kv = tuple(jax.lax.dynamic_index_in_dim(a, layer, 0, False) for a in cross_kv)
             x = self._residual(
                 x,
                 self.cross_attn_norm,

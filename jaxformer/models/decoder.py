@@ -89,7 +89,7 @@ class DecoderLM(nnx.Module):
         return TokenLossInputs(hidden_BxLxD, self.logits, batch.targets, batch.loss_weights)
 
     def init_cache(self, batch: int, length: int) -> dict:
-        """An empty K/V cache of `length` slots per row: {k, v}, each [layers, B, length, K, H]."""
+        """An empty K/V cache of `length` slots per row: {k, v}, each [layers, B, K, length, H]."""
         return init_cache(self.config, self.config.num_layers, batch, length)
 
     def decode_step(
@@ -100,12 +100,15 @@ class DecoderLM(nnx.Module):
         index: Array,
         positions: Optional[Array] = None,
         kv_valid: Optional[Array] = None,
+        last_only: bool = False,
     ) -> tuple[Array, dict]:
         """Logits [B, T, V] of T new tokens written to cache slots index..index+T-1, and the cache.
 
         `positions` [B, T] defaults to index + arange(T); `kv_valid` [B, M] marks the cache slots
         holding real tokens (False for left padding), so rows of different lengths share a slot
-        index while keeping their own positions.
+        index while keeping their own positions. `last_only`: the logits of the last token only,
+        [B, 1, V] (a prefill needs no others; the head over a whole prompt costs more than the
+        blocks: [B, P, V] for a 50k vocabulary).
         """
         b, t = tokens_BxT.shape
         if positions is None:
@@ -124,4 +127,4 @@ class DecoderLM(nnx.Module):
             scan=self.config.scan_layers,
             windows=self.config.layer_windows(self.config.num_layers),
         )
-        return self.logits(x_BxTxD), cache
+        return self.logits(x_BxTxD[:, -1:] if last_only else x_BxTxD), cache

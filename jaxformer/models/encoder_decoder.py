@@ -159,7 +159,7 @@ class EncoderDecoderLM(nnx.Module):
     ) -> tuple[Array, dict]:
         """Logits [B, T, V] of T new decoder tokens at positions index..index+T-1, and the cache."""
         b, t = decoder_tokens_BxT.shape
-        length = cache["k"].shape[2]
+        length = cache["k"].shape[3]  # [layers, B, K, length, H]
         positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         x = self.embed(decoder_tokens_BxT, positions)
         self_inputs = AttentionInputs(

@@ -3,7 +3,8 @@
 One `Block` module holds every layer's parameters ([layers, ...] arrays, logical axis `layers`).
 `run_blocks` scans over them (compile time flat in depth) or, with `scan=False`, unrolls a Python
 loop over the same stacked parameters, so checkpoints do not depend on the choice. Remat wraps the
-per-layer body once. The KV cache is stacked the same way: [layers, batch, length, kv_heads, dim].
+per-layer body once. The KV cache is stacked the same way: [layers, batch, kv_heads, length, dim]
+(see Attention.decode for why heads come before slots).
 Per-layer sliding windows (local/global patterns) are one more scanned input: inside the scanned
 body a layer's window is a traced scalar, which the plain and chunked attention masks take.
 """
@@ -24,7 +25,9 @@ from jaxformer.models.block import Block
 from jaxformer.models.config import CHOICES, ModelConfig
 
 Array = jax.Array
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+# Cross-attention keys/values of an encoder output, projected once: [layers, B, S, K, H].
+CROSS_CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 REMAT_POLICIES: dict[str, Optional[Callable]] = {
     "full": None,  # save nothing but the layer input: recompute the block in the backward pass
@@ -148,24 +151,31 @@ def decode_blocks(
     graphdef, state = nnx.split(blocks)
     depth = num_layers(blocks)
 
-    def body(x, layer):
-        layer_state, layer_cache, window = layer
+    # The stacked cache is carried, not scanned over as xs/ys: each layer writes its T new slots
+    # into it in place (Attention.decode with `layer`). As xs/ys, XLA copied every layer's whole
+    # cache out and back in for every token: passes over [B, M, K, H] that dominate a step with
+    # a long prompt.
+    def body(carry, layer):
+        x, cache = carry
+        i, layer_state, window = layer
         block = nnx.merge(graphdef, layer_state)
         return block.decode(
             x,
-            layer_cache,
+            cache,
             index=index,
             self_inputs=_with_window(self_inputs, window),
             cross_inputs=cross_inputs,
-        )
+            layer=i,
+        ), None
 
-    xs = (state, cache, _windows(windows, depth))
-    x_BxTxD, cache = _loop(body, x_BxTxD, xs, depth, scan)
-    return x_BxTxD, {k: constrain(v, CACHE_AXES) for k, v in cache.items()}
+    xs = (np.arange(depth, dtype=np.int32), state, _windows(windows, depth))
+    (x_BxTxD, cache), _ = _loop(body, (x_BxTxD, cache), xs, depth, scan)
+    axes = dict(k=CACHE_AXES, v=CACHE_AXES)
+    return x_BxTxD, {k: constrain(v, axes.get(k, CROSS_CACHE_AXES)) for k, v in cache.items()}
 
 
 def init_cache(cfg: ModelConfig, depth: int, batch: int, length: int) -> dict:
-    """An empty self-attention cache: keys and values [layers, B, length, K, H] of zeros."""
-    shape = (depth, batch, length, cfg.kv_heads, cfg.dims_per_head)
+    """An empty self-attention cache: keys and values [layers, B, K, length, H] of zeros."""
+    shape = (depth, batch, cfg.kv_heads, length, cfg.dims_per_head)
     zeros = constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES)
     return dict(k=zeros, v=zeros)
