@@ -27,7 +27,10 @@ from jaxformer.training.config import ExperimentConfig, load_experiment
 from jaxformer.training.optimizer import make_optimizer
 
 # The model of `python train.py` (configs/default.yaml): what runs without --preset or sizes.
-DEFAULT_RUN = dict(d_model=128, num_layers=4, num_heads=4, d_ff=512, seq_len=128, vocab=2048)
+# configs/default.yaml's model (its layers unrolled: faster on CPUs at this depth).
+DEFAULT_RUN = dict(
+    d_model=128, num_layers=4, num_heads=4, d_ff=512, seq_len=128, vocab=2048, scan_layers=False
+)
 
 
 def default_seq_len(preset: Optional[str]) -> int:
