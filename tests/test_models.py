@@ -167,3 +167,22 @@ def test_clear_errors():
         dataclasses.replace(models.preset("gpt-tiny"), num_heads=5)
     with pytest.raises(ValueError, match="max_len"):
         build("gpt-tiny")(tokens(0, (1, 129)))
+
+
+def test_tied_logits_gradient_equals_autodiff():
+    """The tied head's custom gradient ((x.T @ dlogits).T) is the autodiff one of x @ table.T."""
+    from jaxformer.models.block import tied_logits
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
+
+    def loss(fn):
+        return lambda x, table: jnp.sum(jnp.tanh(fn(x, table)) * weights)
+
+    plain = jax.grad(loss(lambda x, t: jnp.einsum("bld,vd->blv", x, t)), argnums=(0, 1))(x, table)
+    custom = jax.grad(loss(tied_logits), argnums=(0, 1))(x, table)
+    np.testing.assert_allclose(tied_logits(x, table), jnp.einsum("bld,vd->blv", x, table))
+    for want, got in zip(plain, custom):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
