@@ -20,6 +20,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_run_overrides(tmp_path, data_dir, tokenizer, steps: int, *extra: str) -> list[str]:
+    """The settings every multi-process test run shares (gpt-tiny, 8 rows of 32 tokens, a log
+    line per step, synchronous saves, data parallel), the tokenizer saved under tmp_path."""
+    tokenizer_path = str(tmp_path / "tok.model")
+    tokenizer.save(tokenizer_path)
+    return [
+        "model.preset=gpt-tiny",
+        f"data.data_dir={data_dir}",
+        f"data.tokenizer_path={tokenizer_path}",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        f"train.steps={steps}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "optimizer.warmup_steps=1",
+        "checkpoint.async_save=false",
+        "mesh.shape=[-1,1,1]",
+        *extra,
+    ]
+
+
 def _start(num_processes, devices_each, run_dir, overrides, **env_extra):
     port = _free_port()
     env = dict(
@@ -84,25 +106,15 @@ def test_resuming_on_fewer_devices_and_more_processes_sees_the_same_batches(
     """8 devices -> 4 devices -> 2 processes x 2 devices, from a multi-shard token store: the
     global batches (hence the losses) are the uninterrupted run's at every step, and the final
     validation (bits per byte, unigram baseline) counts every process's rows, on every host."""
-    tokenizer_path = str(tmp_path / "tok.model")
-    stdlib_tokenizer.save(tokenizer_path)
-    overrides = [
-        "model.preset=gpt-tiny",
-        f"data.data_dir={stdlib_data_dir}",
-        f"data.tokenizer_path={tokenizer_path}",
-        "data.seq_len=32",
-        "data.batch_size=8",
+    overrides = tiny_run_overrides(
+        tmp_path,
+        stdlib_data_dir,
+        stdlib_tokenizer,
+        4,
         "data.docs_per_shard=100",
         f"data.tokens_dir={tmp_path / 'tokens'}",
-        "train.steps=4",
-        "train.log_every=1",
-        "train.eval_every=0",
-        "train.eval_batches=1",
-        "optimizer.warmup_steps=1",
-        "checkpoint.async_save=false",
         "checkpoint.every=100",
-        "mesh.shape=[-1,1,1]",
-    ]
+    )
     single = str(tmp_path / "single")
     _launch(1, 8, single, overrides)
     moved = str(tmp_path / "moved")
@@ -133,24 +145,14 @@ def test_resuming_on_fewer_devices_and_more_processes_sees_the_same_batches(
 def test_killing_one_process_stops_the_other_and_rerunning_both_resumes(
     stdlib_data_dir, stdlib_tokenizer, tmp_path
 ):
-    tokenizer_path = str(tmp_path / "tok.model")
-    stdlib_tokenizer.save(tokenizer_path)
-    overrides = [
-        "model.preset=gpt-tiny",
-        f"data.data_dir={stdlib_data_dir}",
-        f"data.tokenizer_path={tokenizer_path}",
-        "data.seq_len=32",
-        "data.batch_size=8",
-        "train.steps=6",
-        "train.log_every=1",
-        "train.eval_every=0",
-        "train.eval_batches=1",
-        "optimizer.warmup_steps=1",
-        "checkpoint.async_save=false",
+    overrides = tiny_run_overrides(
+        tmp_path,
+        stdlib_data_dir,
+        stdlib_tokenizer,
+        6,
         "checkpoint.every=2",
-        "mesh.shape=[-1,1,1]",
         "train.sample_prompt=''",
-    ]
+    )
     reference = str(tmp_path / "reference")
     _launch(2, 2, reference, overrides)
 

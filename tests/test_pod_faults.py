@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from test_distributed import _start
+from test_distributed import _start, tiny_run_overrides
 
 POD_WORKER = os.path.join(os.path.dirname(__file__), "pod_worker.py")
 
@@ -19,24 +19,14 @@ def test_hosts_agree_on_the_step_to_restore_when_one_host_cannot_see_the_newest(
     import test_distributed
 
     monkeypatch.setattr(test_distributed, "WORKER", POD_WORKER)
-    tokenizer_path = str(tmp_path / "tok.model")
-    stdlib_tokenizer.save(tokenizer_path)
-    overrides = [
-        "model.preset=gpt-tiny",
-        f"data.data_dir={stdlib_data_dir}",
-        f"data.tokenizer_path={tokenizer_path}",
-        "data.seq_len=32",
-        "data.batch_size=8",
-        "train.steps=6",
-        "train.log_every=1",
-        "train.eval_every=0",
-        "train.eval_batches=1",
-        "optimizer.warmup_steps=1",
-        "checkpoint.async_save=false",
+    overrides = tiny_run_overrides(
+        tmp_path,
+        stdlib_data_dir,
+        stdlib_tokenizer,
+        6,
         "checkpoint.every=2",
-        "mesh.shape=[-1,1,1]",
         "train.sample_prompt=''",
-    ]
+    )
     run_dir = str(tmp_path / "run")
 
     def launch(**env):
@@ -65,23 +55,9 @@ def test_two_hosts_started_together_on_a_fresh_run_directory_agree_it_is_new(
     yet, twice. Each time both train from step 0 and finish (before the one-decision rule, one in
     two such starts crashed both: a host saw the directory its peer had just created, took the
     resume path, and orbax's collectives mismatched)."""
-    tokenizer_path = str(tmp_path / "tok.model")
-    stdlib_tokenizer.save(tokenizer_path)
-    overrides = [
-        "model.preset=gpt-tiny",
-        f"data.data_dir={stdlib_data_dir}",
-        f"data.tokenizer_path={tokenizer_path}",
-        "data.seq_len=32",
-        "data.batch_size=8",
-        "train.steps=1",
-        "train.log_every=1",
-        "train.eval_every=0",
-        "train.eval_batches=1",
-        "optimizer.warmup_steps=1",
-        "checkpoint.async_save=false",
-        "mesh.shape=[-1,1,1]",
-        "train.sample_prompt=''",
-    ]
+    overrides = tiny_run_overrides(
+        tmp_path, stdlib_data_dir, stdlib_tokenizer, 1, "train.sample_prompt=''"
+    )
     for attempt in range(2):
         run_dir = str(tmp_path / f"fresh-{attempt}")
         procs = _start(2, 2, run_dir, overrides)
