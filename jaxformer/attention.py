@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer import attention_kernels as kernels
+from jaxformer import attention_plain as plain_lib
 
 Array = jax.Array
 Window = Union[int, Array]
@@ -320,20 +321,21 @@ def _logits(
 def _plain_attention(query, key, value, bias, mask, scale, *, logit_softcap, **structure) -> Array:
     b, t, n, h = query.shape
     s, k = key.shape[1], key.shape[2]
-    logits = _logits(_grouped(query, k), key, scale, logit_softcap)  # [B, K, G, T, S]
-    if bias is not None:
-        logits = logits + _grouped_bias_or_mask(bias, k).astype(jnp.float32)
     full_mask = combine_masks(
         _grouped_bias_or_mask(mask, k),
         _grouped_bias_or_mask(_structural_mask(jnp.arange(t), jnp.arange(s), **structure), k),
     )
-    if full_mask is not None:
-        logits = jnp.where(full_mask, logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum(
-        "bkgts,bskh->btkgh", probs.astype(value.dtype), value, preferred_element_type=jnp.float32
+    out_BxKxGxTxH = plain_lib.attend(
+        _grouped(query, k).transpose(0, 2, 3, 1, 4),
+        key.transpose(0, 2, 1, 3),
+        value.transpose(0, 2, 1, 3),
+        _grouped_bias_or_mask(bias, k),
+        full_mask,
+        scale,
+        logit_softcap,
+        _MASK_VALUE,
     )
-    return out.reshape(b, t, n, h).astype(query.dtype)
+    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(query.dtype)
 
 
 def _slice_tq(x: Optional[Array], start, size, axis) -> Optional[Array]:

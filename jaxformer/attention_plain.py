@@ -1,0 +1,101 @@
+"""Plain attention (whole [T, S] logits per head) with a FlashAttention-style backward pass.
+
+The tensors are head-major ([B, K, G, T, H] queries, [B, K, S, H] keys and values), so every
+product is a batched matmul over leading axes, and `attend` has a custom VJP: the backward pass
+takes the softmax's row term from the output (rowsum(dO * O), [B, K, G, T]) instead of reducing
+the [T, S] product dP * P, as FlashAttention does. On CPUs, autodiff of the [B, T, K, G, H]
+einsums transposed [T, S]-sized tensors and fused that reduction into a slow matmul: the default
+run's step spent about 55 of its 180 ms in attention (see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _capped(logits: Array, cap: Optional[float]) -> Array:
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def _probabilities(
+    q: Array, k: Array, bias: Optional[Array], mask: Optional[Array], scale, cap, mask_value
+) -> Array:
+    """softmax(softcap(scale q k^T) + bias, masked) in float32: [B, K, G, T, S]."""
+    logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = _capped(logits * scale, cap)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, mask_value)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def attend(
+    q_BxKxGxTxH: Array,
+    k_BxKxSxH: Array,
+    v_BxKxSxH: Array,
+    bias: Optional[Array],
+    mask: Optional[Array],
+    scale: float,
+    cap: Optional[float],
+    mask_value: float,
+) -> Array:
+    """Attention output [B, K, G, T, H] in float32; `bias` (additive) and `mask` (True = may
+    attend) broadcast to [B, K, G, T, S]; `cap` soft-caps the scaled logits before the bias."""
+    return _forward(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, bias, mask, scale, cap, mask_value)[0]
+
+
+def _forward(q, k, v, bias, mask, scale, cap, mask_value):
+    p_BxKxGxTxS = _probabilities(q, k, bias, mask, scale, cap, mask_value)
+    out_BxKxGxTxH = jnp.einsum(
+        "bkgts,bksh->bkgth", p_BxKxGxTxS.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return out_BxKxGxTxH, (q, k, v, bias, mask, p_BxKxGxTxS, out_BxKxGxTxH)
+
+
+def _sum_to(x: Array, shape: tuple[int, ...]) -> Array:
+    """x summed over the axes that `shape` broadcasts (size 1 there, or missing in front)."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1
+    )
+    return jnp.sum(x, axis=axes).reshape(shape) if axes else x
+
+
+def _backward(scale, cap, mask_value, residuals, d_out_BxKxGxTxH):
+    q, k, v, bias, mask, p, out = residuals
+    d_out = d_out_BxKxGxTxH.astype(jnp.float32)
+    dv = jnp.einsum(
+        "bkgts,bkgth->bksh",
+        p.astype(v.dtype),
+        d_out.astype(v.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    dp = jnp.einsum(
+        "bkgth,bksh->bkgts", d_out.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    # d softmax: P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
+    d_logits = p * (dp - jnp.sum(d_out * out, axis=-1, keepdims=True))
+    if mask is not None:  # masked logits are constants: none of the gradient reaches q, k or bias
+        d_logits = jnp.where(mask, d_logits, 0.0)
+    d_bias = None if bias is None else _sum_to(d_logits, bias.shape).astype(bias.dtype)
+    if cap is not None:  # d/dx cap tanh(x / cap) = 1 - tanh^2, recomputed rather than kept
+        tanh = jnp.tanh(
+            jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+            * (scale / cap)
+        )
+        d_logits = d_logits * (1.0 - tanh * tanh)
+    d_logits = (d_logits * scale).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bksh->bkgth", d_logits, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgts,bkgth->bksh", d_logits, q, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None
+
+
+attend.defvjp(_forward, _backward)
