@@ -420,33 +420,34 @@ class Attention(nnx.Module):
         index + arange(T). Returns the output [B, T, D] and the updated cache, shaped as given.
         """
         b, t, _ = x_BxTxD.shape
-        if layer is None:
-            out, (k_cache, v_cache) = self.decode(
-                x_BxTxD, (cache[0][None], cache[1][None]), index=index, inputs=inputs, layer=0
-            )
-            return out, (k_cache[0], v_cache[0])
         k_cache, v_cache = cache
-        max_len = k_cache.shape[3]
+        max_len = k_cache.shape[-2]
         positions = inputs.positions
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         k_new, v_new = self.project_kv(x_BxTxD, positions)
-        # Written into the stacked arrays themselves, then the layer read back out: in a scan
-        # over layers that carries the stack, the write is in place and the read fuses into its
-        # consumer. Updating a slice of the layer instead costs copies of its whole cache.
-        k_cache, v_cache = (
-            jax.lax.dynamic_update_slice(
-                c, jnp.swapaxes(new, 1, 2)[None].astype(c.dtype), (layer, 0, 0, index, 0)
+        new_BxKxTxH = [jnp.swapaxes(new, 1, 2).astype(k_cache.dtype) for new in (k_new, v_new)]
+        if layer is None:  # one layer's own buffers, updated in place and read whole
+            k_cache, v_cache = (
+                jax.lax.dynamic_update_slice(c, new, (0, 0, index, 0))
+                for c, new in zip((k_cache, v_cache), new_BxKxTxH)
             )
-            for c, new in ((k_cache, k_new), (v_cache, v_new))
-        )
+            k_read, v_read = k_cache, v_cache
+        else:
+            # Written into the stacked arrays themselves, then the layer read back out: in a scan
+            # over layers that carries the stack, the write is in place. Updating a slice of the
+            # layer instead costs copies of its whole cache.
+            k_cache, v_cache = (
+                jax.lax.dynamic_update_slice(c, new[None], (layer, 0, 0, index, 0))
+                for c, new in zip((k_cache, v_cache), new_BxKxTxH)
+            )
+            k_read, v_read = (
+                jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in (k_cache, v_cache)
+            )
         # A prefill (a Python int index) attends over the slots up to its last token only: the
         # later ones are masked for every query (causal) and would cost logits for nothing.
         span = index + t if isinstance(index, int) else max_len
-        k_BxSxKxH, v_BxSxKxH = (
-            jnp.swapaxes(jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)[:, :, :span], 1, 2)
-            for c in (k_cache, v_cache)
-        )
+        k_BxSxKxH, v_BxSxKxH = (jnp.swapaxes(c[:, :, :span], 1, 2) for c in (k_read, v_read))
         window = inputs.sliding_window
         written = (
             attn_lib.causal_mask(t, span, offset=index)

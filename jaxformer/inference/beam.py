@@ -72,6 +72,8 @@ def beam_loop(
         )
         return new, parent_BxK, tok_BxK
 
+    layers = cache_lib.decode_layers(model)  # outside the loop: its steps read them in place
+
     def body(c):
         c, parent_BxK, tok_BxK = select(c)
         rows_R = (jnp.arange(b)[:, None] * nb + parent_BxK).reshape(-1)
@@ -82,6 +84,7 @@ def beam_loop(
             rows,
             prefix.first_slot,
             c["i"],
+            layers,
         )
         return dict(c, i=c["i"] + 1, logits=logits, cache=new_cache)
 

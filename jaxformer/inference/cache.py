@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxformer.models.stack import split_layers
+
 Array = jax.Array
 
 
@@ -113,10 +115,23 @@ def prefill(
     return Prefix(logits[:, -1].astype(jnp.float32), cache, rows, 1)
 
 
+def decode_layers(model: nnx.Module) -> Optional[list]:
+    """The decoder stack's layers split once (`stack.split_layers`), for `step` inside a token loop."""
+    return split_layers(model.blocks if family(model) == "decoder" else model.decoder_blocks)
+
+
 def step(
-    model: nnx.Module, tokens_B: Array, cache: dict, rows: DecodeRows, first_slot: int, i: Array
+    model: nnx.Module,
+    tokens_B: Array,
+    cache: dict,
+    rows: DecodeRows,
+    first_slot: int,
+    i: Array,
+    layers: Optional[list] = None,
 ) -> tuple[Array, dict]:
-    """Feeds generated token i of every row; returns the next logits [B, V] and the cache."""
+    """Feeds generated token i of every row; returns the next logits [B, V] and the cache.
+
+    `layers`: `decode_layers(model)`, made before the token loop."""
     index = first_slot + i
     if rows.kv_valid_BxM is not None:  # decoder-only
         logits, cache = model.decode_step(
@@ -125,10 +140,15 @@ def step(
             index=index,
             positions=(rows.lengths_B + i)[:, None],
             kv_valid=rows.kv_valid_BxM,
+            layers=layers,
         )
     else:
         logits, cache = model.decode_step(
-            tokens_B[:, None], cache, index=index, encoder_mask=rows.encoder_mask_BxS
+            tokens_B[:, None],
+            cache,
+            index=index,
+            encoder_mask=rows.encoder_mask_BxS,
+            layers=layers,
         )
     return logits[:, -1].astype(jnp.float32), cache
 

@@ -101,6 +101,7 @@ class DecoderLM(nnx.Module):
         positions: Optional[Array] = None,
         kv_valid: Optional[Array] = None,
         last_only: bool = False,
+        layers: Optional[list] = None,
     ) -> tuple[Array, dict]:
         """Logits [B, T, V] of T new tokens written to cache slots index..index+T-1, and the cache.
 
@@ -108,7 +109,7 @@ class DecoderLM(nnx.Module):
         holding real tokens (False for left padding), so rows of different lengths share a slot
         index while keeping their own positions. `last_only`: the logits of the last token only,
         [B, 1, V] (a prefill needs no others; the head over a whole prompt costs more than the
-        blocks: [B, P, V] for a 50k vocabulary).
+        blocks: [B, P, V] for a 50k vocabulary). `layers`: `stack.split_layers(self.blocks)`.
         """
         b, t = tokens_BxT.shape
         if positions is None:
@@ -126,5 +127,6 @@ class DecoderLM(nnx.Module):
             self_inputs=inputs,
             scan=self.config.scan_layers,
             windows=self.config.layer_windows(self.config.num_layers),
+            layers=layers,
         )
         return self.logits(x_BxTxD[:, -1:] if last_only else x_BxTxD), cache

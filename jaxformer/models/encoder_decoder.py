@@ -15,7 +15,7 @@ from jaxformer.layers import AttentionInputs
 from jaxformer.loss_inputs import TokenLossInputs
 from jaxformer.models.block import Embeddings, LmHead, make_norm
 from jaxformer.models.config import ModelConfig
-from jaxformer.models.stack import decode_blocks, init_cache, make_blocks, run_blocks
+from jaxformer.models.stack import cache_length, decode_blocks, init_cache, make_blocks, run_blocks
 
 Array = jax.Array
 
@@ -156,10 +156,13 @@ class EncoderDecoderLM(nnx.Module):
         *,
         index: Array,
         encoder_mask: Optional[Array] = None,
+        layers: Optional[list] = None,
     ) -> tuple[Array, dict]:
-        """Logits [B, T, V] of T new decoder tokens at positions index..index+T-1, and the cache."""
+        """Logits [B, T, V] of T new decoder tokens at positions index..index+T-1, and the cache.
+
+        `layers`: `stack.split_layers(self.decoder_blocks)`."""
         b, t = decoder_tokens_BxT.shape
-        length = cache["k"].shape[3]  # [layers, B, K, length, H]
+        length = cache_length(cache)
         positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         x = self.embed(decoder_tokens_BxT, positions)
         self_inputs = AttentionInputs(
@@ -177,6 +180,7 @@ class EncoderDecoderLM(nnx.Module):
             scan=self.config.scan_layers,
             cross_inputs=AttentionInputs(mask=cross_mask, positions=positions),
             windows=self.config.layer_windows(self.config.decoder_layers),
+            layers=layers,
         )
         return self.logits(self._final(x)), cache
 
