@@ -222,3 +222,21 @@ def test_plan_measured_run_without_metrics_is_refused_before_compiling(tmp_path,
     argv = ["plan", "--config", os.path.join(ROOT, "configs", "gpt_tiny.yaml")]
     assert main([*argv, "--topology", "v5e:2x2", "--measured", str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_default_shape_is_the_default_runs_config():
+    """`bench train` without sizes times configs/default.yaml's model and batch (kept by hand in
+    DEFAULT_RUN, since an installed package has no configs/ directory)."""
+    from jaxformer.training.config import load_experiment
+
+    run = load_experiment("configs/default.yaml", [])
+    bench = train_lib.experiment()
+    fields = ("d_model", "num_layers", "num_heads", "d_ff", "scan_layers", "family", "mlp")
+    assert {f: getattr(bench.model, f) for f in fields} == {
+        f: getattr(run.model, f) for f in fields
+    }
+    assert (bench.data.seq_len, bench.data.vocab_size, bench.data.batch_size) == (
+        run.data.seq_len,
+        run.data.vocab_size,
+        run.data.batch_size,
+    )
