@@ -187,56 +187,52 @@ def decode_blocks(
     graphdef, state = nnx.split(blocks)
     depth = num_layers(blocks)
     table = _windows(windows, depth)
-    if layers is not None:
-        if len(layers) != depth:
-            raise ValueError(f"{len(layers)} split layers for a stack of {depth}")
-        if isinstance(cache, list):
-            new_cache = []
-            for i, (layer_state, layer_cache) in enumerate(zip(layers, cache)):
-                window = None if table is None else table[i]
-                block = nnx.merge(graphdef, layer_state)
-                x_BxTxD, layer_cache = block.decode(
-                    x_BxTxD,
-                    layer_cache,
-                    index=index,
-                    self_inputs=_with_window(self_inputs, window),
-                    cross_inputs=cross_inputs,
-                )
-                axes = dict(k=CACHE_AXES[1:], v=CACHE_AXES[1:])
-                new_cache.append(
-                    {
-                        k: constrain(v, axes.get(k, CROSS_CACHE_AXES[1:]))
-                        for k, v in layer_cache.items()
-                    }
-                )
-            return x_BxTxD, new_cache
+    if layers is not None and len(layers) != depth:
+        raise ValueError(f"{len(layers)} split layers for a stack of {depth}")
+
+    def decode_layer(x, cache, layer_state, window, layer):
+        return nnx.merge(graphdef, layer_state).decode(
+            x,
+            cache,
+            index=index,
+            self_inputs=_with_window(self_inputs, window),
+            cross_inputs=cross_inputs,
+            layer=layer,
+        )
+
+    def window_of(i: int):
+        return None if table is None else table[i]
+
+    def constrained(cache: dict, drop: int) -> dict:
+        axes = dict(k=CACHE_AXES[drop:], v=CACHE_AXES[drop:])
+        return {k: constrain(v, axes.get(k, CROSS_CACHE_AXES[drop:])) for k, v in cache.items()}
+
+    if isinstance(cache, list):  # split: each layer's own buffers (layer=None)
+        if layers is None:
+            raise ValueError("a split cache (split_cache) needs split layers (split_layers)")
+        new_cache = []
+        for i, (layer_state, layer_cache) in enumerate(zip(layers, cache)):
+            x_BxTxD, layer_cache = decode_layer(
+                x_BxTxD, layer_cache, layer_state, window_of(i), None
+            )
+            new_cache.append(constrained(layer_cache, 1))
+        return x_BxTxD, new_cache
 
     # The stacked cache is carried, not scanned over as xs/ys: each layer writes its T new slots
     # into it in place (Attention.decode with `layer`). As xs/ys, XLA copied every layer's whole
     # cache out and back in for every token: passes over [B, M, K, H] that dominate a step with
     # a long prompt.
     def body(carry, layer):
-        x, cache = carry
         i, layer_state, window = layer
-        block = nnx.merge(graphdef, layer_state)
-        return block.decode(
-            x,
-            cache,
-            index=index,
-            self_inputs=_with_window(self_inputs, window),
-            cross_inputs=cross_inputs,
-            layer=i,
-        ), None
+        return decode_layer(*carry, layer_state, window, i), None
 
     if layers is None:
         xs = (np.arange(depth, dtype=np.int32), state, table)
         (x_BxTxD, cache), _ = _loop(body, (x_BxTxD, cache), xs, depth, scan)
     else:
         for i, layer_state in enumerate(layers):
-            window = None if table is None else table[i]
-            (x_BxTxD, cache), _ = body((x_BxTxD, cache), (np.int32(i), layer_state, window))
-    axes = dict(k=CACHE_AXES, v=CACHE_AXES)
-    return x_BxTxD, {k: constrain(v, axes.get(k, CROSS_CACHE_AXES)) for k, v in cache.items()}
+            x_BxTxD, cache = decode_layer(x_BxTxD, cache, layer_state, window_of(i), np.int32(i))
+    return x_BxTxD, constrained(cache, 0)
 
 
 def init_cache(cfg: ModelConfig, depth: int, batch: int, length: int) -> dict:
