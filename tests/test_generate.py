@@ -64,6 +64,10 @@ def test_decoder_greedy_with_cache_equals_recompute(name):
         model, prompt, prompt_lengths=PROMPT_LENGTHS, max_new_tokens=6, return_scores=True
     )
     assert out.shape == (3, 6)
+    # Without return_scores the loop skips the log-softmax; the tokens are the same.
+    np.testing.assert_array_equal(
+        generate(model, prompt, prompt_lengths=PROMPT_LENGTHS, max_new_tokens=6), out
+    )
     for row, length in enumerate(PROMPT_LENGTHS):
         context = np.asarray(prompt[row, :length]).tolist()
         ref, logp = greedy_by_recompute(lambda x: forward(model, x), context, 6)

@@ -41,6 +41,9 @@ class DecodeOptions:
     """The id (or ids) that end a row."""
     pad_id: int = 0
     decoder_start_id: int = 0
+    scores: bool = True
+    """Whether greedy/sample decoding sums the tokens' log-probabilities (a log-softmax over the
+    vocabulary per token: about a tenth of a batch-16 GPT-2 step on CPUs)."""
 
     @property
     def greedy(self) -> bool:
@@ -61,6 +64,7 @@ class DecodeOptions:
             eos_id=_eos_key(self.eos_id),
             pad_id=int(self.pad_id),
             decoder_start_id=int(self.decoder_start_id),
+            scores=bool(self.scores),
         )
 
 
@@ -119,6 +123,7 @@ def generate(
         eos_id=eos_id,
         pad_id=pad_id,
         decoder_start_id=decoder_start_id,
+        scores=return_scores,
     )
     seqs, scores = _run(model, prompt_tokens, prompt_lengths, encoder_mask, rng, options)
     if method == "beam":
@@ -279,16 +284,19 @@ def _token_loop(model, prefix: cache_lib.Prefix, rng, temperature, options: Deco
             top_k=options.top_k,
             top_p=options.top_p,
         )
-        logp_B = jnp.take_along_axis(
-            jax.nn.log_softmax(c["logits"], axis=-1), tok_B[:, None], axis=1
-        )[:, 0]
+        scores = c["scores"]
+        if options.scores:
+            logp_B = jnp.take_along_axis(
+                jax.nn.log_softmax(c["logits"], axis=-1), tok_B[:, None], axis=1
+            )[:, 0]
+            scores = scores + jnp.where(c["finished"], 0.0, logp_B)
         tok_B = jnp.where(c["finished"], pad_id, tok_B)
         finished = c["finished"] | sampling.is_eos(tok_B, eos_id)
         return dict(
             c,
             rng=rng,
             finished=finished,
-            scores=c["scores"] + jnp.where(c["finished"], 0.0, logp_B),
+            scores=scores,
             out=jax.lax.dynamic_update_index_in_dim(c["out"], tok_B, c["i"], axis=1),
         ), tok_B
 
