@@ -153,7 +153,8 @@ def split_layers(blocks: Block) -> Optional[list]:
 def split_cache(cache: dict) -> list[dict]:
     """A stacked cache as one cache per layer ([B, ...] arrays), for `decode_blocks` with split
     `layers`: each layer then attends over its own buffer, where reading a layer of the stack
-    copies it out, per layer and token (a fifth of a batch-16 GPT-2 decode step on CPUs)."""
+    copies it out, per layer and token (on CPUs, 1.46x the tokens/s of a batch-16 GPT-2 decode
+    after 896-token prompts)."""
     depth = jax.tree.leaves(cache)[0].shape[0]
     return [{name: a[i] for name, a in cache.items()} for i in range(depth)]
 
