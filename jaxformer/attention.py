@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxformer import attention_kernels as kernels
 from jaxformer import attention_plain as plain_lib
+from jaxformer.attention_plain import softcap
 
 Array = jax.Array
 Window = Union[int, Array]
@@ -82,13 +83,6 @@ def sliding_window_mask(
 def is_static_window(window: Optional[Window]) -> bool:
     """Whether a window is known at trace time (None or an int), as the fused kernels need."""
     return window is None or isinstance(window, (int, np.integer))
-
-
-def softcap(x: Array, cap: Optional[float]) -> Array:
-    """cap * tanh(x / cap): squashes logits smoothly into (-cap, cap); identity when cap is None."""
-    if cap is None:
-        return x
-    return cap * jnp.tanh(x / cap)
 
 
 def combine_masks(*masks: Optional[Array]) -> Optional[Array]:

@@ -19,8 +19,11 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _capped(logits: Array, cap: Optional[float]) -> Array:
-    return logits if cap is None else cap * jnp.tanh(logits / cap)
+def softcap(x: Array, cap: Optional[float]) -> Array:
+    """cap * tanh(x / cap): squashes logits smoothly into (-cap, cap); identity when cap is None."""
+    if cap is None:
+        return x
+    return cap * jnp.tanh(x / cap)
 
 
 def _probabilities(
@@ -28,7 +31,7 @@ def _probabilities(
 ) -> Array:
     """softmax(softcap(scale q k^T) + bias, masked) in float32: [B, K, G, T, S]."""
     logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = _capped(logits * scale, cap)
+    logits = softcap(logits * scale, cap)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:

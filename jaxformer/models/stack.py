@@ -156,7 +156,7 @@ def split_cache(cache: dict) -> list[dict]:
     copies it out, per layer and token (on CPUs, 1.46x the tokens/s of a batch-16 GPT-2 decode
     after 896-token prompts)."""
     depth = jax.tree.leaves(cache)[0].shape[0]
-    return [{name: a[i] for name, a in cache.items()} for i in range(depth)]
+    return [_layer(cache, i) for i in range(depth)]
 
 
 def cache_length(cache: Union[dict, list]) -> int:
