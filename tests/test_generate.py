@@ -57,7 +57,7 @@ def greedy_by_recompute(logits_of, context, n):
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
-def test_decoder_greedy_with_cache_equals_recompute(name):
+def test_decoder_greedy_with_cache_equals_recompute(name, monkeypatch):
     model = build(name, init_std=SHARP)
     prompt = right_padded(0, PROMPT_LENGTHS)
     out, scores = generate(
@@ -67,6 +67,15 @@ def test_decoder_greedy_with_cache_equals_recompute(name):
     # Without return_scores the loop skips the log-softmax; the tokens are the same.
     np.testing.assert_array_equal(
         generate(model, prompt, prompt_lengths=PROMPT_LENGTHS, max_new_tokens=6), out
+    )
+    # Stacks deeper than SPLIT_DECODE_MAX_LAYERS keep the stacked weights and cache in the token
+    # loop (5 new tokens: a new compilation, traced with the lowered bound).
+    from jaxformer.models import stack
+
+    monkeypatch.setattr(stack, "SPLIT_DECODE_MAX_LAYERS", 0)
+    assert stack.split_layers(model.blocks) is None
+    np.testing.assert_array_equal(
+        generate(model, prompt, prompt_lengths=PROMPT_LENGTHS, max_new_tokens=5), out[:, :5]
     )
     for row, length in enumerate(PROMPT_LENGTHS):
         context = np.asarray(prompt[row, :length]).tolist()
