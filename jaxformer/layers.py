@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import positional
+from jaxformer.dense import Dense, Projection
 from jaxformer.logical import constrain
 
 Array = jax.Array
@@ -57,9 +58,10 @@ def dense(
     dtype: Dtype,
     param_dtype: Dtype,
     rngs: nnx.Rngs,
-) -> nnx.Linear:
-    """nnx.Linear with a kernel annotated `axes` and a bias annotated with the output axis."""
-    return nnx.Linear(
+) -> Dense:
+    """A Dense (nnx.Linear) layer with a kernel annotated `axes` and a bias annotated with the
+    output axis."""
+    return Dense(
         in_features,
         out_features,
         use_bias=use_bias,
@@ -82,9 +84,10 @@ def projection(
     dtype: Dtype,
     param_dtype: Dtype,
     rngs: nnx.Rngs,
-) -> nnx.Einsum:
-    """nnx.Einsum with annotated kernel (and optional bias): the per-head attention projections."""
-    return nnx.Einsum(
+) -> Projection:
+    """A Projection (nnx.Einsum) with annotated kernel (and optional bias): the per-head
+    attention projections."""
+    return Projection(
         einsum,
         kernel_shape,
         bias_shape,
@@ -309,7 +312,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         in_bias = use_bias if qkv_bias is None else qkv_bias
 
-        def in_proj(heads: int, name: str) -> nnx.Einsum:
+        def in_proj(heads: int, name: str) -> Projection:
             return projection(
                 "BTD,DNH->BTNH",
                 (d_model, heads, head_dim),

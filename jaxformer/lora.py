@@ -53,6 +53,7 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
 from jaxformer import quantize_nf4
+from jaxformer.dense import Dense, Projection
 from jaxformer.inference.quantize import QuantizationScale, QuantizedWeight, quantize_int8
 
 Array = jax.Array
@@ -386,8 +387,8 @@ def _contracted_positions(module: LoraProjection) -> list[int]:
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """A copy of the model with every LoRA projection folded back into a plain nnx.Linear /
-    nnx.Einsum (kernel = base + scale * A @ B, float32, at the base's path); same call API."""
+    """A copy of the model with every LoRA projection folded back into a plain Dense /
+    Projection (nnx.Linear / nnx.Einsum; kernel = base + scale * A @ B, float32, at the base's path); same call API."""
     model = nnx.merge(*nnx.split(model))
     for _, node in nnx.iter_graph(model):
         if not isinstance(node, nnx.Module):
@@ -398,19 +399,19 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     return model
 
 
-def _plain(module: LoraProjection) -> Union[nnx.Linear, nnx.Einsum]:
-    """The merged projection as the module type it replaced."""
+def _plain(module: LoraProjection) -> Union[Dense, Projection]:
+    """The merged projection as the module type the model builds (jaxformer.dense's)."""
     kernel = module.merged_kernel()
     meta = _base_meta(module)
     shape = module.kernel_shape
     rngs = nnx.Rngs(0)
     bias_shape = None if module.bias is None else module.bias[...].shape
     if module.einsum_str is None:
-        plain = nnx.Linear(
+        plain = Dense(
             shape[0], shape[1], use_bias=module.bias is not None, dtype=module.dtype, rngs=rngs
         )
     else:
-        plain = nnx.Einsum(module.einsum_str, shape, bias_shape, dtype=module.dtype, rngs=rngs)
+        plain = Projection(module.einsum_str, shape, bias_shape, dtype=module.dtype, rngs=rngs)
     plain.kernel = nnx.Param(kernel, **meta)
     plain.bias = module.bias
     return plain

@@ -89,6 +89,18 @@ def test_train_decoder_reports_consistent_fields(capsys):
     assert r["device"] and r["params"] > 0 and r["optimizer"] == "adamw"
 
 
+def test_train_bfloat16_reports_against_the_bfloat16_peak(capsys):
+    # bfloat16 on CPUs takes jaxformer.dense's mixed-precision matmuls: the whole train step
+    # (tied head, chunked loss, AdamW) must compile and run with them.
+    argv = ["train", "--layers", "2", "--d-model", "32", "--heads", "2", "--seq-len", "32"]
+    argv += ["--vocab", "256", "--batch", "8", "--steps", "1", "--dtype", "bfloat16", "--json"]
+    assert main(argv) == 0
+    r = _json_of(capsys)
+    _check_consistent(r)
+    assert r["dtype"] == "bfloat16" and math.isfinite(r["loss"])
+    assert r["peak_source"].startswith("measured bfloat16 matmul peak")
+
+
 def test_train_encoder_decoder_counts_target_tokens(capsys):
     argv = ["train", "--preset", "t5-tiny", "--seq-len", "32", "--target-len", "8"]
     assert main([*argv, "--batch", "8", "--steps", "1", "--peak-flops", "1e12", "--json"]) == 0

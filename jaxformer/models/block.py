@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import attention as attn_lib
-from jaxformer import layers, positional
+from jaxformer import dense, layers, positional
 from jaxformer.layers import AttentionInputs
 from jaxformer.logical import constrain
 from jaxformer.models.config import TABLE_POSITIONS, ModelConfig
@@ -214,8 +214,16 @@ def tied_logits(x_BxLxD: Array, table_VxD: Array) -> Array:
     dlogits.T [V, B*L] @ x and writes that transpose whole (with the softmax recomputed into it):
     the costliest single op of the default run's step. Here it is (x.T @ dlogits).T instead:
     the transposes are of x [B*L, D] and of the [D, V] result, both D/V times smaller.
+    With bfloat16 on a CPU the logits come out in float32 and every matmul is
+    bf16 x bf16 -> float32 (see jaxformer.dense: XLA upcasts bfloat16-output dots there).
     """
-    return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD)
+    return jnp.einsum(
+        "bld,vd->blv", x_BxLxD, table_VxD, preferred_element_type=_accumulation(x_BxLxD)
+    )
+
+
+def _accumulation(x: Array) -> Optional[Any]:
+    return jnp.float32 if dense.mixed_precision_matmuls(x.dtype) else None
 
 
 def _tied_logits_fwd(x_BxLxD: Array, table_VxD: Array):
@@ -224,6 +232,14 @@ def _tied_logits_fwd(x_BxLxD: Array, table_VxD: Array):
 
 def _tied_logits_bwd(residuals, dlogits_BxLxV: Array):
     x_BxLxD, table_VxD = residuals
+    if _accumulation(x_BxLxD) is not None:
+        # (x.T @ dlogits).T here would have XLA fold the transpose into a bf16 x bf16 -> f32 dot
+        # after it picked the dots it upcasts, leaving one its CPU runtime cannot execute.
+        dlogits_BxLxV = dlogits_BxLxV.astype(x_BxLxD.dtype)
+        f32 = jnp.float32
+        dx_BxLxD = jnp.einsum("blv,vd->bld", dlogits_BxLxV, table_VxD, preferred_element_type=f32)
+        dtable_VxD = jnp.einsum("blv,bld->vd", dlogits_BxLxV, x_BxLxD, preferred_element_type=f32)
+        return dx_BxLxD.astype(x_BxLxD.dtype), dtable_VxD.astype(table_VxD.dtype)
     dx_BxLxD = jnp.einsum("blv,vd->bld", dlogits_BxLxV, table_VxD)
     dtable_DxV = jnp.einsum("bld,blv->dv", x_BxLxD, dlogits_BxLxV)
     return dx_BxLxD.astype(x_BxLxD.dtype), dtable_DxV.T.astype(table_VxD.dtype)
