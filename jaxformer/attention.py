@@ -38,6 +38,10 @@ IMPLEMENTATIONS = ("auto", "plain", "chunked", "cudnn", "splash")
 # (fwd+bwd, 8 heads of 64): chunked is 1.5x slower at 512 (one block, only overhead), 1.2-1.4x
 # faster at 1024, and at 2048 causal 1.7x faster (it skips the fully masked blocks).
 CHUNKED_MIN_LOGITS = 1024 * 1024
+# Plain causal self-attention from this length on computes its two query halves separately (the
+# first against the first half's keys only). On CPUs, bfloat16 train steps: 88 vs 101 ms at the
+# default run's shape (T = 128), 1.47 vs 1.61 s at 6 x 384 with T = 256; float32 within noise.
+CAUSAL_SPLIT_MIN_LENGTH = 128
 
 
 # ----------------------------------------------------------------------------- mask builders
@@ -319,17 +323,40 @@ def _plain_attention(query, key, value, bias, mask, scale, *, logit_softcap, **s
         _grouped_bias_or_mask(mask, k),
         _grouped_bias_or_mask(_structural_mask(jnp.arange(t), jnp.arange(s), **structure), k),
     )
-    out_BxKxGxTxH = plain_lib.attend(
-        _grouped(query, k).transpose(0, 2, 3, 1, 4),
-        key.transpose(0, 2, 1, 3),
-        value.transpose(0, 2, 1, 3),
-        _grouped_bias_or_mask(bias, k),
-        full_mask,
-        scale,
-        logit_softcap,
-        _MASK_VALUE,
-    )
+    q_BxKxGxTxH = _grouped(query, k).transpose(0, 2, 3, 1, 4)
+    k_BxKxSxH, v_BxKxSxH = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+    bias = _grouped_bias_or_mask(bias, k)
+    # Causal self-attention in two query halves: the first half's queries see only the first
+    # half's keys, so a quarter of the [T, S] logits (and their softmax and gradient, all
+    # memory-bound passes on CPUs) is never computed. Exact: the skipped logits are all masked.
+    halves = 2 if structure["is_causal"] and t == s and t >= CAUSAL_SPLIT_MIN_LENGTH else 1
+    outs = []
+    for i in range(halves):
+        rows = slice(i * t // halves, (i + 1) * t // halves)
+        keys = slice(0, rows.stop if halves > 1 else s)
+        outs.append(
+            plain_lib.attend(
+                q_BxKxGxTxH[:, :, :, rows],
+                k_BxKxSxH[:, :, keys],
+                v_BxKxSxH[:, :, keys],
+                _rows_and_keys(bias, rows, keys),
+                _rows_and_keys(full_mask, rows, keys),
+                scale,
+                logit_softcap,
+                _MASK_VALUE,
+            )
+        )
+    out_BxKxGxTxH = jnp.concatenate(outs, axis=3) if halves > 1 else outs[0]
     return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(query.dtype)
+
+
+def _rows_and_keys(x: Optional[Array], rows: slice, keys: slice) -> Optional[Array]:
+    """A [..., T, S] bias or mask (size-1 axes broadcast) cut to query rows and key columns."""
+    if x is None:
+        return None
+    if x.shape[-2] > 1:
+        x = x[..., rows, :]
+    return x[..., keys] if x.shape[-1] > 1 else x
 
 
 def _slice_tq(x: Optional[Array], start, size, axis) -> Optional[Array]:

@@ -29,8 +29,8 @@ Array = jax.Array
 Dtype = Any
 
 
-def mixed_precision_matmuls(dtype: Dtype) -> bool:
-    """Whether projections computed in `dtype` take `mixed_einsum` (bfloat16 compute on a CPU)."""
+def cpu_bfloat16(dtype: Dtype) -> bool:
+    """Whether `dtype` is bfloat16 compute on a CPU: projections take `mixed_einsum` there."""
     return dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 and current_platform() == "cpu"
 
 
@@ -106,7 +106,7 @@ class Dense(nnx.Linear):
             out_sharding is None
             and self.preferred_element_type is None
             and self.dot_general is jax.lax.dot_general
-            and mixed_precision_matmuls(self.dtype)
+            and cpu_bfloat16(self.dtype)
         )
 
 
@@ -134,5 +134,5 @@ class Projection(nnx.Einsum):
             out_sharding is None
             and self.preferred_element_type is None
             and self.einsum_op is jnp.einsum
-            and mixed_precision_matmuls(self.dtype)
+            and cpu_bfloat16(self.dtype)
         )

@@ -66,8 +66,8 @@ def test_dense_and_projection_equal_flax_in_bfloat16(kind):
             ),
             (4, 8),
         )
-    assert dense.mixed_precision_matmuls(jnp.bfloat16)  # tests run on CPUs: the mixed path
-    assert not dense.mixed_precision_matmuls(jnp.float32)
+    assert dense.cpu_bfloat16(jnp.bfloat16)  # tests run on CPUs: the mixed path
+    assert not dense.cpu_bfloat16(jnp.float32)
     x = jax.random.normal(jax.random.key(1), (2, 6, 16), jnp.float32)
 
     def loss(module, x):

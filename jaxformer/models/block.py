@@ -223,7 +223,7 @@ def tied_logits(x_BxLxD: Array, table_VxD: Array) -> Array:
 
 
 def _accumulation(x: Array) -> Optional[Any]:
-    return jnp.float32 if dense.mixed_precision_matmuls(x.dtype) else None
+    return jnp.float32 if dense.cpu_bfloat16(x.dtype) else None
 
 
 def _tied_logits_fwd(x_BxLxD: Array, table_VxD: Array):
