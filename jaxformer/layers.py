@@ -458,11 +458,18 @@ class Attention(nnx.Module):
         span = index + t if isinstance(index, int) else max_len
         k_BxSxKxH, v_BxSxKxH = (jnp.swapaxes(c[:, :, :span], 1, 2) for c in (k_read, v_read))
         window = inputs.sliding_window
-        written = (
-            attn_lib.causal_mask(t, span, offset=index)
-            if window is None
-            else attn_lib.sliding_window_mask(t, span, window=window, offset=index)
-        )
+        if isinstance(index, int) and index == 0:
+            # A prefill from slot 0 is causal self-attention over its own tokens: said so, the
+            # kernels skip the masked blocks of keys (plain: the first half's queries against the
+            # first half's keys; chunked: whole chunks) instead of masking them.
+            written, structure = None, dict(is_causal=True, sliding_window=window)
+        else:
+            written = (
+                attn_lib.causal_mask(t, span, offset=index)
+                if window is None
+                else attn_lib.sliding_window_mask(t, span, window=window, offset=index)
+            )
+            structure = {}
         # The cache's validity is an arbitrary mask, which the fused kernels do not all take:
         # chunked for a long prefill (linear memory), plain for the one-token steps.
         long = t * span >= attn_lib.CHUNKED_MIN_LOGITS
@@ -480,6 +487,7 @@ class Attention(nnx.Module):
             scale=self.scale,
             logit_softcap=self.logit_softcap,
             implementation=impl,
+            **structure,
         )
         return self.out(out_BxTxNxH), (k_cache, v_cache)
 

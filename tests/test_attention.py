@@ -410,17 +410,17 @@ def test_plain_custom_backward_equals_autodiff(cap, bias_shape):
         np.testing.assert_allclose(x, y, atol=2e-5, rtol=2e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("bias_shape", [None, (1, 4, 130, 130)])
-def test_plain_causal_halves_equal_the_whole(monkeypatch, bias_shape):
-    """From CAUSAL_SPLIT_MIN_LENGTH on, plain causal self-attention runs its query halves apart
-    (the first against the first half's keys only): same outputs and gradients as in one piece,
-    with GQA, packed segments, key padding, a bias and soft-capping."""
-    b, t, n, kv, h = 2, 130, 4, 2, 8
+@pytest.mark.parametrize("t, blocks, bias", [(130, 2, False), (130, 2, True), (390, 3, False)])
+def test_plain_causal_query_blocks_equal_the_whole(monkeypatch, t, blocks, bias):
+    """From CAUSAL_SPLIT_MIN_LENGTH on, plain causal self-attention runs blocks of query rows
+    apart (each against the keys up to its last row): same outputs and gradients as in one
+    piece, with GQA, packed segments, key padding, a bias and soft-capping."""
+    b, n, kv, h = 2, 4, 2, 8
     keys = jax.random.split(jax.random.key(11), 5)
     q, k, v = (jax.random.normal(kk, (b, t, heads, h)) for kk, heads in zip(keys, (n, kv, kv)))
-    bias = None if bias_shape is None else jax.random.normal(keys[3], bias_shape)
-    segments = jnp.concatenate([jnp.ones((b, 70), jnp.int32), 2 * jnp.ones((b, 60), jnp.int32)], 1)
-    padding = jnp.arange(t)[None, None, None, :] < jnp.array([130, 120])[:, None, None, None]
+    bias = jax.random.normal(keys[3], (1, n, t, t)) if bias else None
+    segments = (jnp.arange(t)[None, :] >= 70).astype(jnp.int32) + jnp.ones((b, 1), jnp.int32)
+    padding = jnp.arange(t)[None, None, None, :] < jnp.array([t, t - 10])[:, None, None, None]
     weights = jax.random.normal(keys[4], (b, t, n, h))
     opts = dict(is_causal=True, segment_ids=segments, mask=padding, logit_softcap=5.0)
 
@@ -433,7 +433,7 @@ def test_plain_causal_halves_equal_the_whole(monkeypatch, bias_shape):
         return str(jax.make_jaxpr(fresh)(q, k, v, bias)).count("= custom_vjp_call[")
 
     argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-    assert kernel_calls() == 2
+    assert kernel_calls() == blocks
     halves = jax.value_and_grad(loss, argnums, has_aux=True)(q, k, v, bias)
     monkeypatch.setattr(A, "CAUSAL_SPLIT_MIN_LENGTH", t + 1)
     assert kernel_calls() == 1
