@@ -72,7 +72,7 @@ def beam_loop(
         )
         return new, parent_BxK, tok_BxK
 
-    layers = cache_lib.decode_layers(model)  # outside the loop: its steps read them in place
+    weights = cache_lib.decode_weights(model)  # outside the loop: its steps read them in place
 
     def body(c):
         c, parent_BxK, tok_BxK = select(c)
@@ -84,7 +84,7 @@ def beam_loop(
             rows,
             prefix.first_slot,
             c["i"],
-            layers,
+            weights,
         )
         return dict(c, i=c["i"] + 1, logits=logits, cache=new_cache)
 

@@ -115,9 +115,19 @@ def prefill(
     return Prefix(logits[:, -1].astype(jnp.float32), cache, rows, 1)
 
 
-def decode_layers(model: nnx.Module) -> Optional[list]:
-    """The decoder stack's layers split once (`stack.split_layers`), for `step` inside a token loop."""
-    return split_layers(model.blocks if family(model) == "decoder" else model.decoder_blocks)
+class DecodeWeights(NamedTuple):
+    """Weights laid out once before a token loop, for `step` to read in place on every token."""
+
+    layers: Optional[list]
+    """The decoder stack's layers split (`stack.split_layers`; None: the stack's own scan)."""
+    head_DxV: Optional[Array]
+    """The tied LM head's table transposed (`LmHead.decode_table`; None: the head as it is)."""
+
+
+def decode_weights(model: nnx.Module) -> DecodeWeights:
+    """The model's `DecodeWeights`: call it outside the token loop, pass it to every `step`."""
+    blocks = model.blocks if family(model) == "decoder" else model.decoder_blocks
+    return DecodeWeights(split_layers(blocks), model.head.decode_table(model.embed))
 
 
 def step(
@@ -127,12 +137,13 @@ def step(
     rows: DecodeRows,
     first_slot: int,
     i: Array,
-    layers: Optional[list] = None,
+    weights: DecodeWeights = DecodeWeights(None, None),
 ) -> tuple[Array, dict]:
     """Feeds generated token i of every row; returns the next logits [B, V] and the cache.
 
-    `layers`: `decode_layers(model)`, made before the token loop."""
+    `weights`: `decode_weights(model)`, made before the token loop."""
     index = first_slot + i
+    layers, head_DxV = weights
     if rows.kv_valid_BxM is not None:  # decoder-only
         logits, cache = model.decode_step(
             tokens_B[:, None],
@@ -141,6 +152,7 @@ def step(
             positions=(rows.lengths_B + i)[:, None],
             kv_valid=rows.kv_valid_BxM,
             layers=layers,
+            head_DxV=head_DxV,
         )
     else:
         logits, cache = model.decode_step(
@@ -149,6 +161,7 @@ def step(
             index=index,
             encoder_mask=rows.encoder_mask_BxS,
             layers=layers,
+            head_DxV=head_DxV,
         )
     return logits[:, -1].astype(jnp.float32), cache
 

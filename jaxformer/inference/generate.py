@@ -263,11 +263,11 @@ def _token_loop(model, prefix: cache_lib.Prefix, rng, temperature, options: Deco
     """Greedy or sampled decoding; returns tokens [B, n] and summed log-probabilities [B]."""
     n, eos_id, pad_id = options.max_new_tokens, options.eos_id, options.pad_id
     b = prefix.logits_BxV.shape[0]
-    layers = cache_lib.decode_layers(model)  # outside the loop: its steps read them in place
+    weights = cache_lib.decode_weights(model)  # outside the loop: its steps read them in place
     carry = dict(
         i=jnp.int32(0),
         logits=prefix.logits_BxV,
-        cache=prefix.cache if layers is None else split_cache(prefix.cache),
+        cache=prefix.cache if weights.layers is None else split_cache(prefix.cache),
         rng=rng,
         finished=jnp.zeros((b,), bool),
         scores=jnp.zeros((b,), jnp.float32),
@@ -303,7 +303,7 @@ def _token_loop(model, prefix: cache_lib.Prefix, rng, temperature, options: Deco
     def body(c):
         c, tok_B = emit(c)
         logits, cache = cache_lib.step(
-            model, tok_B, c["cache"], prefix.rows, prefix.first_slot, c["i"], layers
+            model, tok_B, c["cache"], prefix.rows, prefix.first_slot, c["i"], weights
         )
         return dict(c, i=c["i"] + 1, logits=logits, cache=cache)
 

@@ -268,15 +268,37 @@ class LmHead(nnx.Module):
         self.scale = cfg.d_model**-0.5 if (cfg.tie_embeddings and cfg.scale_tied_logits) else None
         self.softcap = cfg.final_logit_softcap
 
-    def __call__(self, x_BxLxD: Array, embeddings: Embeddings) -> Array:
-        """[B, L, V] float32 logits (soft-capped in float32 if the config says so)."""
+    def decode_table(self, embeddings: Embeddings) -> Optional[Array]:
+        """The tied table transposed, [D, V], for `table_DxV` (None for an untied or quantized
+        head). Made once before a token loop, each step's logits read it in the layout a matmul
+        wants: x @ table.T reads the [V, D] table across its rows (3.8 vs 3.0 ms per batch-16
+        GPT-2 step on CPUs). The barrier keeps XLA from folding the transpose back into the loop.
+        """
+        embed = embeddings.token_embed
+        if self.proj is not None or not isinstance(embed, nnx.Embed):
+            return None
+        table_VxD = embed.embedding[...]
+        if embed.dtype is not None:
+            table_VxD = table_VxD.astype(embed.dtype)
+        return jax.lax.optimization_barrier(table_VxD.T)
+
+    def __call__(
+        self, x_BxLxD: Array, embeddings: Embeddings, table_DxV: Optional[Array] = None
+    ) -> Array:
+        """[B, L, V] float32 logits (soft-capped in float32 if the config says so); `table_DxV`:
+        `decode_table(embeddings)`, in place of the table (inference only)."""
         if self.proj is not None:
             logits_BxLxV = self.proj(x_BxLxD)
         else:
             if self.scale is not None:
                 x_BxLxD = x_BxLxD * self.scale
             embed = embeddings.token_embed
-            if isinstance(embed, nnx.Embed):
+            if table_DxV is not None:
+                query = x_BxLxD.astype(table_DxV.dtype)
+                logits_BxLxV = jnp.einsum(
+                    "bld,dv->blv", query, table_DxV, preferred_element_type=_accumulation(query)
+                )
+            elif isinstance(embed, nnx.Embed):
                 query, table_VxD = embed.promote_dtype(
                     (x_BxLxD, embed.embedding[...]), dtype=embed.dtype
                 )

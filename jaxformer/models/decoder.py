@@ -71,11 +71,11 @@ class DecoderLM(nnx.Module):
             windows=cfg.layer_windows(cfg.num_layers),
         )
 
-    def logits(self, x_BxLxD: Array) -> Array:
+    def logits(self, x_BxLxD: Array, head_DxV: Optional[Array] = None) -> Array:
         """Float32 logits [B, L, V] of hidden states (any length: the loss calls it per chunk)."""
         if self.final_norm is not None:
             x_BxLxD = self.final_norm(x_BxLxD)
-        return self.head(x_BxLxD, self.embed)
+        return self.head(x_BxLxD, self.embed, head_DxV)
 
     def loss_inputs(self, batch: Batch) -> TokenLossInputs:
         """Next-token loss inputs of a token batch: hidden states [B, L, D] and `logits`."""
@@ -102,6 +102,7 @@ class DecoderLM(nnx.Module):
         kv_valid: Optional[Array] = None,
         last_only: bool = False,
         layers: Optional[list] = None,
+        head_DxV: Optional[Array] = None,
     ) -> tuple[Array, dict]:
         """Logits [B, T, V] of T new tokens written to cache slots index..index+T-1, and the cache.
 
@@ -109,7 +110,8 @@ class DecoderLM(nnx.Module):
         holding real tokens (False for left padding), so rows of different lengths share a slot
         index while keeping their own positions. `last_only`: the logits of the last token only,
         [B, 1, V] (a prefill needs no others; the head over a whole prompt costs more than the
-        blocks: [B, P, V] for a 50k vocabulary). `layers`: `stack.split_layers(self.blocks)`.
+        blocks: [B, P, V] for a 50k vocabulary). `layers`: `stack.split_layers(self.blocks)`;
+        `head_DxV`: `self.head.decode_table(self.embed)`; both made once before a token loop.
         """
         b, t = tokens_BxT.shape
         if positions is None:
@@ -129,4 +131,4 @@ class DecoderLM(nnx.Module):
             windows=self.config.layer_windows(self.config.num_layers),
             layers=layers,
         )
-        return self.logits(x_BxTxD[:, -1:] if last_only else x_BxTxD), cache
+        return self.logits(x_BxTxD[:, -1:] if last_only else x_BxTxD, head_DxV), cache

@@ -133,9 +133,9 @@ class EncoderDecoderLM(nnx.Module):
         # Dropout lives here, not in `logits`, so the chunked loss can call `logits` under scan.
         return self.dropout(self.decoder_norm(x_BxTxD))
 
-    def logits(self, x_BxTxD: Array) -> Array:
+    def logits(self, x_BxTxD: Array, head_DxV: Optional[Array] = None) -> Array:
         """Float32 logits [B, T, V] of decoder hidden states (the loss calls it per chunk)."""
-        return self.head(x_BxTxD, self.embed)
+        return self.head(x_BxTxD, self.embed, head_DxV)
 
     def init_cache(self, encoded_BxSxD: Array, length: int) -> dict:
         """Stacked over decoder layers: an empty self-attention K/V cache of `length` slots and
@@ -157,10 +157,12 @@ class EncoderDecoderLM(nnx.Module):
         index: Array,
         encoder_mask: Optional[Array] = None,
         layers: Optional[list] = None,
+        head_DxV: Optional[Array] = None,
     ) -> tuple[Array, dict]:
         """Logits [B, T, V] of T new decoder tokens at positions index..index+T-1, and the cache.
 
-        `layers`: `stack.split_layers(self.decoder_blocks)`."""
+        `layers`: `stack.split_layers(self.decoder_blocks)`; `head_DxV`:
+        `self.head.decode_table(self.embed)`; both made once before a token loop."""
         b, t = decoder_tokens_BxT.shape
         length = cache_length(cache)
         positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
@@ -182,7 +184,7 @@ class EncoderDecoderLM(nnx.Module):
             windows=self.config.layer_windows(self.config.decoder_layers),
             layers=layers,
         )
-        return self.logits(self._final(x)), cache
+        return self.logits(self._final(x), head_DxV), cache
 
     def hidden(
         self,
