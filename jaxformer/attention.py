@@ -42,8 +42,7 @@ CHUNKED_MIN_LOGITS = 1024 * 1024
 # the keys up to its last row: two halves up to 2 x CAUSAL_BLOCK_ROWS, blocks of about that many
 # rows beyond. Measured on CPUs, bfloat16 train steps: 88 vs 101 ms at the default run's shape
 # (T = 128; 4 blocks: 110-124 ms), 1.47 vs 1.61 s at 6 x 384, T = 256 (4 blocks: 1.53-1.57 s);
-# float32 within noise; a 896-token prefill at batch 16: 1.68 s in 7 blocks, 2.03 s in 2, 2.18
-# s in one.
+# float32 within noise; a batch-16 prefill of 896 tokens: 1.68 s in 7 blocks, 2.03 s in 2.
 CAUSAL_SPLIT_MIN_LENGTH = 128
 CAUSAL_BLOCK_ROWS = 128
 

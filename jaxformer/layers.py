@@ -460,8 +460,8 @@ class Attention(nnx.Module):
         window = inputs.sliding_window
         if isinstance(index, int) and index == 0:
             # A prefill from slot 0 is causal self-attention over its own tokens: said so, the
-            # kernels skip the masked blocks of keys (plain: the first half's queries against the
-            # first half's keys; chunked: whole chunks) instead of masking them.
+            # kernels skip the masked keys instead of masking them (plain: blocks of query rows
+            # against the keys up to their last row; chunked: whole chunks).
             written, structure = None, dict(is_causal=True, sliding_window=window)
         else:
             written = (

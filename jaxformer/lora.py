@@ -388,7 +388,8 @@ def _contracted_positions(module: LoraProjection) -> list[int]:
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """A copy of the model with every LoRA projection folded back into a plain Dense /
-    Projection (nnx.Linear / nnx.Einsum; kernel = base + scale * A @ B, float32, at the base's path); same call API."""
+    Projection (nnx.Linear / nnx.Einsum; kernel = base + scale * A @ B, float32, at the base's
+    path); same call API."""
     model = nnx.merge(*nnx.split(model))
     for _, node in nnx.iter_graph(model):
         if not isinstance(node, nnx.Module):
