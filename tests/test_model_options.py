@@ -15,7 +15,7 @@ from model_helpers import tokens
 
 from jaxformer import attention as A
 from jaxformer import attention_kernels as K
-from jaxformer import layers, models, positional
+from jaxformer import attention_layer, layers, models, positional
 from jaxformer import sharding as shard_lib
 from jaxformer.models.config import GLOBAL_WINDOW, ModelConfig
 
@@ -211,7 +211,7 @@ def test_qk_norm_normalises_each_head_before_rope():
         p = params[f"blocks.self_attn.{name}.scale"]
         assert p.shape == (cfg.num_layers, cfg.dims_per_head)
         assert p.get_metadata()["out_sharding"] == ("layers", "head_dim")
-    attn = layers.Attention(
+    attn = attention_layer.Attention(
         32, 4, 2, 8, use_bias=False, qk_norm="rmsnorm", norm_eps=1e-6, rngs=nnx.Rngs(0)
     )
     x = 10.0 * jax.random.normal(jax.random.key(1), (2, 5, 32))

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from model_helpers import build, tokens
 
-from jaxformer import layers, models
+from jaxformer import attention_layer, layers, models
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
@@ -79,13 +79,16 @@ def test_t5_decoder_is_causal_and_sees_the_whole_encoder():
 
 
 def test_gqa_with_full_kv_heads_equals_multi_head_attention():
-    attn = layers.Attention(32, 4, 4, 8, use_bias=True, rngs=nnx.Rngs(0))
+    # Written against jaxformer.layers before the module moved: the old names still resolve.
+    assert layers.Attention is attention_layer.Attention
+    assert layers.AttentionInputs is attention_layer.AttentionInputs
+    attn = attention_layer.Attention(32, 4, 4, 8, use_bias=True, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 9, 32))
     q, k, v = attn.query(x), attn.key(x), attn.value(x)
     assert q.shape == k.shape == v.shape == (2, 9, 4, 8)
     expected = attn.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
     np.testing.assert_allclose(
-        attn(x, inputs=layers.AttentionInputs(is_causal=True)), expected, atol=1e-5
+        attn(x, inputs=attention_layer.AttentionInputs(is_causal=True)), expected, atol=1e-5
     )
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import dense, layers, positional
-from jaxformer.layers import AttentionInputs
+from jaxformer.attention_layer import Attention, AttentionInputs
 from jaxformer.logical import constrain
 from jaxformer.models.config import TABLE_POSITIONS, ModelConfig
 
@@ -26,9 +26,9 @@ def dtypes(cfg: ModelConfig) -> dict[str, Any]:
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-def make_attention(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.Attention:
+def make_attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention:
     """An attention layer shaped by the config."""
-    return layers.Attention(
+    return Attention(
         cfg.d_model,
         cfg.num_heads,
         cfg.kv_heads,

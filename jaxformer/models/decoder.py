@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import attention as attn_lib
+from jaxformer.attention_layer import AttentionInputs
 from jaxformer.batches import Batch, TokenBatch
-from jaxformer.layers import AttentionInputs
 from jaxformer.loss_inputs import TokenLossInputs
 from jaxformer.models.block import Embeddings, LmHead, make_norm
 from jaxformer.models.config import ModelConfig

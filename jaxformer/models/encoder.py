@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import layers
+from jaxformer.attention_layer import AttentionInputs
 from jaxformer.batches import (
     Batch,
     ClassificationBatch,
@@ -25,7 +26,6 @@ from jaxformer.batches import (
     TokenBatch,
     TokenClassificationBatch,
 )
-from jaxformer.layers import AttentionInputs
 from jaxformer.logical import constrain
 from jaxformer.loss_inputs import (
     ClassificationLossInputs,

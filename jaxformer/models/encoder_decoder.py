@@ -10,8 +10,8 @@ from flax import nnx
 
 from jaxformer import attention as attn_lib
 from jaxformer import layers
+from jaxformer.attention_layer import AttentionInputs
 from jaxformer.batches import Batch, Seq2SeqBatch
-from jaxformer.layers import AttentionInputs
 from jaxformer.loss_inputs import TokenLossInputs
 from jaxformer.models.block import Embeddings, LmHead, make_norm
 from jaxformer.models.config import ModelConfig

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxformer.layers import AttentionInputs
+from jaxformer.attention_layer import AttentionInputs
 from jaxformer.logical import constrain
 from jaxformer.models.block import Block
 from jaxformer.models.config import CHOICES, ModelConfig
