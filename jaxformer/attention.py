@@ -342,8 +342,8 @@ def _plain_attention(query, key, value, bias, mask, scale, *, logit_softcap, **s
                 q_BxKxGxTxH[:, :, :, rows],
                 k_BxKxSxH[:, :, keys],
                 v_BxKxSxH[:, :, keys],
-                _rows_and_keys(bias, rows, keys),
-                _rows_and_keys(full_mask, rows, keys),
+                _rows_and_keys(bias, rows, keys.stop),
+                _rows_and_keys(full_mask, rows, keys.stop),
                 scale,
                 logit_softcap,
                 _MASK_VALUE,
@@ -360,13 +360,10 @@ def _causal_query_blocks(t: int, s: int, is_causal: bool) -> int:
     return max(2, t // CAUSAL_BLOCK_ROWS)
 
 
-def _rows_and_keys(x: Optional[Array], rows: slice, keys: slice) -> Optional[Array]:
-    """A [..., T, S] bias or mask (size-1 axes broadcast) cut to query rows and key columns."""
-    if x is None:
-        return None
-    if x.shape[-2] > 1:
-        x = x[..., rows, :]
-    return x[..., keys] if x.shape[-1] > 1 else x
+def _rows_and_keys(x: Optional[Array], rows: slice, keys: int) -> Optional[Array]:
+    """A [..., T, S] bias or mask (size-1 axes broadcast) cut to query rows and the first keys."""
+    x = _slice_tq(x, rows.start, rows.stop - rows.start, -2)
+    return _slice_tq(x, 0, keys, -1)
 
 
 def _slice_tq(x: Optional[Array], start, size, axis) -> Optional[Array]:
