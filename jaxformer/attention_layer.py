@@ -195,7 +195,8 @@ class Attention(nnx.Module):
 
         `cache` is (keys, values), each [B, K, M, H] (kv heads before slots, as Hugging Face's
         caches: one head's slots are contiguous, the layout the attention's batched matmuls read,
-        so a step does not transpose the whole cache), or with `layer` each stacked over layers,
+        so a step does not transpose the whole cache), or for one row [K, M, H], without the
+        batch axis (`stack.without_batch_axis`), or with `layer` each stacked over layers,
         [layers, B, K, M, H], of which this attention reads and writes layer `layer`. The new
         tokens occupy slots index..index+T-1 (written with dynamic_update_slice) and query i sees
         the slots <= index + i, so slots not yet written are masked out. `inputs.mask`
@@ -210,7 +211,13 @@ class Attention(nnx.Module):
             positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         k_new, v_new = self.project_kv(x_BxTxD, positions)
         new_BxKxTxH = [jnp.swapaxes(new, 1, 2).astype(k_cache.dtype) for new in (k_new, v_new)]
-        if layer is None:  # one layer's own buffers, updated in place and read whole
+        if layer is None and k_cache.ndim == 3:  # one row's buffers without the batch axis
+            k_cache, v_cache = (
+                jax.lax.dynamic_update_slice(c, new[0], (0, index, 0))
+                for c, new in zip((k_cache, v_cache), new_BxKxTxH)
+            )
+            k_read, v_read = k_cache[None], v_cache[None]
+        elif layer is None:  # one layer's own buffers, updated in place and read whole
             k_cache, v_cache = (
                 jax.lax.dynamic_update_slice(c, new, (0, 0, index, 0))
                 for c, new in zip((k_cache, v_cache), new_BxKxTxH)

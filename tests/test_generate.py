@@ -83,6 +83,9 @@ def test_decoder_greedy_with_cache_equals_recompute(name, monkeypatch):
         assert out[row].tolist() == ref, f"row {row} (prompt length {length})"
         np.testing.assert_allclose(scores[row], logp, rtol=1e-4, atol=1e-4)
     assert len(set(np.asarray(out).ravel().tolist())) > 3  # not a degenerate repetition
+    # One row alone: its loop carries the caches without the batch axis (without_batch_axis).
+    one = generate(model, prompt[:1, : PROMPT_LENGTHS[0]], max_new_tokens=5)
+    assert one.tolist() == [out[0, :5].tolist()]
 
 
 def test_prefill_last_only_and_the_cache_layout():
@@ -110,13 +113,23 @@ def test_prefill_last_only_and_the_cache_layout():
     def one_and_stacked(state, k, v):
         attn = nnx.merge(graphdef, stack._layer(state, 1)).self_attn
         h = jax.random.normal(jax.random.key(0), (2, 5, cfg.d_model))
-        return attn.decode(h, (k[1], v[1]), index=2), attn.decode(h, (k, v), index=2, layer=1)
+        return (
+            attn.decode(h, (k[1], v[1]), index=2),
+            attn.decode(h, (k, v), index=2, layer=1),
+            attn.decode(h[:1], (k[1, 0], v[1, 0]), index=2),  # one row, no batch axis
+        )
 
     graphdef, state = nnx.split(model.blocks)
-    (one, (k_one, _)), (stacked, (k_all, _)) = one_and_stacked(state, cache["k"], cache["v"])
+    outs = one_and_stacked(state, cache["k"], cache["v"])
+    (one, (k_one, _)), (stacked, (k_all, _)), (row, (k_row, v_row)) = outs
     np.testing.assert_allclose(one, stacked, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(k_one, k_all[1])
     assert not np.any(k_all[0])  # the other layers' slots are untouched
+    assert k_row.shape == v_row.shape == (cfg.kv_heads, 8, cfg.dims_per_head)
+    np.testing.assert_allclose(row, one[:1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(k_row, k_one[0])
+    split = stack.split_cache(cache)
+    assert [c["k"].shape for c in stack.without_batch_axis([split[0]])] == [k_row.shape]
 
 
 def test_encoder_decoder_greedy_with_cache_equals_recompute():
@@ -128,6 +141,8 @@ def test_encoder_decoder_greedy_with_cache_equals_recompute():
         enc = encoder[row : row + 1, :length]
         ref, _ = greedy_by_recompute(lambda x: forward(model, enc, x), [0], 6)
         assert out[row].tolist() == ref, f"row {row}"
+    one = generate(model, encoder[:1, : lengths[0]], max_new_tokens=6)  # caches without batch axis
+    assert one.tolist() == [out[0].tolist()]
     # Padding the encoder input further, or on the left with an encoder_mask, changes nothing
     # (T5's relative positions do not see the shift).
     wider = jnp.pad(encoder, ((0, 0), (0, 3)))

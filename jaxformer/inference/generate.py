@@ -20,7 +20,7 @@ from flax import nnx
 from jaxformer.inference import beam as beam_lib
 from jaxformer.inference import cache as cache_lib
 from jaxformer.inference import sampling
-from jaxformer.models.stack import split_cache
+from jaxformer.models.stack import split_cache, without_batch_axis
 
 Array = jax.Array
 METHODS = ("greedy", "sample", "beam")
@@ -264,10 +264,14 @@ def _token_loop(model, prefix: cache_lib.Prefix, rng, temperature, options: Deco
     n, eos_id, pad_id = options.max_new_tokens, options.eos_id, options.pad_id
     b = prefix.logits_BxV.shape[0]
     weights = cache_lib.decode_weights(model)  # outside the loop: its steps read them in place
+    cache = prefix.cache
+    if weights.layers is not None:
+        cache = split_cache(cache)
+        cache = without_batch_axis(cache) if b == 1 else cache
     carry = dict(
         i=jnp.int32(0),
         logits=prefix.logits_BxV,
-        cache=prefix.cache if weights.layers is None else split_cache(prefix.cache),
+        cache=cache,
         rng=rng,
         finished=jnp.zeros((b,), bool),
         scores=jnp.zeros((b,), jnp.float32),
