@@ -212,6 +212,8 @@ class Attention(nnx.Module):
         k_new, v_new = self.project_kv(x_BxTxD, positions)
         new_BxKxTxH = [jnp.swapaxes(new, 1, 2).astype(k_cache.dtype) for new in (k_new, v_new)]
         if layer is None and k_cache.ndim == 3:  # one row's buffers without the batch axis
+            if b != 1:
+                raise ValueError(f"a [K, M, H] cache has no batch axis: it is for one row, not {b}")
             k_cache, v_cache = (
                 jax.lax.dynamic_update_slice(c, new[0], (0, index, 0))
                 for c, new in zip((k_cache, v_cache), new_BxKxTxH)

@@ -130,6 +130,9 @@ def test_prefill_last_only_and_the_cache_layout():
     np.testing.assert_array_equal(k_row, k_one[0])
     split = stack.split_cache(cache)
     assert [c["k"].shape for c in stack.without_batch_axis([split[0]])] == [k_row.shape]
+    attn = nnx.merge(graphdef, stack._layer(state, 1)).self_attn
+    with pytest.raises(ValueError, match="no batch axis"):  # two rows cannot share one row's cache
+        attn.decode(jnp.zeros((2, 1, cfg.d_model)), (k_row, v_row), index=2)
 
 
 def test_encoder_decoder_greedy_with_cache_equals_recompute():
