@@ -136,17 +136,10 @@ class Attention(nnx.Module):
         self, context_BxSxD: Array, kv_positions_BxS: Optional[Array] = None
     ) -> tuple[Array, Array]:
         """Keys and values [B, S, K, H] of a context (computed once for cross-attention caches)."""
-        b, s, _ = context_BxSxD.shape
         k_BxSxKxH, v_BxSxKxH = self.key(context_BxSxD), self.value(context_BxSxD)
         if self.key_norm is not None:
             k_BxSxKxH = self.key_norm(k_BxSxKxH)
-        if self.rope_theta is not None:
-            k_BxSxKxH = positional.apply_rope(
-                k_BxSxKxH,
-                _positions(kv_positions_BxS, b, s),
-                theta=self.rope_theta,
-                scaling=self.rope_scaling,
-            )
+        k_BxSxKxH = self._rotated(k_BxSxKxH, kv_positions_BxS)
         names = ("batch", "length", "kv_heads", "head_dim")
         return constrain(k_BxSxKxH, names), constrain(v_BxSxKxH, names)
 
@@ -275,18 +268,24 @@ class Attention(nnx.Module):
         return self.out(out_BxTxNxH), (k_cache, v_cache)
 
     def _query(self, x_BxTxD: Array, positions: Optional[Array]) -> Array:
-        b, t, _ = x_BxTxD.shape
         q_BxTxNxH = self.query(x_BxTxD)
         if self.query_norm is not None:
             q_BxTxNxH = self.query_norm(q_BxTxNxH)
-        if self.rope_theta is not None:
-            q_BxTxNxH = positional.apply_rope(
-                q_BxTxNxH,
-                _positions(positions, b, t),
-                theta=self.rope_theta,
-                scaling=self.rope_scaling,
-            )
+        q_BxTxNxH = self._rotated(q_BxTxNxH, positions)
         return constrain(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
+
+    def _rotated(self, x_BxLxNxH: Array, positions_BxL: Optional[Array]) -> Array:
+        """Queries or keys with this layer's RoPE at `positions_BxL` (default arange(L)); as they
+        are without RoPE."""
+        if self.rope_theta is None:
+            return x_BxLxNxH
+        b, length = x_BxLxNxH.shape[:2]
+        return positional.apply_rope(
+            x_BxLxNxH,
+            _positions(positions_BxL, b, length),
+            theta=self.rope_theta,
+            scaling=self.rope_scaling,
+        )
 
 
 def _positions(positions: Optional[Array], batch: int, length: int) -> Array:
