@@ -265,7 +265,10 @@ class Attention(nnx.Module):
             implementation=impl,
             **structure,
         )
-        return self.out(out_BxTxNxH), (k_cache, v_cache)
+        out = self.out  # LoRA or int8 wrappers keep their own call
+        merged = isinstance(out, Projection)
+        out_BxTxD = out.merged_heads(out_BxTxNxH) if merged else out(out_BxTxNxH)
+        return out_BxTxD, (k_cache, v_cache)
 
     def _query(self, x_BxTxD: Array, positions: Optional[Array]) -> Array:
         q_BxTxNxH = self.query(x_BxTxD)

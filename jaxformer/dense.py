@@ -136,3 +136,28 @@ class Projection(nnx.Einsum):
             and self.einsum_op is jnp.einsum
             and cpu_bfloat16(self.dtype)
         )
+
+    def merged_heads(self, inputs_BxTxNxH: Array) -> Array:
+        """A "BTNH,NHD->BTD" projection as one [B, T, N*H] x [N*H, D] matmul (the same sums).
+
+        Inside a decode loop, XLA's CPU backend computed the per-head form by transposing the
+        [N, H, D] kernel on every token (a copy per layer and token)."""
+        if self.einsum_str.replace(" ", "") != "BTNH,NHD->BTD" or self.einsum_op is not jnp.einsum:
+            return self(inputs_BxTxNxH)
+        b, t, n, h = inputs_BxTxNxH.shape
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype(
+            (inputs_BxTxNxH, self.kernel[...], bias), dtype=self.dtype
+        )
+        x_BxTxK, kernel_KxD = x.reshape(b, t, n * h), kernel.reshape(n * h, -1)
+        if self._mixed(None):
+            y = mixed_einsum("BTK,KD->BTD", x_BxTxK, kernel_KxD)
+        else:
+            y = jnp.einsum(
+                "BTK,KD->BTD",
+                x_BxTxK,
+                kernel_KxD,
+                precision=self.precision,
+                preferred_element_type=self.preferred_element_type,
+            )
+        return y if bias is None else y + bias

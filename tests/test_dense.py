@@ -92,3 +92,19 @@ def test_float32_projections_are_flax_s_own():
     x = jnp.ones((3, 8))
     assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda x: ours(x))(x))
     np.testing.assert_array_equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_merged_heads_is_the_per_head_projection(dtype):
+    out = dense.Projection("BTNH,NHD->BTD", (4, 8, 16), (16,), dtype=dtype, rngs=nnx.Rngs(0))
+    out.bias[...] = jax.random.normal(jax.random.key(2), (16,))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4, 8), jnp.float32)
+    merged, per_head = out.merged_heads(x), out(x)
+    assert merged.shape == per_head.shape == (2, 3, 16) and merged.dtype == per_head.dtype
+    # One matmul over the same 32 products per output either way: float32 rounding apart.
+    _close(merged, per_head, 1e-6 if dtype == jnp.float32 else 2**-7)
+    # The merged form is one 2-D contraction; another spec falls back to the module's own call.
+    assert "dot_general" in str(jax.make_jaxpr(out.merged_heads)(x))
+    query = dense.Projection("BTD,DNH->BTNH", (16, 4, 8), rngs=nnx.Rngs(0))
+    y = jnp.ones((2, 3, 16))
+    np.testing.assert_array_equal(query.merged_heads(y), query(y))

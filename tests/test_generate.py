@@ -19,6 +19,7 @@ from jaxformer.inference import (
     generate,
     param_bytes,
     quantize_model,
+    sampling,
 )
 
 # A larger init than the presets' 0.02 makes random models' greedy outputs vary from step to step
@@ -213,6 +214,22 @@ def test_beam_search_finds_the_best_sequences(eos_id, length_penalty):
         length_penalty=length_penalty,
     )
     assert best.tolist() == seqs[:, 0].tolist()
+
+
+@pytest.mark.parametrize("vocab", [50257, 32000, 997])
+def test_greedy_token_is_jnp_argmax(vocab):
+    # 50257 = 29 chunks of 1733 and 32000 = 16 of 2000 take the two-level path; 997 (prime) not.
+    assert sampling._argmax_chunk(vocab) == {50257: 1733, 32000: 2000, 997: None}[vocab]
+    logits = np.random.default_rng(0).normal(size=(5, vocab)).astype(np.float32)
+    logits[0, [vocab - 3, 40, vocab // 2]] = 9.0  # a tie across chunks: the first index wins
+    logits[1] = 0.0  # all equal
+    logits[2] = -np.inf
+    logits[3, vocab - 1] = 50.0  # the last id
+    logits = jnp.asarray(logits)
+    tokens = sampling.greedy_token(logits)
+    assert tokens.dtype == jnp.int32
+    np.testing.assert_array_equal(tokens, jnp.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(tokens[:4], [40, 0, 0, vocab - 1])
 
 
 def test_top_k_one_tiny_temperature_and_tiny_top_p_are_greedy():
