@@ -188,8 +188,10 @@ class Attention(nnx.Module):
 
         `cache` is (keys, values), each [B, K, M, H] (kv heads before slots, as Hugging Face's
         caches: one head's slots are contiguous, the layout the attention's batched matmuls read,
-        so a step does not transpose the whole cache), or for one row [K, M, H], without the
-        batch axis (`stack.without_batch_axis`), or with `layer` each stacked over layers,
+        so a step does not transpose the whole cache), or for one row without the batch axis,
+        keys [K, H, M] and values [K, M, H] (`stack.without_batch_axis`: there XLA's CPU backend
+        runs q @ k as a matrix-vector product that wants the keys so), or with `layer` each
+        stacked over layers,
         [layers, B, K, M, H], of which this attention reads and writes layer `layer`. The new
         tokens occupy slots index..index+T-1 (written with dynamic_update_slice) and query i sees
         the slots <= index + i, so slots not yet written are masked out. `inputs.mask`
@@ -198,20 +200,21 @@ class Attention(nnx.Module):
         """
         b, t, _ = x_BxTxD.shape
         k_cache, v_cache = cache
-        max_len = k_cache.shape[-2]
+        max_len = v_cache.shape[-2]  # keys may be [K, H, M]
         positions = inputs.positions
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         k_new, v_new = self.project_kv(x_BxTxD, positions)
         new_BxKxTxH = [jnp.swapaxes(new, 1, 2).astype(k_cache.dtype) for new in (k_new, v_new)]
-        if layer is None and k_cache.ndim == 3:  # one row's buffers without the batch axis
+        if (
+            layer is None and k_cache.ndim == 3
+        ):  # one row's buffers: keys [K, H, M], values [K, M, H]
             if b != 1:
-                raise ValueError(f"a [K, M, H] cache has no batch axis: it is for one row, not {b}")
-            k_cache, v_cache = (
-                jax.lax.dynamic_update_slice(c, new[0], (0, index, 0))
-                for c, new in zip((k_cache, v_cache), new_BxKxTxH)
-            )
-            k_read, v_read = k_cache[None], v_cache[None]
+                raise ValueError(f"a [K, H, M] cache has no batch axis: it is for one row, not {b}")
+            new_k_KxHxT, new_v_KxTxH = jnp.swapaxes(new_BxKxTxH[0][0], 1, 2), new_BxKxTxH[1][0]
+            k_cache = jax.lax.dynamic_update_slice(k_cache, new_k_KxHxT, (0, 0, index))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, new_v_KxTxH, (0, index, 0))
+            k_read, v_read = jnp.swapaxes(k_cache, 1, 2)[None], v_cache[None]
         elif layer is None:  # one layer's own buffers, updated in place and read whole
             k_cache, v_cache = (
                 jax.lax.dynamic_update_slice(c, new, (0, 0, index, 0))

@@ -117,7 +117,7 @@ def test_prefill_last_only_and_the_cache_layout():
         return (
             attn.decode(h, (k[1], v[1]), index=2),
             attn.decode(h, (k, v), index=2, layer=1),
-            attn.decode(h[:1], (k[1, 0], v[1, 0]), index=2),  # one row, no batch axis
+            attn.decode(h[:1], (jnp.swapaxes(k[1, 0], 1, 2), v[1, 0]), index=2),  # one row
         )
 
     graphdef, state = nnx.split(model.blocks)
@@ -126,11 +126,14 @@ def test_prefill_last_only_and_the_cache_layout():
     np.testing.assert_allclose(one, stacked, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(k_one, k_all[1])
     assert not np.any(k_all[0])  # the other layers' slots are untouched
-    assert k_row.shape == v_row.shape == (cfg.kv_heads, 8, cfg.dims_per_head)
+    assert v_row.shape == (cfg.kv_heads, 8, cfg.dims_per_head)
+    assert k_row.shape == (cfg.kv_heads, cfg.dims_per_head, 8)  # keys [K, H, M]
     np.testing.assert_allclose(row, one[:1], rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(k_row, k_one[0])
+    np.testing.assert_array_equal(k_row, np.swapaxes(k_one[0], 1, 2))
     split = stack.split_cache(cache)
-    assert [c["k"].shape for c in stack.without_batch_axis([split[0]])] == [k_row.shape]
+    (row_cache,) = stack.without_batch_axis([split[0]])
+    assert (row_cache["k"].shape, row_cache["v"].shape) == (k_row.shape, v_row.shape)
+    assert stack.cache_length([row_cache]) == stack.cache_length(cache) == 8
     attn = nnx.merge(graphdef, stack._layer(state, 1)).self_attn
     with pytest.raises(ValueError, match="no batch axis"):  # two rows cannot share one row's cache
         attn.decode(jnp.zeros((2, 1, cfg.d_model)), (k_row, v_row), index=2)

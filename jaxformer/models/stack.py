@@ -160,18 +160,19 @@ def split_cache(cache: dict) -> list[dict]:
 
 
 def without_batch_axis(caches: list[dict]) -> list[dict]:
-    """Split caches of one row with their keys and values as [K, M, H] (`Attention.decode` takes
-    them so). XLA's CPU backend drops a size-1 batch axis from the attention's matmuls; a cache
-    updated with that axis and read without it was copied four times per layer and token (GPT-2
-    shape, batch 1 after 896-token prompts: 192-200 vs 233-242 tokens/s; benchmarks/RESULTS.md).
-    """
-    squeeze = ("k", "v")  # cross-attention's keys and values are only read
-    return [{n: a[0] if n in squeeze else a for n, a in cache.items()} for cache in caches]
+    """Split caches of one row without the batch axis, keys [K, H, M] and values [K, M, H]
+    (`Attention.decode` takes them so). XLA's CPU backend drops a size-1 batch axis from the
+    attention's matmuls; a cache updated with that axis and read without it was copied four times
+    per layer and token (GPT-2 shape, batch 1 after 896-token prompts: 192-200 vs 233-242
+    tokens/s), and keys kept [K, M, H] were transposed whole for q @ k on every token
+    (benchmarks/RESULTS.md)."""
+    # Cross-attention's keys and values are only read: they keep their batch axis.
+    return [dict(cache, k=jnp.swapaxes(cache["k"][0], 1, 2), v=cache["v"][0]) for cache in caches]
 
 
 def cache_length(cache: Union[dict, list]) -> int:
     """The number of self-attention slots of a stacked or split cache."""
-    return (cache[0] if isinstance(cache, list) else cache)["k"].shape[-2]
+    return (cache[0] if isinstance(cache, list) else cache)["v"].shape[-2]
 
 
 # Split layers unroll the decode step's layer loop: its compile time grows with depth.
