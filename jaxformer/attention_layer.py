@@ -206,9 +206,7 @@ class Attention(nnx.Module):
             positions = jnp.broadcast_to(index + jnp.arange(t)[None, :], (b, t))
         k_new, v_new = self.project_kv(x_BxTxD, positions)
         new_BxKxTxH = [jnp.swapaxes(new, 1, 2).astype(k_cache.dtype) for new in (k_new, v_new)]
-        if (
-            layer is None and k_cache.ndim == 3
-        ):  # one row's buffers: keys [K, H, M], values [K, M, H]
+        if layer is None and k_cache.ndim == 3:  # one row: keys [K, H, M], values [K, M, H]
             if b != 1:
                 raise ValueError(f"a [K, H, M] cache has no batch axis: it is for one row, not {b}")
             new_k_KxHxT, new_v_KxTxH = jnp.swapaxes(new_BxKxTxH[0][0], 1, 2), new_BxKxTxH[1][0]

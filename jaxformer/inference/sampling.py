@@ -43,7 +43,7 @@ def greedy_token(logits_BxV: Array) -> Array:
 
     Where the vocabulary splits into equal chunks of 256-8192 ids, in two levels: the first chunk
     holding the maximum, then the first index in it. On CPUs the one-level form (`first_argmax`)
-    wrote two [B, V] temporaries: batch 16, V = 50257, 0.22 vs 0.46 ms per token.
+    wrote two [B, V] temporaries: batch 16, V = 50257, 0.22 vs 0.31-0.46 ms per token.
     """
     b, v = logits_BxV.shape
     chunk = _argmax_chunk(v)
