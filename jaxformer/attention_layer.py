@@ -49,6 +49,11 @@ def _first_slots(x: Optional[Array], span: int) -> Optional[Array]:
     return x if x is None or x.shape[-1] == 1 else x[..., :span]
 
 
+def _last_rows(x: Optional[Array], rows: int) -> Optional[Array]:
+    """A [..., T, S] mask or bias (a size-1 T: broadcast) cut to its last `rows` query rows."""
+    return x if x is None or x.ndim < 2 or x.shape[-2] in (1, rows) else x[..., -rows:, :]
+
+
 class Attention(nnx.Module):
     """Multi-head self- or cross-attention with GQA, optional RoPE and a choice of kernels.
 
@@ -183,6 +188,7 @@ class Attention(nnx.Module):
         index: Array,
         inputs: AttentionInputs = AttentionInputs(),
         layer: Optional[Array] = None,
+        last_only: bool = False,
     ) -> tuple[Array, tuple[Array, Array]]:
         """Causal self-attention of T new tokens against a preallocated K/V cache.
 
@@ -196,7 +202,9 @@ class Attention(nnx.Module):
         tokens occupy slots index..index+T-1 (written with dynamic_update_slice) and query i sees
         the slots <= index + i, so slots not yet written are masked out. `inputs.mask`
         ([B, 1, 1 or T, M]) can hide more slots, e.g. left padding; `inputs.positions` default to
-        index + arange(T). Returns the output [B, T, D] and the updated cache, shaped as given.
+        index + arange(T). Returns the output [B, T, D] and the updated cache, shaped as given;
+        with `last_only`, all T tokens' keys and values are written but only the last one
+        queries: the output is [B, 1, D].
         """
         b, t, _ = x_BxTxD.shape
         k_cache, v_cache = cache
@@ -235,32 +243,36 @@ class Attention(nnx.Module):
         span = index + t if isinstance(index, int) else max_len
         k_BxSxKxH, v_BxSxKxH = (jnp.swapaxes(c[:, :, :span], 1, 2) for c in (k_read, v_read))
         window = inputs.sliding_window
-        if isinstance(index, int) and index == 0:
+        x_q, positions_q, rows, first_query = x_BxTxD, positions, t, index
+        if last_only:  # every token's keys and values are written above; the last one queries
+            x_q, positions_q = x_BxTxD[:, -1:], positions[:, -1:]
+            rows, first_query = 1, index + t - 1
+        if isinstance(index, int) and index == 0 and not last_only:
             # A prefill from slot 0 is causal self-attention over its own tokens: said so, the
             # kernels skip the masked keys instead of masking them (plain: blocks of query rows
             # against the keys up to their last row; chunked: whole chunks).
             written, structure = None, dict(is_causal=True, sliding_window=window)
         else:
             written = (
-                attn_lib.causal_mask(t, span, offset=index)
+                attn_lib.causal_mask(rows, span, offset=first_query)
                 if window is None
-                else attn_lib.sliding_window_mask(t, span, window=window, offset=index)
+                else attn_lib.sliding_window_mask(rows, span, window=window, offset=first_query)
             )
             structure = {}
         # The cache's validity is an arbitrary mask, which the fused kernels do not all take:
         # chunked for a long prefill (linear memory), plain for the one-token steps.
-        long = t * span >= attn_lib.CHUNKED_MIN_LOGITS
+        long = rows * span >= attn_lib.CHUNKED_MIN_LOGITS
         impl = (
             "chunked"
             if self.implementation == "chunked" or (self.implementation == "auto" and long)
             else "plain"
         )
         out_BxTxNxH = attn_lib.dot_product_attention(
-            self._query(x_BxTxD, positions),
+            self._query(x_q, positions_q),
             k_BxSxKxH,
             v_BxSxKxH,
-            bias=_first_slots(inputs.bias, span),
-            mask=attn_lib.combine_masks(written, _first_slots(inputs.mask, span)),
+            bias=_last_rows(_first_slots(inputs.bias, span), rows),
+            mask=attn_lib.combine_masks(written, _last_rows(_first_slots(inputs.mask, span), rows)),
             scale=self.scale,
             logit_softcap=self.logit_softcap,
             implementation=impl,

@@ -219,6 +219,46 @@ def test_beam_search_finds_the_best_sequences(eos_id, length_penalty):
     assert best.tolist() == seqs[:, 0].tolist()
 
 
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("gpt-tiny", dict(scan_layers=False)),
+        # GQA, RoPE, post-norms, soft-capping, and sliding-window layers between global ones.
+        (
+            "llama-tiny",
+            dict(
+                sliding_window=3, global_attention_every=2, post_norms=True, attn_logit_softcap=5.0
+            ),
+        ),
+    ],
+)
+def test_a_last_only_prefill_is_the_full_prefill_s_last_row(name, overrides):
+    """decode_step(last_only=True) runs the last layer's queries and MLP for the last token only:
+    its logits are the full prefill's last row and every cache slot is the same, with left-padded
+    rows (their own positions and valid slots) and the layers unrolled or windowed."""
+    model = build(name, init_std=SHARP, **overrides)
+    x, lengths = tokens(3, (2, 7)), jnp.array([7, 4])
+    shift = 7 - lengths
+    kv_valid = jnp.arange(9)[None, :] >= shift[:, None]
+    positions = jnp.maximum(jnp.arange(7)[None, :] - shift[:, None], 0)
+    prefill = nnx.jit(
+        lambda m, last: m.decode_step(
+            x,
+            m.init_cache(2, 9),
+            index=0,
+            positions=positions,
+            kv_valid=kv_valid,
+            last_only=last,
+        ),
+        static_argnums=1,
+    )
+    (full, full_cache), (last, last_cache) = prefill(model, False), prefill(model, True)
+    assert last.shape == (2, 1, model.config.vocab_size)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    for key in full_cache:
+        np.testing.assert_array_equal(last_cache[key], full_cache[key])
+
+
 @pytest.mark.parametrize("vocab", [50257, 32000, 997])
 def test_greedy_token_is_jnp_argmax(vocab):
     # 50257 = 29 chunks of 1733 and 32000 = 16 of 2000 take the two-level path; 997 (prime) not.

@@ -143,11 +143,16 @@ class Block(nnx.Module):
         self.post_cross_attn_norm = make_norm(cfg, rngs) if post and cross_attention else None
         self.post_mlp_norm = make_norm(cfg, rngs) if post else None
 
-    def _residual(self, x: Array, norm: nnx.Module, fn, post_norm=None) -> Array:
+    def _residual(
+        self, x: Array, norm: nnx.Module, fn, post_norm=None, kept: Optional[slice] = None
+    ) -> Array:
+        """x + fn(norm(x)) (pre-norm) or norm(x + fn(x)); `kept`: the positions (axis 1) that
+        `fn` returns, of x's."""
+        residual = x if kept is None else x[:, kept]
         if self.pre_norm:
             out = fn(norm(x))
-            return x + self.dropout(out if post_norm is None else post_norm(out))
-        return norm(x + self.dropout(fn(x)))
+            return residual + self.dropout(out if post_norm is None else post_norm(out))
+        return norm(residual + self.dropout(fn(x)))
 
     def __call__(
         self,
@@ -180,19 +185,32 @@ class Block(nnx.Module):
         self_inputs: AttentionInputs,
         cross_inputs: AttentionInputs = AttentionInputs(),
         layer: Optional[Array] = None,
+        last_only: bool = False,
     ) -> tuple[Array, dict]:
         """The block on T new tokens with a layer cache {k, v[, cross_k, cross_v]}, or with
         `layer`, the cache of all layers stacked (see Attention.decode), of which it uses that
-        layer's."""
+        layer's. `last_only`: every token's keys and values are written, the output is the last
+        token's alone, [B, 1, D]."""
         new_cache = dict(cache)
 
         def self_attend(h):
             out, (new_cache["k"], new_cache["v"]) = self.self_attn.decode(
-                h, (cache["k"], cache["v"]), index=index, inputs=self_inputs, layer=layer
+                h,
+                (cache["k"], cache["v"]),
+                index=index,
+                inputs=self_inputs,
+                layer=layer,
+                last_only=last_only,
             )
             return out
 
-        x = self._residual(x_BxTxD, self.self_attn_norm, self_attend, self.post_self_attn_norm)
+        x = self._residual(
+            x_BxTxD,
+            self.self_attn_norm,
+            self_attend,
+            self.post_self_attn_norm,
+            kept=slice(-1, None) if last_only else None,
+        )
         if self.cross_attn is not None:
             cross_kv = (cache["cross_k"], cache["cross_v"])
             if layer is not None:

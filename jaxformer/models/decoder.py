@@ -110,7 +110,8 @@ class DecoderLM(nnx.Module):
         holding real tokens (False for left padding), so rows of different lengths share a slot
         index while keeping their own positions. `last_only`: the logits of the last token only,
         [B, 1, V] (a prefill needs no others; the head over a whole prompt costs more than the
-        blocks: [B, P, V] for a 50k vocabulary). `layers`: `stack.split_layers(self.blocks)`;
+        blocks: [B, P, V] for a 50k vocabulary), and the last layer runs its queries, output
+        projection and MLP for that token alone. `layers`: `stack.split_layers(self.blocks)`;
         `head_DxV`: `self.head.decode_table(self.embed)`; both made once before a token loop.
         """
         b, t = tokens_BxT.shape
@@ -130,5 +131,6 @@ class DecoderLM(nnx.Module):
             scan=self.config.scan_layers,
             windows=self.config.layer_windows(self.config.num_layers),
             layers=layers,
+            last_only=last_only,
         )
-        return self.logits(x_BxTxD[:, -1:] if last_only else x_BxTxD, head_DxV), cache
+        return self.logits(x_BxTxD, head_DxV), cache

@@ -190,19 +190,22 @@ def decode_blocks(
     scan: bool = True,
     windows: Optional[Sequence[int]] = None,
     layers: Optional[list] = None,
+    last_only: bool = False,
 ) -> tuple[Array, Union[dict, list]]:
     """Applies the stacked blocks to new tokens with a stacked cache; returns the new cache.
 
     `windows` as in `run_blocks`. `layers` (`split_layers`, made outside a token loop) stands in
     for the blocks' stacked state, the layers unrolled; with them `cache` may be split
-    (`split_cache`), and comes back split."""
+    (`split_cache`), and comes back split. `last_only`: returns the last token's output alone,
+    [B, 1, D]; the last layer writes every token's keys and values but runs its queries, output
+    projection and MLP for that token only (a prefill needs no more)."""
     graphdef, state = nnx.split(blocks)
     depth = num_layers(blocks)
     table = _windows(windows, depth)
     if layers is not None and len(layers) != depth:
         raise ValueError(f"{len(layers)} split layers for a stack of {depth}")
 
-    def decode_layer(x, cache, layer_state, window, layer):
+    def decode_layer(x, cache, layer_state, window, layer, last=False):
         return nnx.merge(graphdef, layer_state).decode(
             x,
             cache,
@@ -210,6 +213,7 @@ def decode_blocks(
             self_inputs=_with_window(self_inputs, window),
             cross_inputs=cross_inputs,
             layer=layer,
+            last_only=last,
         )
 
     def window_of(i: int):
@@ -225,25 +229,39 @@ def decode_blocks(
         new_cache = []
         for i, (layer_state, layer_cache) in enumerate(zip(layers, cache)):
             x_BxTxD, layer_cache = decode_layer(
-                x_BxTxD, layer_cache, layer_state, window_of(i), None
+                x_BxTxD, layer_cache, layer_state, window_of(i), None, last_only and i == depth - 1
             )
             new_cache.append(constrained(layer_cache, 1))
         return x_BxTxD, new_cache
+
+    if layers is not None:
+        for i, layer_state in enumerate(layers):
+            last = last_only and i == depth - 1
+            x_BxTxD, cache = decode_layer(
+                x_BxTxD, cache, layer_state, window_of(i), np.int32(i), last
+            )
+        return x_BxTxD, constrained(cache, 0)
 
     # The stacked cache is carried, not scanned over as xs/ys: each layer writes its T new slots
     # into it in place (Attention.decode with `layer`). As xs/ys, XLA copied every layer's whole
     # cache out and back in for every token: passes over [B, M, K, H] that dominate a step with
     # a long prompt.
     def body(carry, layer):
-        i, layer_state, window = layer
+        i, window = layer
+        # The layer's weights read out of the stack, as scanning over them would; not the stack
+        # sliced beforehand (a copy), which `last_only` would need for its loop one layer short.
+        layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), state)
         return decode_layer(*carry, layer_state, window, i), None
 
-    if layers is None:
-        xs = (np.arange(depth, dtype=np.int32), state, table)
-        (x_BxTxD, cache), _ = _loop(body, (x_BxTxD, cache), xs, depth, scan)
-    else:
-        for i, layer_state in enumerate(layers):
-            x_BxTxD, cache = decode_layer(x_BxTxD, cache, layer_state, window_of(i), np.int32(i))
+    looped = depth - 1 if last_only else depth
+    if looped:
+        xs = (np.arange(looped, dtype=np.int32), None if table is None else table[:looped])
+        (x_BxTxD, cache), _ = _loop(body, (x_BxTxD, cache), xs, looped, scan)
+    if last_only:
+        i = depth - 1
+        x_BxTxD, cache = decode_layer(
+            x_BxTxD, cache, _layer(state, i), window_of(i), np.int32(i), True
+        )
     return x_BxTxD, constrained(cache, 0)
 
 
