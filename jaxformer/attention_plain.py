@@ -11,7 +11,7 @@ run's step spent about 55 of its 180 ms in attention (see benchmarks/RESULTS.md)
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ def _logits(
     return logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def attend(
     q_BxKxGxTxH: Array,
     k_BxKxSxH: Array,
@@ -49,9 +49,16 @@ def attend(
     scale: float,
     cap: Optional[float],
     mask_value: float,
+    matmul_dtype: Any = None,
 ) -> Array:
     """Attention output [B, K, G, T, H] in float32; `bias` (additive) and `mask` (True = may
-    attend) broadcast to [B, K, G, T, S]; `cap` soft-caps the scaled logits before the bias."""
+    attend) broadcast to [B, K, G, T, S]; `cap` soft-caps the scaled logits before the bias.
+
+    `matmul_dtype`: float32 q, k and v are cast to it for the matmuls, and their gradients
+    come back in float32. Blocks of one bfloat16 attention that pass their inputs so have
+    their partial dk and dv summed in float32 and rounded once, not rounded per block and
+    summed in bfloat16."""
+    q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH = _cast((q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH), matmul_dtype)
     # Forward only (generation, evaluation): the softmax's division comes after the matmul, on
     # [T, H] rather than [T, S]. XLA's CPU backend fuses whatever makes the matmul's operand into
     # the matmul, so the less that is, the faster (a 896-token prefill: 5% faster this way).
@@ -66,7 +73,17 @@ def attend(
     return out_BxKxGxTxH / jnp.sum(e_BxKxGxTxS, axis=-1, keepdims=True)
 
 
-def _forward(q, k, v, bias, mask, scale, cap, mask_value):
+def _cast(qkv: tuple[Array, ...], matmul_dtype: Any) -> tuple[Array, ...]:
+    """q, k, v as the matmuls take them (see `attend`)."""
+    if matmul_dtype is None:
+        return qkv
+    if any(x.dtype != jnp.float32 for x in qkv):
+        raise ValueError(f"matmul_dtype takes float32 q, k, v, not {[x.dtype for x in qkv]}")
+    return tuple(x.astype(matmul_dtype) for x in qkv)
+
+
+def _forward(q, k, v, bias, mask, scale, cap, mask_value, matmul_dtype):
+    q, k, v = _cast((q, k, v), matmul_dtype)
     logits = _logits(q, k, bias, mask, scale, cap, mask_value)
     p_BxKxGxTxS = jax.nn.softmax(logits, axis=-1)
     out_BxKxGxTxH = jnp.einsum(
@@ -84,7 +101,7 @@ def _sum_to(x: Array, shape: tuple[int, ...]) -> Array:
     return jnp.sum(x, axis=axes).reshape(shape) if axes else x
 
 
-def _backward(scale, cap, mask_value, residuals, d_out_BxKxGxTxH):
+def _backward(scale, cap, mask_value, matmul_dtype, residuals, d_out_BxKxGxTxH):
     q, k, v, bias, mask, p, out = residuals
     d_out = d_out_BxKxGxTxH.astype(jnp.float32)
     dv = jnp.einsum(
@@ -110,7 +127,9 @@ def _backward(scale, cap, mask_value, residuals, d_out_BxKxGxTxH):
     d_logits = (d_logits * scale).astype(q.dtype)
     dq = jnp.einsum("bkgts,bksh->bkgth", d_logits, k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("bkgts,bkgth->bksh", d_logits, q, preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None
+    if matmul_dtype is None:  # else the inputs were float32, as the gradients are
+        dq, dk, dv = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq, dk, dv, d_bias, None
 
 
 attend.defvjp(_forward, _backward)

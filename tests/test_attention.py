@@ -441,3 +441,36 @@ def test_plain_causal_query_blocks_equal_the_whole(monkeypatch, t, blocks, bias)
     np.testing.assert_allclose(halves[0][1], whole[0][1], atol=1e-5)
     for name, x, y in zip("qkvb", halves[1], whole[1]):
         np.testing.assert_allclose(x, y, atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+def test_plain_matmul_dtype_returns_float32_gradients_of_the_bfloat16_matmuls():
+    """attend(float32 q, k, v, matmul_dtype=bf16) computes what attend of the bf16-rounded inputs
+    does, but hands back the gradients unrounded: rounded to bf16 they are that call's exactly.
+    So causal query blocks of a bf16 attention sum their partial dk/dv in float32."""
+    from jaxformer import attention_plain
+
+    b, kv, g, t, s, h = 2, 2, 2, 8, 12, 16
+    keys = jax.random.split(jax.random.key(3), 4)
+    q32, k32, v32 = (
+        jax.random.normal(kk, shape).astype(jnp.bfloat16).astype(jnp.float32)
+        for kk, shape in zip(keys, ((b, kv, g, t, h), (b, kv, s, h), (b, kv, s, h)))
+    )
+    mask = jnp.tril(jnp.ones((t, s), bool), k=s - t)[None, None, None]
+    weights = jax.random.normal(keys[3], (b, kv, g, t, h))
+
+    def grads(matmul_dtype, *qkv):
+        def loss(q, k, v):
+            out = attention_plain.attend(q, k, v, None, mask, 0.25, None, -1e9, matmul_dtype)
+            return jnp.sum(out * weights), out
+
+        return jax.grad(loss, (0, 1, 2), has_aux=True)(*qkv)
+
+    (dq, dk, dv), out = grads(jnp.bfloat16, q32, k32, v32)
+    (dq16, dk16, dv16), out16 = grads(None, *(x.astype(jnp.bfloat16) for x in (q32, k32, v32)))
+    assert {x.dtype for x in (dq, dk, dv)} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_array_equal(out, out16)
+    for name, x, y in zip("qkv", (dq, dk, dv), (dq16, dk16, dv16)):
+        assert y.dtype == jnp.bfloat16, name
+        np.testing.assert_array_equal(x.astype(jnp.bfloat16), y, err_msg=name)
+    with pytest.raises(ValueError, match="float32 q, k, v"):
+        grads(jnp.bfloat16, *(x.astype(jnp.bfloat16) for x in (q32, k32, v32)))
