@@ -334,7 +334,7 @@ def _plain_attention(query, key, value, bias, mask, scale, *, logit_softcap, **s
     # passes on CPUs) are never computed. Exact: the skipped logits are all masked.
     blocks = _causal_query_blocks(t, s, structure["is_causal"])
     matmul_dtype = None
-    if blocks > 1 and query.dtype != jnp.float32:
+    if blocks > 1 and jnp.dtype(query.dtype).itemsize < 4:  # bf16 / f16 compute
         # The blocks' partial gradients of k and v (and the pieces of q's) then meet in float32
         # and are rounded once: summed in bfloat16, XLA's CPU backend rounded after every block
         # in one slow fusion of pads and converts (bf16, 12 x 192 x 512: 364 of 3,100 ms).
